@@ -1,0 +1,6 @@
+"""The registered gradient checks, one module per chapter.
+
+Importing this package fills `moe_np.gradcheck.REGISTRY`; the CLI
+(`python -m moe_np gradcheck`) and the tests both run the same checks.
+"""
+from moe_np.checks import basics  # noqa: F401

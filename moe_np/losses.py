@@ -1,0 +1,89 @@
+"""Softmax, log-softmax and the losses, as forward/backward pairs.
+
+Shape letters: N rows, V classes (the softmax axis is the last one unless
+`axis` says otherwise). Softmax backward is the vector-Jacobian product
+    dz = p * (g - sum(g * p))
+never an explicit (V, V) Jacobian.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moe_np import validate
+
+
+def softmax_forward(z, axis: int = -1, temperature: float = 1.0):
+    """p = exp(z/T - max) / sum exp(z/T - max) along axis.   cache (p, axis, T)."""
+    validate.positive("softmax_forward", "temperature", temperature)
+    s = z / temperature                                  # same shape as z
+    e = np.exp(s - s.max(axis=axis, keepdims=True))      # same shape; largest entry is 1
+    p = e / e.sum(axis=axis, keepdims=True)              # same shape; sums to 1 along axis
+    return p, (p, axis, temperature)
+
+
+def softmax_backward(dp, cache):
+    """dz = p * (dp - sum(dp * p, axis)) / T."""
+    p, axis, temperature = cache
+    inner = np.sum(dp * p, axis=axis, keepdims=True)     # one value per softmax row
+    return p * (dp - inner) / temperature
+
+
+def logsumexp(z, axis: int = -1):
+    """log sum exp(z) along axis, stable for large |z|.   (N, V) -> (N,)."""
+    m = z.max(axis=axis, keepdims=True)                  # (N, 1)
+    return np.squeeze(m, axis) + np.log(np.exp(z - m).sum(axis=axis))
+
+
+def log_softmax_forward(z, axis: int = -1):
+    """y = z - logsumexp(z).   cache (softmax(z), axis)."""
+    lse = np.expand_dims(logsumexp(z, axis), axis)       # (N, 1)
+    y = z - lse                                          # same shape as z
+    return y, (np.exp(y), axis)
+
+
+def log_softmax_backward(dy, cache):
+    """dz = dy - softmax(z) * sum(dy, axis)."""
+    p, axis = cache
+    return dy - p * np.sum(dy, axis=axis, keepdims=True)
+
+
+def cross_entropy_forward(logits, labels):
+    """loss = -mean_n log softmax(logits)[n, labels[n]].
+
+    logits: (N, V) float; labels: (N,) integers in [0, V) -> scalar.
+    cache (softmax(logits), labels).
+    """
+    validate.ndim("cross_entropy_forward", "logits", logits, 2)
+    n, v = logits.shape
+    labels = np.asarray(labels)
+    validate.shape("cross_entropy_forward", "labels", labels, (n,))
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"cross_entropy_forward: labels must be integers, got {labels.dtype}")
+    if n and (labels.min() < 0 or labels.max() >= v):
+        raise ValueError(f"cross_entropy_forward: labels must lie in [0, {v}), "
+                         f"got min {labels.min()} max {labels.max()}")
+    logp, (p, _) = log_softmax_forward(logits)           # (N, V)
+    loss = -logp[np.arange(n), labels].mean()            # scalar
+    return loss, (p, labels)
+
+
+def cross_entropy_backward(dloss, cache):
+    """dlogits = dloss * (softmax(logits) - onehot(labels)) / N."""
+    p, labels = cache
+    n = p.shape[0]
+    dlogits = p.copy()                                   # (N, V)
+    dlogits[np.arange(n), labels] -= 1.0
+    return dloss * dlogits / n
+
+
+def mse_forward(y, target):
+    """loss = mean((y - target)^2) over every entry.   y, target: same shape -> scalar."""
+    validate.same_shape("mse_forward", "y", y, "target", target)
+    diff = y - target                                    # same shape as y
+    return np.mean(diff**2), diff
+
+
+def mse_backward(dloss, diff):
+    """dy = 2 dloss (y - target) / size,  dtarget = -dy."""
+    dy = 2.0 * dloss * diff / diff.size                  # same shape as y
+    return dy, -dy

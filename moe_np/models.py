@@ -1,0 +1,55 @@
+"""Models built from the layer pairs: thin classes holding params and grads.
+
+A model has `params` and `grads` (dicts name -> array, same keys),
+`forward(x) -> out` (which keeps what backward needs) and
+`backward(dout) -> dx` (which fills `grads` with fresh arrays).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moe_np import layers
+
+
+def he_init(rng, fan_in: int, shape):
+    """Normal(0, 2 / fan_in): keeps ReLU activations at unit scale."""
+    return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+
+
+class MLP:
+    """Two-layer network: y = relu(x W1 + b1) W2 + b2.
+
+    x: (N, D)  W1: (D, H)  b1: (H,)  W2: (H, V)  b2: (V,)  ->  y: (N, V)
+    """
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, seed: int = 0):
+        if min(d_in, hidden, d_out) < 1:
+            raise ValueError(f"MLP: widths must be >= 1, got {d_in}, {hidden}, {d_out}")
+        rng = np.random.default_rng(seed)
+        self.params = {
+            "w1": he_init(rng, d_in, (d_in, hidden)),     # (D, H)
+            "b1": np.zeros(hidden),                       # (H,)
+            "w2": he_init(rng, hidden, (hidden, d_out)),  # (H, V)
+            "b2": np.zeros(d_out),                        # (V,)
+        }
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._cache = None
+
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def forward(self, x):
+        p = self.params
+        a, c1 = layers.linear_forward(x, p["w1"], p["b1"])   # (N, H)
+        h, c2 = layers.relu_forward(a)                       # (N, H)
+        y, c3 = layers.linear_forward(h, p["w2"], p["b2"])   # (N, V)
+        self._cache = (c1, c2, c3)
+        return y
+
+    def backward(self, dy):
+        c1, c2, c3 = self._cache
+        dh, dw2, db2 = layers.linear_backward(dy, c3)        # (N, H), (H, V), (V,)
+        da = layers.relu_backward(dh, c2)                    # (N, H)
+        dx, dw1, db1 = layers.linear_backward(da, c1)        # (N, D), (D, H), (H,)
+        self.grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+        return dx

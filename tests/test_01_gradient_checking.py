@@ -1,0 +1,215 @@
+"""Chapter 1: the gradient-check harness, the layers and losses, the CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moe_np import layers, losses
+from moe_np.gradcheck import check_pair, compare, numerical_grad, rel_error
+from moe_np.models import MLP
+from moe_np.optim import SGD, Adam
+from moe_np.train import fit
+from moe_np import data
+
+from conftest import assert_check_passes, registered
+
+CHAPTER_1 = ["linear", "relu", "gelu", "silu", "swiglu", "dropout",
+             "softmax", "log_softmax", "cross_entropy", "mse"]
+
+
+def test_every_layer_and_loss_is_registered():
+    assert set(CHAPTER_1) <= set(registered(CHAPTER_1))
+
+
+@pytest.mark.parametrize("name", CHAPTER_1)
+def test_registered_check_passes(name):
+    assert_check_passes(name, seeds=(0, 1, 2))
+
+
+# -- the harness itself --------------------------------------------------------
+
+def test_rel_error_known_values():
+    assert rel_error([1.0, 2.0], [1.0, 2.0]) == 0.0
+    assert rel_error([1.0], [3.0]) == pytest.approx(0.5)          # |1-3| / (1+3)
+    assert rel_error([0.0], [1e-10]) == pytest.approx(1e-2)       # floor 1e-8 in the denominator
+    with pytest.raises(ValueError, match="shapes differ"):
+        rel_error(np.zeros(2), np.zeros(3))
+
+
+def test_numerical_grad_of_a_known_function(rng):
+    x = rng.standard_normal((3, 4))                                # (3, 4)
+    dout = rng.standard_normal((3, 4))                             # (3, 4)
+    grad = numerical_grad(lambda: np.sin(x), x, dout)
+    assert rel_error(grad, np.cos(x) * dout) < 1e-9
+    assert np.array_equal(x, x.copy())                              # x restored
+
+
+def test_numerical_grad_restores_x_even_when_the_guard_raises(rng):
+    x = np.array([0.5, 1e-5, -0.7])
+    before = x.copy()
+    with pytest.raises(ValueError, match="selection changed"):
+        numerical_grad(lambda: np.maximum(x, 0), x, np.ones(3), selection=lambda: x > 0)
+    assert np.array_equal(x, before)
+
+
+def _softmax_backward_without_sum_term(dp, cache):
+    p, axis, temperature = cache
+    return p * dp / temperature                                    # bug: drops - sum(dp * p)
+
+
+def test_checker_reports_a_softmax_backward_that_ignores_the_sum_term(rng):
+    rows = check_pair("broken softmax", losses.softmax_forward,
+                      _softmax_backward_without_sum_term, {"z": rng.standard_normal((5, 7))})
+    assert not rows[0].passed and rows[0].rel_error > 1e-2
+
+
+def test_checker_reports_a_transposed_weight_gradient(rng):
+    # A square weight, so the transposed gradient has the right shape and only
+    # the values can give it away.
+    def backward_with_transposed_dw(dy, cache):
+        dx, dw, db = layers.linear_backward(dy, cache)
+        return dx, dw.T, db
+    rows = check_pair("broken linear", layers.linear_forward, backward_with_transposed_dw,
+                      {"x": rng.standard_normal((5, 4)), "w": rng.standard_normal((4, 4)),
+                       "b": rng.standard_normal(4)})
+    by_wrt = {r.wrt: r for r in rows}
+    assert by_wrt["x"].passed and by_wrt["b"].passed
+    assert not by_wrt["w"].passed and by_wrt["w"].rel_error > 1e-2
+
+
+def _softmax_backward_plain_mean(dp, cache):
+    p, axis, temperature = cache
+    return p * (dp - dp.mean(axis=axis, keepdims=True)) / temperature   # bug: mean, not p-weighted
+
+
+def test_all_ones_upstream_hides_a_wrong_softmax_backward(rng):
+    z = rng.standard_normal((5, 7))                                # (N, V)
+    _, cache = losses.softmax_forward(z)
+    ones = np.ones_like(z)
+    numeric = numerical_grad(lambda: losses.softmax_forward(z)[0], z, ones)
+    assert np.allclose(_softmax_backward_plain_mean(ones, cache), numeric)   # fooled
+    g = rng.standard_normal(z.shape)
+    numeric = numerical_grad(lambda: losses.softmax_forward(z)[0], z, g)
+    assert rel_error(_softmax_backward_plain_mean(g, cache), numeric) > 1e-2  # caught
+
+
+def test_compare_columns():
+    a = np.arange(6.0).reshape(2, 3)
+    assert compare("same", a, a.copy()).exact
+    near = compare("near", a, a + 1e-15)
+    assert near.close and not near.exact and near.maxdiff == pytest.approx(1e-15, rel=0.5)
+    transposed = compare("transposed", a, a.T)
+    assert not transposed.shape_ok and not transposed.close
+
+
+# -- known answers for the forwards ---------------------------------------------
+
+def test_activations_known_values():
+    x = np.array([-2.0, 0.0, 3.0])
+    assert np.array_equal(layers.relu_forward(x)[0], [0.0, 0.0, 3.0])
+    assert layers.silu_forward(np.array([0.0]))[0][0] == 0.0
+    assert layers.silu_forward(np.array([50.0]))[0][0] == pytest.approx(50.0)
+    gelu = layers.gelu_forward(np.array([0.0, 1.0, -40.0]))[0]
+    assert gelu[0] == 0.0 and gelu[1] == pytest.approx(0.8411920, abs=1e-6) and gelu[2] == 0.0
+    assert layers.sigmoid(np.array([-800.0, 800.0])).tolist() == [0.0, 1.0]
+
+
+def test_softmax_known_values_and_stability():
+    p, _ = losses.softmax_forward(np.array([[0.0, np.log(3.0)]]))
+    assert np.allclose(p, [[0.25, 0.75]])
+    p, _ = losses.softmax_forward(np.array([[1000.0, -1000.0, 0.0]]))
+    assert np.all(np.isfinite(p)) and np.allclose(p, [[1.0, 0.0, 0.0]])
+    y, _ = losses.log_softmax_forward(np.array([[1000.0, -1000.0]]))
+    assert np.all(np.isfinite(y)) and y[0, 0] == 0.0 and y[0, 1] == -2000.0
+
+
+def test_cross_entropy_of_uniform_logits_is_log_v():
+    loss, _ = losses.cross_entropy_forward(np.zeros((4, 7)), np.array([0, 3, 6, 1]))
+    assert loss == pytest.approx(np.log(7))
+
+
+def test_dropout_is_seeded_and_inverted(rng):
+    x = rng.standard_normal((200, 50))
+    y1, m1 = layers.dropout_forward(x, 0.25, seed=7)
+    y2, m2 = layers.dropout_forward(x, 0.25, seed=7)
+    assert np.array_equal(y1, y2)
+    assert set(np.unique(m1)) == {0.0, 1 / 0.75}
+    assert abs((m1 == 0).mean() - 0.25) < 0.02
+    assert np.array_equal(layers.dropout_forward(x, 0.0, seed=1)[0], x)
+
+
+# -- bad input ------------------------------------------------------------------
+
+def test_linear_names_the_mismatched_widths():
+    with pytest.raises(ValueError, match=r"linear_forward: x has D=5 but w has D=4"):
+        layers.linear_forward(np.zeros((3, 5)), np.zeros((4, 2)), np.zeros(2))
+    with pytest.raises(ValueError, match=r"b has H=3 but w has H=2"):
+        layers.linear_forward(np.zeros((3, 4)), np.zeros((4, 2)), np.zeros(3))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: layers.dropout_forward(np.zeros(3), 1.0, 0), r"p must be in \[0, 1\), got 1.0"),
+    (lambda: layers.dropout_forward(np.zeros(3), -0.1, 0), r"p must be in \[0, 1\)"),
+    (lambda: layers.swiglu_forward(np.zeros((2, 3)), np.zeros((3, 2))), "a has shape"),
+    (lambda: losses.softmax_forward(np.zeros(3), temperature=0.0), "temperature must be > 0"),
+    (lambda: losses.cross_entropy_forward(np.zeros((2, 3)), np.array([0, 3])), r"labels must lie in \[0, 3\)"),
+    (lambda: losses.cross_entropy_forward(np.zeros((2, 3)), np.array([0.0, 1.0])), "labels must be integers"),
+    (lambda: losses.cross_entropy_forward(np.zeros((2, 3)), np.array([0])), "labels must have shape"),
+    (lambda: losses.mse_forward(np.zeros((2, 3)), np.zeros((3, 2))), "y has shape"),
+    (lambda: SGD({}, lr=0.0), "lr must be > 0"),
+    (lambda: MLP(3, 0, 2), "widths must be >= 1"),
+])
+def test_bad_input_raises_a_named_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# -- training -------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: SGD(p, lr=0.1), lambda p: Adam(p, lr=1e-2)])
+def test_two_layer_network_learns_blobs(make_optimizer):
+    x, y = data.make_blobs(1000, dim=10, classes=10, seed=0)
+    net = MLP(10, 100, 10, seed=0)
+    history = fit(net, x, y, losses.cross_entropy_forward, losses.cross_entropy_backward,
+                  make_optimizer(net.params), steps=150, batch_size=64)
+    assert np.mean(history[-20:]) < 0.3 * np.mean(history[:5])
+
+
+def test_mlp_backward_matches_finite_differences(rng):
+    net = MLP(4, 6, 3, seed=2)
+    x = rng.standard_normal((5, 4))                                # (N, D)
+    dy = rng.standard_normal((5, 3))                               # (N, V)
+    net.forward(x)
+    dx = net.backward(dy)
+    pattern = lambda: (x @ net.params["w1"] + net.params["b1"]) > 0
+    for name, p in net.params.items():
+        numeric = numerical_grad(lambda: net.forward(x), p, dy, selection=pattern)
+        assert rel_error(net.grads[name], numeric) < 1e-7, name
+    assert rel_error(dx, numerical_grad(lambda: net.forward(x), x, dy, selection=pattern)) < 1e-7
+
+
+# -- the command line -------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "moe_np", *args], capture_output=True, text=True)
+
+
+def test_cli_gradcheck_json_lists_every_layer_and_loss():
+    run = _cli("gradcheck", "--json")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)
+    assert {"name", "wrt", "rel_error", "passed"} <= set(rows[0])
+    assert set(CHAPTER_1) <= {r["name"] for r in rows}
+    assert all(r["passed"] and r["rel_error"] < 1e-7 for r in rows)
+
+
+def test_cli_gradcheck_filter_without_match_fails():
+    run = _cli("gradcheck", "--filter", "no-such-check")
+    assert run.returncode == 2 and "no check matches" in run.stderr
+
+
+def test_cli_tutorial_names_missing_chapter():
+    run = _cli("tutorial", "99")
+    assert run.returncode == 2 and "no chapter 99" in run.stderr

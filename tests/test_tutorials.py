@@ -1,0 +1,35 @@
+"""Every chapter is a program: run its python fences in order, at quick sizes.
+
+Figures go to a temporary folder, so the committed figures/ stay the ones
+the full-size run produced.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+from moe_np.tutorial import TUTORIALS, code_blocks, run_chapter
+
+CHAPTERS = sorted(TUTORIALS.glob("[0-9][0-9]-*.md"))
+
+
+def test_there_are_chapters():
+    assert CHAPTERS, f"no chapters found in {TUTORIALS}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_NP_QUICK", "1")
+    monkeypatch.setenv("MOE_NP_FIGURES", str(tmp_path))
+    outputs = run_chapter(path, echo=False)
+    assert len(outputs) == len(code_blocks(path.read_text())) > 0
+    embedded = re.findall(r"\]\(\.\./figures/([^)]+)\)", path.read_text())
+    for name in embedded:
+        assert (tmp_path / name).exists(), f"{path.name} embeds {name} but did not write it"
+        assert (TUTORIALS.parent / "figures" / name).exists(), f"figures/{name} is not committed"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_has_paired_tests(path):
+    number = path.name[:2]
+    assert list(Path(__file__).parent.glob(f"test_{number}_*.py")), f"no tests/test_{number}_*.py"
