@@ -87,3 +87,36 @@ def mse_backward(dloss, diff):
     """dy = 2 dloss (y - target) / size,  dtarget = -dy."""
     dy = 2.0 * dloss * diff / diff.size                  # same shape as y
     return dy, -dy
+
+
+def mixture_nll_forward(g, y_experts, target):
+    """Competitive mixture loss of Jacobs, Jordan, Nowlan and Hinton (1991):
+
+        L = -mean_n log sum_e g[n, e] exp(-||target[n] - y_experts[e, n]||^2 / 2)
+
+    Each expert is a Gaussian guess with unit variance and the gate its prior;
+    the gradient sends each token's error mostly to the experts that already
+    explain it (their posterior responsibility r[n, e]), so experts compete
+    instead of cooperating.   g: (N, E)  y_experts: (E, N, D)  target: (N, D)
+    -> scalar. cache (responsibilities r (N, E), g, y_experts - target).
+    """
+    validate.ndim("mixture_nll_forward", "g", g, 2)
+    validate.ndim("mixture_nll_forward", "y_experts", y_experts, 3)
+    n, e = g.shape
+    validate.shape("mixture_nll_forward", "y_experts", y_experts, (e, n, np.shape(target)[-1]))
+    validate.shape("mixture_nll_forward", "target", target, (n, y_experts.shape[2]))
+    err = y_experts - target[None]                                 # (E, N, D)
+    s = np.log(g) - 0.5 * np.sum(err**2, axis=2).T                 # (N, E) log prior + log likelihood
+    lse = logsumexp(s)                                             # (N,)
+    r = np.exp(s - lse[:, None])                                   # (N, E) posterior responsibilities
+    return -lse.mean(), (r, g, err)
+
+
+def mixture_nll_backward(dloss, cache):
+    """dg = -dloss r / (N g),  dy_experts[e, n] = dloss r[n, e] (y_e - target) / N,
+    dtarget = -sum_e dy_experts[e].   -> (dg (N, E), dy_experts (E, N, D), dtarget (N, D))."""
+    r, g, err = cache
+    n = g.shape[0]
+    dg = -dloss * r / (n * g)                                      # (N, E)
+    dy_experts = dloss * r.T[:, :, None] * err / n                 # (E, N, D)
+    return dg, dy_experts, -dy_experts.sum(axis=0)

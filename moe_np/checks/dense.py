@@ -1,0 +1,181 @@
+"""Chapters 2-3: the gates, the experts, and the dense mixture end to end.
+
+Every gate variant x every expert type x {MSE, cross-entropy} is checked
+through the whole DenseMoE, for x and every parameter. ReLU kinks are kept
+at least MARGIN away by redrawing inputs, and guarded by `selection`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moe_np import experts, gates, layers, losses
+from moe_np.gradcheck import check_pair, register
+from moe_np.moe import combine_backward, combine_forward, dense_moe_backward, \
+    dense_moe_forward, init_gate
+
+N, D, H, E, G = 5, 4, 6, 3, 7          # tokens, width, expert hidden, experts, gate hidden
+MARGIN = 0.02                          # min |pre-activation| at a ReLU; h is 1e-3
+
+
+def relu_inputs(params: dict, x) -> tuple:
+    """Every ReLU pre-activation in a dense MoE (expert and MLP gate)."""
+    pre = []
+    if "w1" in params:
+        pre.append(x[None] @ params["w1"] + params["b1"][:, None, :])     # (E, N, H)
+    if "gate_w1" in params:
+        pre.append(x @ params["gate_w1"] + params["gate_b1"])             # (N, G)
+    return tuple(pre)
+
+
+def draw_clear_of_kinks(draw, seed: int, tries: int = 200):
+    """Call draw(rng) -> (x, params) until no ReLU pre-activation is within MARGIN of 0."""
+    rng = np.random.default_rng(seed)
+    for _ in range(tries):
+        x, params = draw(rng)
+        if all(np.abs(a).min() >= MARGIN for a in relu_inputs(params, x)):
+            return x, params
+    raise RuntimeError(f"draw_clear_of_kinks: no draw cleared the margin in {tries} tries")
+
+
+def _moe_params(rng, gate: str, expert: str) -> dict:
+    """Random parameters, no zero biases. The gate's are kept moderate so no
+    expert's weight is vanishingly small: a gradient entry of 1e-7 would
+    leave rel_error's per-entry denominator nothing to measure against."""
+    params = init_gate(gate, D, E, rng, gate_hidden=G, scale=0.5) | \
+        experts.init_experts(expert, E, D, H, rng)
+    return {k: v + (0.1 if k.startswith("gate") else 0.3) * rng.standard_normal(v.shape)
+            for k, v in params.items()}
+
+
+def relu_pattern(x, **params):
+    return tuple(a > 0 for a in relu_inputs(params, x))
+
+
+# -- gates ----------------------------------------------------------------------
+
+@register("softmax_gate")
+def _softmax_gate(seed):
+    rng = np.random.default_rng(seed)
+    return check_pair("softmax_gate(T=0.7)", gates.softmax_gate_forward,
+                      gates.softmax_gate_backward,
+                      {"x": rng.standard_normal((N, D)), "w": rng.standard_normal((D, E)),
+                       "b": rng.standard_normal(E)}, static={"temperature": 0.7}, seed=seed)
+
+
+@register("mlp_gate")
+def _mlp_gate(seed):
+    x, p = draw_clear_of_kinks(lambda r: (r.standard_normal((N, D)), _moe_params(r, "mlp", "mlp")), seed)
+    inputs = {"x": x, "w1": p["gate_w1"], "b1": p["gate_b1"], "w2": p["gate_w2"], "b2": p["gate_b2"]}
+    pattern = lambda x, w1, b1, **_: (x @ w1 + b1) > 0
+    return check_pair("mlp_gate", gates.mlp_gate_forward, gates.mlp_gate_backward, inputs,
+                      seed=seed, selection=pattern)
+
+
+@register("per_dim_gate")
+def _per_dim_gate(seed):
+    rng = np.random.default_rng(seed)
+    return check_pair("per_dim_gate", gates.per_dim_gate_forward, gates.per_dim_gate_backward,
+                      {"x": rng.standard_normal((N, D)), "w": rng.standard_normal((D, E * D)),
+                       "b": rng.standard_normal(E * D)},
+                      static={"num_experts": E, "temperature": 1.3}, seed=seed)
+
+
+# -- experts and the combine ----------------------------------------------------
+
+@register("experts")
+def _experts(seed):
+    rows = []
+    for kind in ("mlp", "swiglu"):
+        fwd, bwd, names = experts.EXPERTS[kind]
+        for layout, x_shape in (("shared x", (N, D)), ("per-expert x", (E, N, D))):
+            def draw(r):
+                return r.standard_normal(x_shape), _moe_params(r, "softmax", kind)
+            x, p = draw_clear_of_kinks(draw, seed) if x_shape == (N, D) else draw(np.random.default_rng(seed))
+            if kind == "mlp" and x_shape != (N, D):
+                pre = lambda x, w1, b1, **_: (x @ w1 + b1[:, None, :])
+                while np.abs(pre(x, p["w1"], p["b1"])).min() < MARGIN:
+                    x = x + 0.05                                   # shift off the kink
+            inputs = {"x": x} | {k: p[k] for k in names}
+            guard = (lambda x, w1, b1, **_: (x @ w1 + b1[:, None, :]) > 0) if kind == "mlp" else None
+            rows += check_pair(f"{kind}_experts({layout})", fwd, bwd, inputs, seed=seed,
+                               selection=guard)
+    return rows
+
+
+@register("combine")
+def _combine(seed):
+    rng = np.random.default_rng(seed)
+    fwd = lambda g, y_experts: (combine_forward(g, y_experts), (g, y_experts))
+    bwd = lambda dy, c: combine_backward(dy, *c)
+    rows = check_pair("combine", fwd, bwd, {"g": rng.standard_normal((N, E)),
+                      "y_experts": rng.standard_normal((E, N, D))}, seed=seed)
+    rows += check_pair("combine(per-dim)", fwd, bwd, {"g": rng.standard_normal((N, E, D)),
+                       "y_experts": rng.standard_normal((E, N, D))}, seed=seed)
+    return rows
+
+
+@register("gate_dropout")
+def _gate_dropout(seed):
+    rng = np.random.default_rng(seed)
+    g = losses.softmax_forward(rng.standard_normal((N, E)))[0]     # (N, E)
+    return check_pair("gate_dropout", layers.dropout_forward, layers.dropout_backward,
+                      {"x": g}, static={"p": 0.4, "seed": seed + 3}, seed=seed)
+
+
+@register("mixture_nll")
+def _mixture_nll(seed):
+    rng = np.random.default_rng(seed)
+    g = losses.softmax_forward(rng.standard_normal((N, E)))[0]     # (N, E)
+    target = rng.standard_normal((N, D))                           # (N, D)
+    # experts near the target, so no responsibility is vanishingly small
+    y_experts = target + 0.5 * rng.standard_normal((E, N, D))      # (E, N, D)
+    return check_pair("mixture_nll", losses.mixture_nll_forward, losses.mixture_nll_backward,
+                      {"g": g, "y_experts": y_experts, "target": target}, seed=seed)
+
+
+# -- the dense mixture end to end -------------------------------------------------
+
+GATE_VARIANTS = {           # name: (gate kind, extra forward options)
+    "softmax": ("softmax", {"temperature": 0.8}),
+    "mlp": ("mlp", {}),
+    "per_dim": ("per_dim", {}),
+    "softmax+dropout": ("softmax", {"gate_dropout": 0.3}),
+}
+
+
+def dense_moe_loss_check(variant: str, expert: str, loss: str, seed: int):
+    """Check loss(DenseMoE(x)) wrt x and every parameter."""
+    gate, options = GATE_VARIANTS[variant]
+    x, params = draw_clear_of_kinks(lambda r: (r.standard_normal((N, D)),
+                                               _moe_params(r, gate, expert)), seed)
+    labels = np.random.default_rng(seed).integers(0, D, N)         # (N,)
+    target = np.random.default_rng(seed + 1).standard_normal((N, D))   # (N, D)
+    if "gate_dropout" in options:
+        options = options | {"dropout_seed": seed + 5}             # the same mask at every call
+
+    def forward(x, **params):
+        y, moe_cache = dense_moe_forward(x, params, gate=gate, expert=expert, **options)
+        if loss == "mse":
+            value, loss_cache = losses.mse_forward(y, target)
+        else:
+            value, loss_cache = losses.cross_entropy_forward(y, labels)
+        return value, (moe_cache, loss_cache)
+
+    def backward(dloss, cache):
+        moe_cache, loss_cache = cache
+        if loss == "mse":
+            dy = losses.mse_backward(dloss, loss_cache)[0]
+        else:
+            dy = losses.cross_entropy_backward(dloss, loss_cache)
+        dx, grads = dense_moe_backward(dy, moe_cache)
+        return {"x": dx} | grads
+
+    return check_pair(f"dense_moe[{variant},{expert},{loss}]", forward, backward,
+                      {"x": x} | params, seed=seed, selection=relu_pattern)
+
+
+for _variant in GATE_VARIANTS:
+    for _expert in experts.EXPERTS:
+        for _loss in ("mse", "cross_entropy"):
+            register(f"dense_moe[{_variant},{_expert},{_loss}]")(
+                lambda seed, v=_variant, e=_expert, l=_loss: dense_moe_loss_check(v, e, l, seed))
