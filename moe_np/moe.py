@@ -173,6 +173,10 @@ class DenseMoE:
         dx, self.grads = dense_moe_backward(dy, self._cache)
         return dx
 
+    def parts(self):
+        """The last forward's gate weights (N, E) and expert outputs (E, N, D)."""
+        return mixture_parts(self._cache)
+
     def backward_parts(self, dg, dy_experts):
         """Backward from gradients on the gate weights and the expert outputs."""
         dx, self.grads = dense_moe_parts_backward(dg, dy_experts, self._cache)
