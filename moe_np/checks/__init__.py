@@ -3,4 +3,4 @@
 Importing this package fills `moe_np.gradcheck.REGISTRY`; the CLI
 (`python -m moe_np gradcheck`) and the tests both run the same checks.
 """
-from moe_np.checks import basics, dense  # noqa: F401
+from moe_np.checks import basics, dense, sparse  # noqa: F401

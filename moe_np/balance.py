@@ -1,0 +1,111 @@
+"""Auxiliary losses that keep a sparse router healthy, and the loss-free bias update.
+
+Shape letters: N tokens, E experts, K experts per token.
+
+    balance_loss   E * sum_i f_i P_i        (Switch Transformer, GShard)
+    z_loss         mean_n logsumexp(z_n)^2  (ST-MoE)
+    cv_squared     Var(v) / mean(v)^2       (Shazeer et al.'s importance and load losses)
+    importance     sum of gate weights each expert receives
+    update_selection_bias   DeepSeek-V3's auxiliary-loss-free balancing
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moe_np import losses, validate
+
+
+def expert_counts(ids, num_experts: int):
+    """How many of the N*K assignments chose each expert.   ids (N, K) -> (E,) int."""
+    return np.bincount(np.asarray(ids).ravel(), minlength=num_experts)
+
+
+def balance_loss_forward(probs, ids):
+    """loss = E * sum_i f_i P_i.
+
+    probs: (N, E) the router's softmax over *all* E experts (not the top-K
+    weights, not renormalised); ids: (N, K) the top-K choices, counted
+    before any capacity drop. f_i = (assignments to i) / (N K), so sum f = 1;
+    P_i = mean_n probs[n, i]. f carries no gradient (it is a count).
+
+    Under this normalisation the loss is 1 at perfect balance (f_i = P_i =
+    1/E) and E under total collapse (every token's top choice and all its
+    probability on one expert). Implementations that divide by N instead of
+    N K (so sum f = K, common in Mixtral-style code) get K at perfect balance.
+    cache (f, N).
+    """
+    validate.ndim("balance_loss_forward", "probs", probs, 2)
+    validate.ndim("balance_loss_forward", "ids", ids, 2)
+    n, e = probs.shape
+    if ids.shape[0] != n:
+        raise ValueError(f"balance_loss_forward: probs has N={n} rows but ids has {ids.shape[0]}")
+    f = expert_counts(ids, e) / ids.size                              # (E,) sums to 1
+    p_mean = probs.mean(axis=0)                                       # (E,)
+    return e * np.sum(f * p_mean), (f, n)
+
+
+def balance_loss_backward(dloss, cache):
+    """dprobs[n, i] = dloss * E f_i / N.   -> (N, E)."""
+    f, n = cache
+    return np.broadcast_to(dloss * len(f) * f / n, (n, len(f))).copy()   # (N, E)
+
+
+def z_loss_forward(logits):
+    """loss = mean_n logsumexp(logits_n)^2; (log E)^2 for all-zero logits.   (N, E) -> scalar.
+    It pulls the logits' scale down, which keeps the router's softmax in a
+    range where rounding does not hurt. cache (lse, softmax)."""
+    validate.ndim("z_loss_forward", "logits", logits, 2)
+    lse = losses.logsumexp(logits)                                    # (N,)
+    p = np.exp(logits - lse[:, None])                                 # (N, E)
+    return np.mean(lse**2), (lse, p)
+
+
+def z_loss_backward(dloss, cache):
+    """dlogits = dloss * 2 lse_n softmax(logits_n) / N."""
+    lse, p = cache
+    return dloss * 2.0 * lse[:, None] * p / len(lse)                  # (N, E)
+
+
+def cv_squared_forward(v):
+    """Var(v) / mean(v)^2 (population variance): 0 when all entries are equal.   (E,) -> scalar."""
+    validate.ndim("cv_squared_forward", "v", v, 1)
+    m = v.mean()
+    if not m > 0:
+        raise ValueError(f"cv_squared_forward: mean(v) must be > 0, got {m}")
+    return np.mean((v - m) ** 2) / m**2, (v, m)
+
+
+def cv_squared_backward(dloss, cache):
+    """With q = mean(v^2): L = q / m^2 - 1, dL/dv_i = 2 v_i / (E m^2) - 2 q / (E m^3)."""
+    v, m = cache
+    q = np.mean(v**2)
+    return dloss * (2.0 * v / m**2 - 2.0 * q / m**3) / len(v)        # (E,)
+
+
+def importance_forward(w, ids, num_experts: int):
+    """importance_i = sum of the gate weights token-expert pairs give expert i.
+    w, ids: (N, K) -> (E,). cache (ids)."""
+    validate.same_shape("importance_forward", "w", w, "ids", ids)
+    out = np.zeros(num_experts)                                       # (E,)
+    np.add.at(out, ids.ravel(), w.ravel())
+    return out, ids
+
+
+def importance_backward(dimp, ids):
+    """dw[n, k] = dimp[ids[n, k]]."""
+    return dimp[ids]                                                  # (N, K)
+
+
+def update_selection_bias(bias, ids, gamma: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing, one step:
+
+        b_i <- b_i + gamma * sign(mean_j load_j - load_i)
+
+    load_i = assignments to expert i in this batch (ids: (N, K)). Overloaded
+    experts get a lower selection bias, idle ones a higher; the bias is used
+    for choosing experts only (routers.sigmoid_topk_forward), never for
+    their weights, so the task gradient is untouched. Returns a new array.
+    """
+    validate.positive("update_selection_bias", "gamma", gamma)
+    load = expert_counts(ids, len(bias)).astype(float)                # (E,)
+    return bias + gamma * np.sign(load.mean() - load)                 # (E,)
