@@ -136,7 +136,7 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 def normal_cdf(z):
     """Phi(z) = (1 + erf(z / sqrt 2)) / 2, with math.erf (exact to float64) elementwise."""
-    return 0.5 * (1.0 + _erf(np.asarray(z, dtype=float) / math.sqrt(2.0)).astype(float))
+    return 0.5 * (1.0 + np.asarray(_erf(np.asarray(z, dtype=float) / math.sqrt(2.0)), dtype=float))
 
 
 def normal_pdf(z):
