@@ -53,3 +53,54 @@ class MLP:
         dx, dw1, db1 = layers.linear_backward(da, c1)        # (N, D), (D, H), (H,)
         self.grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
         return dx
+
+
+class Linear:
+    """y = x W + b as a module.   x: (N, D_in) -> y: (N, D_out)."""
+
+    def __init__(self, d_in: int, d_out: int, seed: int = 0):
+        if min(d_in, d_out) < 1:
+            raise ValueError(f"Linear: widths must be >= 1, got {d_in}, {d_out}")
+        rng = np.random.default_rng(seed)
+        self.params = {"w": rng.standard_normal((d_in, d_out)) / np.sqrt(d_in),   # (D_in, D_out)
+                       "b": np.zeros(d_out)}                                       # (D_out,)
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = layers.linear_forward(x, self.params["w"], self.params["b"])
+        return y                                                   # (N, D_out)
+
+    def backward(self, dy):
+        dx, dw, db = layers.linear_backward(dy, self._cache)
+        self.grads = {"w": dw, "b": db}
+        return dx
+
+
+class Sequential:
+    """Modules applied in order; backward runs them in reverse.
+
+    params and grads are flat dicts named "<index>.<name>", views of each
+    module's own arrays, so an optimizer over `params` updates the modules.
+    """
+
+    def __init__(self, *modules):
+        if not modules:
+            raise ValueError("Sequential: give at least one module")
+        self.modules = modules
+        self.params = {f"{i}.{k}": v for i, m in enumerate(modules) for k, v in m.params.items()}
+        self.grads = {}
+
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def forward(self, x):
+        for m in self.modules:
+            x = m.forward(x)
+        return x
+
+    def backward(self, dy):
+        for m in reversed(self.modules):
+            dy = m.backward(dy)
+        self.grads = {f"{i}.{k}": g for i, m in enumerate(self.modules) for k, g in m.grads.items()}
+        return dy
