@@ -21,7 +21,8 @@ def relu_inputs(params: dict, x) -> tuple:
     """Every ReLU pre-activation in a dense MoE (expert and MLP gate)."""
     pre = []
     if "w1" in params:
-        pre.append(x[None] @ params["w1"] + params["b1"][:, None, :])     # (E, N, H)
+        xb = x if x.ndim == 3 else x[None]                                # (E or 1, N, D)
+        pre.append(xb @ params["w1"] + params["b1"][:, None, :])          # (E, N, H)
     if "gate_w1" in params:
         pre.append(x @ params["gate_w1"] + params["gate_b1"])             # (N, G)
     return tuple(pre)
@@ -88,17 +89,11 @@ def _experts(seed):
     for kind in ("mlp", "swiglu"):
         fwd, bwd, names = experts.EXPERTS[kind]
         for layout, x_shape in (("shared x", (N, D)), ("per-expert x", (E, N, D))):
-            def draw(r):
-                return r.standard_normal(x_shape), _moe_params(r, "softmax", kind)
-            x, p = draw_clear_of_kinks(draw, seed) if x_shape == (N, D) else draw(np.random.default_rng(seed))
-            if kind == "mlp" and x_shape != (N, D):
-                pre = lambda x, w1, b1, **_: (x @ w1 + b1[:, None, :])
-                while np.abs(pre(x, p["w1"], p["b1"])).min() < MARGIN:
-                    x = x + 0.05                                   # shift off the kink
-            inputs = {"x": x} | {k: p[k] for k in names}
-            guard = (lambda x, w1, b1, **_: (x @ w1 + b1[:, None, :]) > 0) if kind == "mlp" else None
-            rows += check_pair(f"{kind}_experts({layout})", fwd, bwd, inputs, seed=seed,
-                               selection=guard)
+            x, p = draw_clear_of_kinks(lambda r: (r.standard_normal(x_shape),
+                                                  _moe_params(r, "softmax", kind)), seed)
+            rows += check_pair(f"{kind}_experts({layout})", fwd, bwd,
+                               {"x": x} | {k: p[k] for k in names}, seed=seed,
+                               selection=relu_pattern if kind == "mlp" else None)
     return rows
 
 
