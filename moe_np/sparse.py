@@ -35,11 +35,17 @@ ROUTERS = {
                      routers.sigmoid_topk_backward),
 }
 ALL_ROUTERS = tuple(ROUTERS) + ("noisy_topk", "expert_choice")
+SOFTMAX_ROUTERS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
 
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """How a sparse layer routes. capacity_factor None means dropless."""
+    """How a sparse layer routes.
+
+    capacity_factor None means dropless. For expert_choice, k is unused and
+    each expert takes C = ceil(capacity_factor * N / E) tokens. balance_coef
+    needs a softmax router, cv_coef the noisy_topk router.
+    """
     router: str = "softmax_topk"
     k: int = 2
     capacity_factor: float | None = None
@@ -68,6 +74,14 @@ class SparseConfig:
         for name in ("balance_coef", "z_coef", "cv_coef", "min_capacity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SparseConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if self.router == "switch" and self.k != 1:
+            raise ValueError(f"SparseConfig: the switch router sends each token to one expert, got k={self.k}")
+        if self.balance_coef and self.router not in SOFTMAX_ROUTERS:
+            raise ValueError(f"SparseConfig: balance_coef needs a softmax router {SOFTMAX_ROUTERS} "
+                             f"(its P_i is the mean softmax probability), got router={self.router!r}")
+        if self.cv_coef and self.router != "noisy_topk":
+            raise ValueError(f"SparseConfig: cv_coef (importance and load CV^2) needs router="
+                             f"'noisy_topk', got {self.router!r}")
 
 
 def _segments_forward(x_sorted, params, expert: str, offsets):
@@ -162,7 +176,7 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, noise=None, bias=N
 
     # 5. auxiliary losses
     aux, aux_caches = 0.0, {}
-    if config.balance_coef and ids is not None:
+    if config.balance_coef:
         probs, sm_cache = losses.softmax_forward(logits)               # (N, E) all E experts
         value, b_cache = balance.balance_loss_forward(probs, ids)
         aux += config.balance_coef * value
@@ -171,7 +185,7 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, noise=None, bias=N
         value, z_cache = balance.z_loss_forward(logits)
         aux += config.z_coef * value
         aux_caches["z"] = z_cache
-    if config.cv_coef and kind == "noisy_topk":
+    if config.cv_coef:
         imp, i_cache = balance.importance_forward(w, ids, num_experts)  # (E,)
         cv_imp, ci_cache = balance.cv_squared_forward(imp)
         cv_load, cl_cache = balance.cv_squared_forward(load)
@@ -258,6 +272,9 @@ class SparseMoE:
             raise ValueError(f"SparseMoE: num_experts must be >= 1, got {num_experts}")
         if config.router != "expert_choice":
             validate.top_k("SparseMoE", config.k, num_experts)
+        if bias_gamma < 0 or (bias_gamma > 0 and config.router != "sigmoid_bias"):
+            raise ValueError(f"SparseMoE: bias_gamma={bias_gamma} must be >= 0 and needs "
+                             f"router='sigmoid_bias', got {config.router!r}")
         rng = np.random.default_rng(seed)
         self.config, self.num_experts, self.bias_gamma = config, num_experts, bias_gamma
         self.params = init_sparse_params(config, d_model, num_experts, d_hidden, rng, num_shared)

@@ -49,6 +49,11 @@ def code_blocks(markdown: str) -> list[str]:
     return [m.group(1) for m in FENCE.finditer(markdown)]
 
 
+def has_output_block(markdown: str) -> list[bool]:
+    """For each python fence: is it followed by a ```text output block?"""
+    return ["```text\n" in m.group(0) for m in FENCE.finditer(markdown)]
+
+
 def run_chapter(path: Path, update: bool = False, echo: bool = True) -> list[str]:
     """Execute a chapter's python fences in one fresh namespace, in order.
 

@@ -304,6 +304,10 @@ def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
     (lambda: SparseConfig(router="hash"), "router must be one of"),
     (lambda: SparseConfig(drop_policy="lifo"), "drop_policy must be one of"),
     (lambda: SparseConfig(router="expert_choice"), "expert_choice needs a capacity_factor"),
+    (lambda: SparseConfig(router="switch", k=2), "one expert, got k=2"),
+    (lambda: SparseConfig(router="sigmoid_bias", balance_coef=0.1), "balance_coef needs a softmax router"),
+    (lambda: SparseConfig(router="softmax_topk", cv_coef=0.1), "cv_coef .* needs router='noisy_topk'"),
+    (lambda: SparseMoE(4, 3, 5, SparseConfig(), bias_gamma=0.1), "needs router='sigmoid_bias'"),
     (lambda: SparseMoE(4, 2, 5, SparseConfig(k=3)), "k=3 exceeds num_experts=2"),
     (lambda: SparseMoE(4, 3, 5, SparseConfig()).forward(np.zeros((2, 5))), r"router_w must have shape \(5, 3\)"),
     (lambda: SparseMoE(4, 3, 5, SparseConfig()).forward(np.full((2, 4), np.nan)), "x has 8 non-finite"),
@@ -312,3 +316,34 @@ def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
 def test_bad_sparse_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# -- the checks can fail ---------------------------------------------------------------
+
+def _weights_only(logits, k, renormalize=False):
+    (ids, w), cache = routers.softmax_topk_forward(logits, k, renormalize)
+    return w, cache
+
+
+def test_the_guard_refuses_a_check_that_straddles_a_top_k_kink():
+    from moe_np.gradcheck import check_pair
+    logits = np.array([[1.0, 1.0 + 1e-4, -0.5], [0.3, -1.0, 2.0]])  # experts 0 and 1 nearly tie
+    with pytest.raises(ValueError, match="selection changed"):
+        check_pair("near tie", _weights_only, routers.softmax_topk_backward, {"logits": logits},
+                   static={"k": 1}, selection=lambda logits, k: routers.top_k_indices(logits, k))
+
+
+def test_a_router_backward_that_skips_the_softmax_fails_its_check(rng):
+    from moe_np.gradcheck import check_pair
+    from moe_np.checks.sparse import separated_logits
+
+    def backward_without_softmax(dw, cache):
+        _, (sm_cache, ids) = cache
+        out = np.zeros(sm_cache[0].shape)
+        np.put_along_axis(out, ids, dw, axis=1)                         # bug: treats w as the logits
+        return out
+
+    rows = check_pair("broken router", _weights_only, backward_without_softmax,
+                      {"logits": separated_logits(rng)}, static={"k": 2},
+                      selection=lambda logits, k: routers.top_k_indices(logits, k))
+    assert not rows[0].passed and rows[0].rel_error > 1e-2

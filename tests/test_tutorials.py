@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_np.tutorial import TUTORIALS, code_blocks, run_chapter
+from moe_np.tutorial import TUTORIALS, code_blocks, has_output_block, run_chapter
 
 CHAPTERS = sorted(TUTORIALS.glob("[0-9][0-9]-*.md"))
 
@@ -23,6 +23,10 @@ def test_chapter_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_NP_FIGURES", str(tmp_path))
     outputs = run_chapter(path, echo=False)
     assert len(outputs) == len(code_blocks(path.read_text())) > 0
+    # a fence that prints must show its output (written by `tutorial N --update`), and only then
+    for i, (printed, shown) in enumerate(zip(outputs, has_output_block(path.read_text()))):
+        assert bool(printed) == shown, f"{path.name} fence {i + 1}: printed={bool(printed)}, " \
+            f"output block={shown}; run `python -m moe_np tutorial {int(path.name[:2])} --update`"
     embedded = re.findall(r"\]\(\.\./figures/([^)]+)\)", path.read_text())
     for name in embedded:
         assert (tmp_path / name).exists(), f"{path.name} embeds {name} but did not write it"

@@ -149,7 +149,7 @@ SPARSE_CASES = {
     "switch,cap1.0": (SparseConfig("switch", 1, 1.0, 0, "position", "mlp", 0.3, 0.05), 0),
     "topk_softmax,dropless": (SparseConfig("topk_softmax", K, None, 0, "position", "swiglu"), 1),
     "sigmoid_bias,cap0.75": (SparseConfig("sigmoid_bias", K, 0.75, 0, "position", "mlp", 0, 0.05), 0),
-    "noisy_topk,cap1.0": (SparseConfig("noisy_topk", K, 1.0, 0, "position", "mlp", 0, 0, 0.2), 0),
+    "noisy_topk,cap1.0": (SparseConfig("noisy_topk", K, 1.0, 0, "position", "mlp", 0, 0.05, 0.2), 0),
     "expert_choice,cap1.0": (SparseConfig("expert_choice", K, 1.0, 0, "position", "mlp", 0, 0.05), 0),
 }
 
