@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 
 def cmd_gradcheck(args) -> int:
@@ -29,10 +30,13 @@ def cmd_gradcheck(args) -> int:
 
 def cmd_tutorial(args) -> int:
     if args.quick:
+        # small sizes must not overwrite the committed full-size figures
         os.environ["MOE_NP_QUICK"] = "1"
-    from moe_np.tutorial import chapter_path, run_chapter
+        os.environ.setdefault("MOE_NP_FIGURES", tempfile.mkdtemp(prefix="moe_np_figures_"))
+    from moe_np.tutorial import chapter_path, figure_path, run_chapter
     path = chapter_path(args.number)
-    print(f"# running {path.name}{' (quick sizes)' if args.quick else ''}\n")
+    where = figure_path("").resolve()
+    print(f"# running {path.name}{' (quick sizes)' if args.quick else ''}; figures go to {where}\n")
     run_chapter(path, update=args.update)
     return 0
 

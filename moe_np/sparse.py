@@ -15,6 +15,7 @@ The router gets gradient through the weights of the experts it selected
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -82,6 +83,20 @@ class SparseConfig:
         if self.cv_coef and self.router != "noisy_topk":
             raise ValueError(f"SparseConfig: cv_coef (importance and load CV^2) needs router="
                              f"'noisy_topk', got {self.router!r}")
+
+
+class SparseCache(NamedTuple):
+    """What a SparseMoE forward keeps for its backward (and for inspection)."""
+    x: np.ndarray            # (N, D) the input
+    params: dict
+    config: SparseConfig
+    router_cache: tuple      # the router's own cache
+    gather_cache: tuple      # (N, plan)
+    segments_cache: tuple    # (expert kind, offsets, one expert cache per segment)
+    scatter_cache: tuple
+    shared_cache: tuple | None
+    aux_caches: dict         # name -> cache, for each auxiliary loss in use
+    stats: dict              # ids, weights, plan, counts, num_dropped, logits
 
 
 def _segments_forward(x_sorted, params, expert: str, offsets):
@@ -192,13 +207,14 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, noise=None, bias=N
         aux += config.cv_coef * (cv_imp + cv_load)
         aux_caches["cv"] = (i_cache, ci_cache, cl_cache)
 
-    stats = {"ids": ids, "weights": w, "num_dropped": plan.num_dropped,
+    stats = {"ids": ids, "weights": w, "plan": plan, "num_dropped": plan.num_dropped,
              "counts": np.diff(plan.offsets), "logits": logits}
-    cache = (x, params, config, r_cache, g_cache, seg_cache, s_cache, sh_cache, aux_caches, stats)
+    cache = SparseCache(x, params, config, r_cache, g_cache, seg_cache, s_cache, sh_cache,
+                        aux_caches, stats)
     return (y, aux), cache
 
 
-def sparse_moe_backward(dout, cache):
+def sparse_moe_backward(dout, cache: SparseCache):
     """(dy (N, D), daux scalar) -> dx (N, D), grads (one array per parameter)."""
     dy, daux = dout
     x, params, config, r_cache, g_cache, seg_cache, s_cache, sh_cache, aux_caches, _ = cache
@@ -294,7 +310,7 @@ class SparseMoE:
         seed = int(self._rng.integers(2**31)) if self.config.drop_policy == "random" else None
         (y, self.aux), self._cache = sparse_moe_forward(x, self.params, self.config, noise=noise,
                                                         bias=self.bias, seed=seed)
-        self.stats = self._cache[-1]
+        self.stats = self._cache.stats
         if self.training and self.bias_gamma > 0 and self.stats["ids"] is not None:
             self.bias = balance.update_selection_bias(self.bias, self.stats["ids"], self.bias_gamma)
         return y                                                       # (N, D)

@@ -33,7 +33,7 @@ def test_capacity_cases_really_drop(case):
     config, x, params = sparse_case_inputs(case, np.random.default_rng(0))
     (_, _), cache = sparse_moe_forward(x, params, config, seed=11,
                                        noise=None, bias=np.zeros(3))
-    assert cache[-1]["num_dropped"] > 0
+    assert cache.stats["num_dropped"] > 0
 
 
 # -- routers -----------------------------------------------------------------------
@@ -238,15 +238,15 @@ def test_a_dropped_token_gets_exactly_zero_and_gives_zero_gradient(rng):
     params = init_sparse_params(config, 4, 2, 5, rng, router_scale=1.0)
     x = rng.standard_normal((6, 4))
     (y, _), cache = sparse_moe_forward(x, params, config)
-    stats = cache[-1]
-    plan = cache[4][1]
+    stats = cache.stats
+    plan = stats["plan"]
     dropped_tokens = np.setdiff1d(np.arange(6), plan.rows_token)
     experts_used = len(np.unique(stats["ids"]))                      # each keeps C = 1 token
     assert stats["num_dropped"] == len(dropped_tokens) == 6 - experts_used >= 4
     assert np.array_equal(y[dropped_tokens], np.zeros((len(dropped_tokens), 4)))
     dy = rng.standard_normal(y.shape)
     dx, _ = sparse_moe_backward((dy, 0.0), cache)
-    dy_sorted, dw = dispatch.scatter_backward(dy, cache[6])
+    dy_sorted, dw = dispatch.scatter_backward(dy, cache.scatter_cache)
     assert np.all(dw[dropped_tokens] == 0)
     # no expert saw the token and its (renormalised, K = 1) weight is constant: no path to the loss
     assert np.array_equal(dx[dropped_tokens], np.zeros((len(dropped_tokens), 4)))

@@ -168,11 +168,12 @@ def sparse_case_inputs(name: str, rng):
 
 def sparse_selection(cache):
     """Every discrete choice one SparseMoE forward made."""
-    x, params, config, r_cache, g_cache, seg_cache, s_cache, sh_cache, aux, stats = cache
-    plan = g_cache[1]
-    patterns = tuple(c[5] for c in seg_cache[2] if c is not None and config.expert == "mlp")
-    shared = (sh_cache[5],) if sh_cache is not None and config.expert == "mlp" else ()
-    thr = (r_cache[7],) if config.router == "noisy_topk" else ()
+    config, stats = cache.config, cache.stats
+    plan = stats["plan"]
+    mlp = config.expert == "mlp"          # ReLU masks sit at index 5 of an MLP expert cache
+    patterns = tuple(c[5] for c in cache.segments_cache[2] if c is not None and mlp)
+    shared = (cache.shared_cache[5],) if cache.shared_cache is not None and mlp else ()
+    thr = (cache.router_cache[7],) if config.router == "noisy_topk" else ()   # threshold entries
     ids = () if stats["ids"] is None else (stats["ids"],)
     return ids + (plan.rows_token, plan.rows_weight) + patterns + shared + thr
 
