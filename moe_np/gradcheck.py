@@ -99,6 +99,8 @@ class CheckResult:
     wrt: str           # with respect to which input or parameter
     rel_error: float   # max relative error, analytic vs numerical
     passed: bool       # rel_error < TOLERANCE
+    abs_error: float = 0.0   # max |analytic - numerical|: shows when a large rel_error
+                             # comes from a near-zero entry (the estimate's floor is ~1e-13)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -148,7 +150,8 @@ def check_pair(name: str, forward: Callable, backward: Callable, inputs: dict,
     for key, analytic in zip(wrt, grads):
         numeric = numerical_grad(f, inputs[key], dout, h=h, selection=pick)
         err = rel_error(analytic, numeric)
-        rows.append(CheckResult(name, key, err, err < TOLERANCE))
+        abs_err = float(np.max(np.abs(analytic - numeric))) if numeric.size else 0.0
+        rows.append(CheckResult(name, key, err, err < TOLERANCE, abs_err))
     return rows
 
 
@@ -179,11 +182,11 @@ def run_checks(seed: int = 0, name_filter: str | None = None) -> list[CheckResul
 
 
 def format_table(rows: list[CheckResult]) -> str:
-    """name | with respect to | max relative error | pass, as aligned text."""
-    head = ("name", "with respect to", "max rel error", "pass")
-    body = [(r.name, r.wrt, f"{r.rel_error:.2e}", "ok" if r.passed else "FAIL")
+    """name | with respect to | max rel error | max abs error | pass, as aligned text."""
+    head = ("name", "with respect to", "max rel error", "max abs error", "pass")
+    body = [(r.name, r.wrt, f"{r.rel_error:.2e}", f"{r.abs_error:.1e}", "ok" if r.passed else "FAIL")
             for r in rows]
-    widths = [max(len(str(line[i])) for line in [head] + body) for i in range(4)]
+    widths = [max(len(str(line[i])) for line in [head] + body) for i in range(len(head))]
     lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths))
              for line in [head] + body]
     lines.insert(1, "-+-".join("-" * w for w in widths))
