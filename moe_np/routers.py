@@ -165,7 +165,9 @@ def noisy_topk_forward(x, w_gate, w_noise, noise, k: int):
     -> (ids, w, load), cache.
     """
     validate.ndim("noisy_topk_forward", "x", x, 2)
-    validate.shape("noisy_topk_forward", "w_gate", w_gate, (x.shape[1], np.shape(w_gate)[-1]))
+    validate.ndim("noisy_topk_forward", "w_gate", w_gate, 2)
+    if w_gate.shape[0] != x.shape[1]:
+        raise ValueError(f"noisy_topk_forward: x has D={x.shape[1]} but w_gate has D={w_gate.shape[0]}")
     validate.same_shape("noisy_topk_forward", "w_gate", w_gate, "w_noise", w_noise)
     validate.shape("noisy_topk_forward", "noise", noise, (x.shape[0], w_gate.shape[1]))
     num_experts = w_gate.shape[1]

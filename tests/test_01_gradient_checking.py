@@ -40,10 +40,11 @@ def test_rel_error_known_values():
 
 def test_numerical_grad_of_a_known_function(rng):
     x = rng.standard_normal((3, 4))                                # (3, 4)
+    before = x.copy()
     dout = rng.standard_normal((3, 4))                             # (3, 4)
     grad = numerical_grad(lambda: np.sin(x), x, dout)
     assert rel_error(grad, np.cos(x) * dout) < 1e-9
-    assert np.array_equal(x, x.copy())                              # x restored
+    assert np.array_equal(x, before)                                # every entry restored
 
 
 def test_numerical_grad_restores_x_even_when_the_guard_raises(rng):

@@ -297,6 +297,8 @@ def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
     (lambda: routers.expert_choice_forward(np.zeros((4, 2)), 5), r"capacity must be in \[1, N=4\], got 5"),
     (lambda: routers.noisy_topk_forward(np.zeros((2, 3)), np.zeros((3, 2)), np.zeros((3, 2)),
                                         np.zeros((2, 2)), 2), "k=2 must be < num_experts=2"),
+    (lambda: routers.noisy_topk_forward(np.zeros((2, 4)), np.zeros((3, 2)), np.zeros((3, 2)),
+                                        np.zeros((2, 2)), 1), "x has D=4 but w_gate has D=3"),
     (lambda: dispatch.capacity(8, 4, 2, 0.0), "capacity_factor must be > 0, got 0.0"),
     (lambda: dispatch.capacity(8, 4, 2, -1.0), "capacity_factor must be > 0"),
     (lambda: SparseConfig(capacity_factor=0.0), "capacity_factor must be > 0"),

@@ -154,16 +154,18 @@ SPARSE_CASES = {
 }
 
 
-def sparse_case_inputs(name: str, rng):
-    """x and parameters for a case, with separated router logits."""
+def sparse_case_inputs(name: str, rng, min_gap: float = 0.05, tries: int = 500):
+    """x and parameters for a case, redrawn until every row's sorted router
+    logits are at least min_gap apart (50 h): the guard then has little to reject."""
     config, shared = SPARSE_CASES[name]
-    params = init_sparse_params(config, D, E, H, rng, num_shared=shared, router_scale=1.0)
-    params = {k: v + 0.2 * rng.standard_normal(v.shape) for k, v in params.items()}   # no zero biases
-    x = rng.standard_normal((N, D))                                    # (N, D)
-    # choose router weights that produce well-separated logits: solve x Wr = L
-    target = separated_logits(rng)                                     # (N, E)
-    params["router_w"] = np.linalg.lstsq(x, target, rcond=None)[0]     # (D, E)
-    return config, x, params
+    for _ in range(tries):
+        params = init_sparse_params(config, D, E, H, rng, num_shared=shared, router_scale=1.0)
+        params = {k: v + 0.2 * rng.standard_normal(v.shape) for k, v in params.items()}   # no zero biases
+        x = rng.standard_normal((N, D))                                # (N, D)
+        gaps = np.diff(np.sort(x @ params["router_w"], axis=1), axis=1)   # (N, E-1)
+        if gaps.min() >= min_gap:
+            return config, x, params
+    raise RuntimeError(f"sparse_case_inputs: no draw in {tries} had logit gaps >= {min_gap}")
 
 
 def sparse_selection(cache):
