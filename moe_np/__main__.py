@@ -14,7 +14,8 @@ import tempfile
 
 
 def cmd_gradcheck(args) -> int:
-    from moe_np.gradcheck import format_table, run_checks
+    from moe_np.checks import run_checks
+    from moe_np.gradcheck import format_table
     rows = run_checks(seed=args.seed, name_filter=args.filter)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))

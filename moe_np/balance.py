@@ -7,12 +7,18 @@ Shape letters: N tokens, E experts, K experts per token.
     cv_squared     Var(v) / mean(v)^2       (Shazeer et al.'s importance and load losses)
     importance     sum of gate weights each expert receives
     update_selection_bias   DeepSeek-V3's auxiliary-loss-free balancing
+
+`aux_forward(route, config)` assembles the layer's auxiliary loss from the
+config (coefficients applied) and `aux_backward` returns an AuxGrads: what
+the losses send to the router's logits, weights and load estimate.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from moe_np import losses, validate
+from typing import NamedTuple
+
+from moe_np import functional, validate
 
 
 def expert_counts(ids, num_experts: int):
@@ -39,7 +45,7 @@ def balance_loss_forward(probs, ids):
     n, e = probs.shape
     if ids.shape[0] != n:
         raise ValueError(f"balance_loss_forward: probs has N={n} rows but ids has {ids.shape[0]}")
-    f = expert_counts(ids, e) / ids.size                              # (E,) sums to 1
+    f = (expert_counts(ids, e) / ids.size).astype(probs.dtype)       # (E,) sums to 1
     p_mean = probs.mean(axis=0)                                       # (E,)
     return e * np.sum(f * p_mean), (f, n)
 
@@ -55,7 +61,7 @@ def z_loss_forward(logits):
     It pulls the logits' scale down, which keeps the router's softmax in a
     range where rounding does not hurt. cache (lse, softmax)."""
     validate.ndim("z_loss_forward", "logits", logits, 2)
-    lse = losses.logsumexp(logits)                                    # (N,)
+    lse = functional.logsumexp(logits)                                    # (N,)
     p = np.exp(logits - lse[:, None])                                 # (N, E)
     return np.mean(lse**2), (lse, p)
 
@@ -86,9 +92,8 @@ def importance_forward(w, ids, num_experts: int):
     """importance_i = sum of the gate weights token-expert pairs give expert i.
     w, ids: (N, K) -> (E,). cache (ids)."""
     validate.same_shape("importance_forward", "w", w, "ids", ids)
-    out = np.zeros(num_experts)                                       # (E,)
-    np.add.at(out, ids.ravel(), w.ravel())
-    return out, ids
+    out = np.bincount(ids.ravel(), weights=w.ravel(), minlength=num_experts)   # (E,)
+    return out.astype(w.dtype), ids
 
 
 def importance_backward(dimp, ids):
@@ -101,11 +106,69 @@ def update_selection_bias(bias, ids, gamma: float):
 
         b_i <- b_i + gamma * sign(mean_j load_j - load_i)
 
-    load_i = assignments to expert i in this batch (ids: (N, K)). Overloaded
+    load_i = counts_i, the assignments to expert i in this batch (ids: (N, K)). Overloaded
     experts get a lower selection bias, idle ones a higher; the bias is used
     for choosing experts only (routers.sigmoid_topk_forward), never for
     their weights, so the task gradient is untouched. Returns a new array.
     """
     validate.positive("update_selection_bias", "gamma", gamma)
-    load = expert_counts(ids, len(bias)).astype(float)                # (E,)
-    return bias + gamma * np.sign(load.mean() - load)                 # (E,)
+    counts = expert_counts(ids, len(bias))                            # (E,)
+    step = gamma * np.sign(counts.mean() - counts)                    # (E,)
+    return bias + step.astype(bias.dtype)                             # (E,) in the bias's dtype
+
+
+# -- the layer's auxiliary loss, assembled from the config ------------------------
+
+class AuxCache(NamedTuple):
+    balance_coef: float
+    z_coef: float
+    cv_coef: float
+    balance: tuple | None    # (softmax cache, balance cache)
+    z: tuple | None          # z-loss cache
+    cv: tuple | None         # (importance cache, CV^2(importance) cache, CV^2(load) cache)
+
+
+class AuxGrads(NamedTuple):
+    """Gradients the auxiliary losses send into the router (None where a loss is off)."""
+    dlogits: np.ndarray | None    # (N, E)
+    dweights: np.ndarray | None   # (N, K)
+    dload: np.ndarray | None      # (E,) onto the load estimate
+
+
+def aux_forward(route, config):
+    """aux = a_bal * balance(softmax(logits), ids) + a_z * z(logits)
+           + a_cv * (CV^2(importance) + CV^2(load_estimate)),   a float; cache AuxCache.
+
+    route: a routers.RouterOut; config: a SparseConfig (which validated that
+    each loss has the router it needs)."""
+    aux, bal, z, cv = 0.0, None, None, None
+    if config.balance_coef:
+        probs, sm_cache = functional.softmax_forward(route.logits)    # (N, E) all E experts
+        value, b_cache = balance_loss_forward(probs, route.ids)
+        aux, bal = aux + config.balance_coef * float(value), (sm_cache, b_cache)
+    if config.z_coef:
+        value, z = z_loss_forward(route.logits)
+        aux += config.z_coef * float(value)
+    if config.cv_coef:
+        imp, i_cache = importance_forward(route.weights, route.ids, config.num_experts)   # (E,)
+        cv_imp, ci_cache = cv_squared_forward(imp)
+        cv_load, cl_cache = cv_squared_forward(route.load_estimate)
+        aux, cv = aux + config.cv_coef * float(cv_imp + cv_load), (i_cache, ci_cache, cl_cache)
+    return aux, AuxCache(config.balance_coef, config.z_coef, config.cv_coef, bal, z, cv)
+
+
+def aux_backward(daux: float, cache: AuxCache) -> AuxGrads:
+    """Each loss's gradient times its coefficient and daux (the upstream scale)."""
+    dlogits = dweights = dload = None
+    if cache.balance is not None:
+        sm_cache, b_cache = cache.balance
+        dprobs = balance_loss_backward(daux * cache.balance_coef, b_cache)   # (N, E)
+        dlogits = functional.softmax_backward(dprobs, sm_cache)            # (N, E)
+    if cache.z is not None:
+        dz = z_loss_backward(daux * cache.z_coef, cache.z)                 # (N, E)
+        dlogits = dz if dlogits is None else dlogits + dz
+    if cache.cv is not None:
+        i_cache, ci_cache, cl_cache = cache.cv
+        dweights = importance_backward(cv_squared_backward(daux * cache.cv_coef, ci_cache), i_cache)
+        dload = cv_squared_backward(daux * cache.cv_coef, cl_cache)       # (E,)
+    return AuxGrads(dlogits, dweights, dload)

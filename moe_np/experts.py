@@ -6,11 +6,16 @@
 Weights are stacked over experts: W1 (E, D, H), W2 (E, H, D) and so on.
 The input is either shared by every expert, x (N, D) -> y (E, N, D) (the
 dense mixture), or one batch of rows per expert, x (E, M, D) -> y (E, M, D)
-(a sparse layer's expert-contiguous segments, one expert at a time with
-E = 1). Backward returns dx in the shape x came in: for a shared x the
-experts' contributions are summed.
+(a padded sparse layout, (E, C, D)). Backward returns dx in the shape x
+came in: for a shared x the experts' contributions are summed.
+
+The ragged pair runs a sparse layer's expert-contiguous buffer x_sorted
+(M, D), expert e on rows offsets[e]:offsets[e+1], one GEMM chain per
+expert, with biases and ReLU applied in place.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -39,32 +44,55 @@ def _weight_grad(xb, dy):
     return np.swapaxes(xb, -1, -2) @ dy                            # (E, D, H)
 
 
+class MlpExpertsCache(NamedTuple):
+    x: np.ndarray       # (N, D) or (E, M, D) as given
+    xb: np.ndarray      # (E|1, M, D)
+    w1: np.ndarray      # (E, D, H)
+    w2: np.ndarray      # (E, H, D)
+    h: np.ndarray       # (E, M, H) relu(x W1 + b1); the ReLU mask is h > 0
+
+
 def mlp_experts_forward(x, w1, b1, w2, b2):
     """y[e] = relu(x W1[e] + b1[e]) W2[e] + b2[e].
 
     x: (N, D) or (E, M, D)  W1: (E, D, H)  b1: (E, H)  W2: (E, H, D)  b2: (E, D)
-    -> y: (E, N, D) or (E, M, D).  cache (x, W1, W2, hidden pre-activation, hidden).
+    -> y: (E, N, D) or (E, M, D).  cache MlpExpertsCache.
     """
     xb = _batched("mlp_experts_forward", x, w1)                    # (E|1, M, D)
     validate.shape("mlp_experts_forward", "b1", b1, (w1.shape[0], w1.shape[2]))
     validate.shape("mlp_experts_forward", "w2", w2, (w1.shape[0], w1.shape[2], w1.shape[1]))
     validate.shape("mlp_experts_forward", "b2", b2, (w1.shape[0], w1.shape[1]))
     a = xb @ w1 + b1[:, None, :]                                   # (E, M, H)
-    h, mask = layers.relu_forward(a)                               # (E, M, H)
+    h = np.maximum(a, 0, out=a)                                    # (E, M, H) in place
     y = h @ w2 + b2[:, None, :]                                    # (E, M, D)
-    return y, (x, xb, w1, w2, h, mask)
+    return y, MlpExpertsCache(x, xb, w1, w2, h)
 
 
-def mlp_experts_backward(dy, cache):
+def mlp_experts_selection(cache: MlpExpertsCache):
+    """The ReLU on/off pattern (the kink a gradient check must not cross).   (E, M, H) bool."""
+    return cache.h > 0
+
+
+def mlp_experts_backward(dy, cache: MlpExpertsCache):
     """-> dx (as x), dW1 (E, D, H), db1 (E, H), dW2 (E, H, D), db2 (E, D)."""
-    x, xb, w1, w2, h, mask = cache
+    x, xb, w1, w2, h = cache
     dw2 = _weight_grad(h, dy)                                      # (E, H, D)
     db2 = dy.sum(axis=1)                                           # (E, D)
-    da = layers.relu_backward(dy @ np.swapaxes(w2, -1, -2), mask)  # (E, M, H)
+    da = (dy @ np.swapaxes(w2, -1, -2)) * (h > 0)                  # (E, M, H)
     dw1 = _weight_grad(xb, da)                                     # (E, D, H)
     db1 = da.sum(axis=1)                                           # (E, H)
     dx = _input_grad(da @ np.swapaxes(w1, -1, -2), x)              # as x
     return dx, dw1, db1, dw2, db2
+
+
+class SwigluExpertsCache(NamedTuple):
+    x: np.ndarray        # (N, D) or (E, M, D) as given
+    xb: np.ndarray       # (E|1, M, D)
+    w_gate: np.ndarray   # (E, D, H)
+    w_up: np.ndarray     # (E, D, H)
+    w_down: np.ndarray   # (E, H, D)
+    u: np.ndarray        # (E, M, H) silu(x Wg) * (x Wu)
+    glu_cache: tuple     # layers.swiglu's cache
 
 
 def swiglu_experts_forward(x, w_gate, w_up, w_down):
@@ -80,10 +108,10 @@ def swiglu_experts_forward(x, w_gate, w_up, w_down):
     b = xb @ w_up                                                  # (E, M, H)
     u, glu_cache = layers.swiglu_forward(a, b)                     # (E, M, H)
     y = u @ w_down                                                 # (E, M, D)
-    return y, (x, xb, w_gate, w_up, w_down, u, glu_cache)
+    return y, SwigluExpertsCache(x, xb, w_gate, w_up, w_down, u, glu_cache)
 
 
-def swiglu_experts_backward(dy, cache):
+def swiglu_experts_backward(dy, cache: SwigluExpertsCache):
     """-> dx (as x), dWg (E, D, H), dWu (E, D, H), dWd (E, H, D)."""
     x, xb, w_gate, w_up, w_down, u, glu_cache = cache
     dw_down = _weight_grad(u, dy)                                  # (E, H, D)
@@ -95,26 +123,155 @@ def swiglu_experts_backward(dy, cache):
     return _input_grad(dxb, x), dw_gate, dw_up, dw_down
 
 
+class ExpertKind(NamedTuple):
+    forward: Callable     # (x, *weights) -> y, cache
+    backward: Callable    # (dy, cache) -> dx, *dweights (in `names` order)
+    names: tuple          # parameter names, in the order forward takes them
+
+
 EXPERTS = {
-    # name: (forward, backward, parameter names in backward's order)
-    "mlp": (mlp_experts_forward, mlp_experts_backward, ("w1", "b1", "w2", "b2")),
-    "swiglu": (swiglu_experts_forward, swiglu_experts_backward, ("w_gate", "w_up", "w_down")),
+    "mlp": ExpertKind(mlp_experts_forward, mlp_experts_backward, ("w1", "b1", "w2", "b2")),
+    "swiglu": ExpertKind(swiglu_experts_forward, swiglu_experts_backward,
+                         ("w_gate", "w_up", "w_down")),
 }
 
 
-def init_experts(kind: str, num_experts: int, d_model: int, d_hidden: int, rng):
-    """Random expert parameters: He-scaled normal weights, zero biases."""
+def expert_kind(kind: str) -> ExpertKind:
     if kind not in EXPERTS:
-        raise ValueError(f"init_experts: kind must be one of {sorted(EXPERTS)}, got {kind!r}")
+        raise ValueError(f"experts: kind must be one of {sorted(EXPERTS)}, got {kind!r}")
+    return EXPERTS[kind]
+
+
+def experts_selection(kind: str, cache):
+    """The discrete choices of a stacked expert forward: the ReLU pattern, or () for SwiGLU."""
+    return (mlp_experts_selection(cache),) if kind == "mlp" else ()
+
+
+# -- the ragged layout: expert-contiguous rows of a sparse layer ------------------
+
+class RaggedCache(NamedTuple):
+    kind: str
+    x_sorted: np.ndarray   # (M, D)
+    offsets: np.ndarray    # (E+1,)
+    weights: tuple         # the expert weights, in EXPERTS[kind].names order
+    hidden: tuple          # mlp: (h,) relu output (M, H); swiglu: (a, b) pre-activations (M, H)
+
+
+def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
+    """offsets (E+1,) int, non-decreasing, from 0 to rows."""
+    validate.shape(fn, "offsets", offsets, (num_experts + 1,))
+    if offsets[0] != 0 or offsets[-1] != rows or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{fn}: offsets must rise from 0 to M={rows}, got {offsets[:6]}...")
+
+
+def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets):
+    """y_sorted[lo:hi] = f_e(x_sorted[lo:hi]) for lo, hi = offsets[e], offsets[e+1].
+
+    x_sorted: (M, D), params: the stacked expert weights (E, ...) -> y_sorted (M, D).
+    Only what backward cannot cheaply recompute is kept: the hidden
+    activations (M, H); the ReLU mask is recovered as h > 0.
+    """
+    weights = tuple(params[k] for k in expert_kind(kind).names)
+    validate.ndim("ragged_experts_forward", "x_sorted", x_sorted, 2)
+    if x_sorted.shape[1] != weights[0].shape[1]:
+        raise ValueError(f"ragged_experts_forward: x_sorted has D={x_sorted.shape[1]} but the "
+                         f"expert weights have D={weights[0].shape[1]}")
+    check_offsets("ragged_experts_forward", offsets, len(x_sorted), weights[0].shape[0])
+    run = _ragged_mlp_forward if kind == "mlp" else _ragged_swiglu_forward
+    y_sorted, hidden = run(x_sorted, weights, offsets)             # (M, D)
+    return y_sorted, RaggedCache(kind, x_sorted, offsets, weights, hidden)
+
+
+def _segments(offsets):
+    """(e, lo, hi) for every expert that owns at least one row."""
+    return [(e, int(lo), int(hi)) for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:]))
+            if hi > lo]
+
+
+def _ragged_mlp_forward(x, weights, offsets):
+    w1, b1, w2, b2 = weights
+    h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
+    y = np.empty_like(x)                                           # (M, D)
+    for e, lo, hi in _segments(offsets):
+        he = np.matmul(x[lo:hi], w1[e], out=h[lo:hi])              # (M_e, H)
+        he += b1[e]
+        np.maximum(he, 0, out=he)                                  # ReLU in place
+        ye = np.matmul(he, w2[e], out=y[lo:hi])                    # (M_e, D)
+        ye += b2[e]
+    return y, (h,)
+
+
+def _ragged_swiglu_forward(x, weights, offsets):
+    w_gate, w_up, w_down = weights
+    a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
+    b = np.empty_like(a)                                           # (M, H)
+    y = np.empty_like(x)                                           # (M, D)
+    for e, lo, hi in _segments(offsets):
+        np.matmul(x[lo:hi], w_gate[e], out=a[lo:hi])               # (M_e, H)
+        np.matmul(x[lo:hi], w_up[e], out=b[lo:hi])                 # (M_e, H)
+        u = layers.silu_forward(a[lo:hi])[0] * b[lo:hi]            # (M_e, H)
+        np.matmul(u, w_down[e], out=y[lo:hi])                      # (M_e, D)
+    return y, (a, b)
+
+
+def ragged_experts_selection(cache: RaggedCache):
+    """The ReLU pattern of every row (mlp), or () (swiglu).   (M, H) bool."""
+    return (cache.hidden[0] > 0,) if cache.kind == "mlp" else ()
+
+
+def ragged_experts_backward(dy_sorted, cache: RaggedCache):
+    """-> dx_sorted (M, D), grads {name: (E, ...)}; experts with no rows get zero gradients."""
+    validate.same_shape("ragged_experts_backward", "dy_sorted", dy_sorted, "x_sorted", cache.x_sorted)
+    grads = tuple(np.zeros_like(w) for w in cache.weights)
+    dx = np.zeros_like(dy_sorted)                                  # (M, D)
+    run = _ragged_mlp_backward if cache.kind == "mlp" else _ragged_swiglu_backward
+    for e, lo, hi in _segments(cache.offsets):
+        run(e, lo, hi, dy_sorted, dx, grads, cache)
+    return dx, dict(zip(expert_kind(cache.kind).names, grads))
+
+
+def _ragged_mlp_backward(e, lo, hi, dy, dx, grads, cache):
+    """One expert's segment: writes dx[lo:hi] and the expert's slices of the gradients."""
+    w1, _, w2, _ = cache.weights
+    dw1, db1, dw2, db2 = grads
+    h, x, dye = cache.hidden[0][lo:hi], cache.x_sorted[lo:hi], dy[lo:hi]   # (M_e, H), (M_e, D)
+    np.matmul(h.T, dye, out=dw2[e])                                # (H, D)
+    db2[e] = dye.sum(axis=0)                                       # (D,)
+    da = dye @ w2[e].T                                             # (M_e, H)
+    da *= h > 0                                                    # ReLU mask from the activations
+    np.matmul(x.T, da, out=dw1[e])                                 # (D, H)
+    db1[e] = da.sum(axis=0)                                        # (H,)
+    np.matmul(da, w1[e].T, out=dx[lo:hi])                          # (M_e, D)
+
+
+def _ragged_swiglu_backward(e, lo, hi, dy, dx, grads, cache):
+    w_gate, w_up, w_down = cache.weights
+    dw_gate, dw_up, dw_down = grads
+    a, b = cache.hidden[0][lo:hi], cache.hidden[1][lo:hi]          # (M_e, H) each
+    x, dye = cache.x_sorted[lo:hi], dy[lo:hi]                      # (M_e, D) each
+    u, glu_cache = layers.swiglu_forward(a, b)                     # (M_e, H) recomputed
+    np.matmul(u.T, dye, out=dw_down[e])                            # (H, D)
+    da, db = layers.swiglu_backward(dye @ w_down[e].T, glu_cache)  # (M_e, H) each
+    np.matmul(x.T, da, out=dw_gate[e])                             # (D, H)
+    np.matmul(x.T, db, out=dw_up[e])                               # (D, H)
+    np.matmul(da, w_gate[e].T, out=dx[lo:hi])                      # (M_e, D)
+    dx[lo:hi] += db @ w_up[e].T
+
+
+def init_experts(kind: str, num_experts: int, d_model: int, d_hidden: int, rng,
+                 dtype=np.float64):
+    """Random expert parameters in `dtype`: He-scaled normal weights, zero biases."""
+    expert_kind(kind)
     if min(num_experts, d_model, d_hidden) < 1:
         raise ValueError(f"init_experts: num_experts, d_model, d_hidden must be >= 1, "
                          f"got {num_experts}, {d_model}, {d_hidden}")
     e, d, h = num_experts, d_model, d_hidden
+    normal = lambda shape, fan_in, gain: (rng.standard_normal(shape) * np.sqrt(gain / fan_in)).astype(dtype)
     if kind == "mlp":
-        return {"w1": rng.standard_normal((e, d, h)) * np.sqrt(2 / d),      # (E, D, H)
-                "b1": np.zeros((e, h)),                                       # (E, H)
-                "w2": rng.standard_normal((e, h, d)) * np.sqrt(1 / h),      # (E, H, D)
-                "b2": np.zeros((e, d))}                                       # (E, D)
-    return {"w_gate": rng.standard_normal((e, d, h)) * np.sqrt(1 / d),      # (E, D, H)
-            "w_up": rng.standard_normal((e, d, h)) * np.sqrt(1 / d),        # (E, D, H)
-            "w_down": rng.standard_normal((e, h, d)) * np.sqrt(1 / h)}      # (E, H, D)
+        return {"w1": normal((e, d, h), d, 2.0),                   # (E, D, H)
+                "b1": np.zeros((e, h), dtype=dtype),               # (E, H)
+                "w2": normal((e, h, d), h, 1.0),                   # (E, H, D)
+                "b2": np.zeros((e, d), dtype=dtype)}               # (E, D)
+    return {"w_gate": normal((e, d, h), d, 1.0),                   # (E, D, H)
+            "w_up": normal((e, d, h), d, 1.0),                     # (E, D, H)
+            "w_down": normal((e, h, d), h, 1.0)}                   # (E, H, D)

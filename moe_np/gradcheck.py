@@ -1,4 +1,4 @@
-"""Finite-difference gradient checks and the registry of named checks.
+"""Finite-difference gradient checks: the harness (the registered checks live in moe_np/checks/).
 
 A backward pass computes the vector-Jacobian product  dL/dx = J(x)^T dout.
 We verify it against central differences of the projected scalar
@@ -152,32 +152,6 @@ def check_pair(name: str, forward: Callable, backward: Callable, inputs: dict,
         err = rel_error(analytic, numeric)
         abs_err = float(np.max(np.abs(analytic - numeric))) if numeric.size else 0.0
         rows.append(CheckResult(name, key, err, err < TOLERANCE, abs_err))
-    return rows
-
-
-# ----------------------------------------------------------------------------
-# The registry: every chapter adds its checks here (see moe_np/checks/).
-
-REGISTRY: dict[str, Callable[[int], list[CheckResult]]] = {}
-
-
-def register(name: str):
-    """Decorator: register fn(seed) -> list[CheckResult] under name."""
-    def wrap(fn):
-        if name in REGISTRY:
-            raise ValueError(f"register: a check named {name!r} already exists")
-        REGISTRY[name] = fn
-        return fn
-    return wrap
-
-
-def run_checks(seed: int = 0, name_filter: str | None = None) -> list[CheckResult]:
-    """Run every registered check whose name contains name_filter."""
-    import moe_np.checks  # noqa: F401  (importing fills the registry)
-    rows = []
-    for name, fn in REGISTRY.items():
-        if name_filter is None or name_filter in name:
-            rows.extend(fn(seed))
     return rows
 
 

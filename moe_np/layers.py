@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_np import validate
+from moe_np.functional import sigmoid
 
 GELU_C = np.sqrt(2.0 / np.pi)   # the tanh form of GELU: 0.5 x (1 + tanh(c (x + a x^3)))
 GELU_A = 0.044715
@@ -49,12 +50,6 @@ def relu_forward(x):
 def relu_backward(dy, mask):
     """dx = dy * [x > 0]."""
     return dy * mask
-
-
-def sigmoid(x):
-    """1 / (1 + exp(-x)), accurate in both tails and free of overflow."""
-    e = np.exp(-np.abs(x))                               # same shape as x, in (0, 1]
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def gelu_forward(x):

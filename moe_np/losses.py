@@ -1,50 +1,14 @@
-"""Softmax, log-softmax and the losses, as forward/backward pairs.
+"""The losses, as forward/backward pairs: cross-entropy, MSE, the mixture likelihood.
 
-Shape letters: N rows, V classes (the softmax axis is the last one unless
-`axis` says otherwise). Softmax backward is the vector-Jacobian product
-    dz = p * (g - sum(g * p))
-never an explicit (V, V) Jacobian.
+Shape letters: N rows, V classes. The softmax family they are built on
+lives in `functional.py`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from moe_np import validate
-
-
-def softmax_forward(z, axis: int = -1, temperature: float = 1.0):
-    """p = exp(z/T - max) / sum exp(z/T - max) along axis.   cache (p, axis, T)."""
-    validate.positive("softmax_forward", "temperature", temperature)
-    s = z / temperature                                  # same shape as z
-    e = np.exp(s - s.max(axis=axis, keepdims=True))      # same shape; largest entry is 1
-    p = e / e.sum(axis=axis, keepdims=True)              # same shape; sums to 1 along axis
-    return p, (p, axis, temperature)
-
-
-def softmax_backward(dp, cache):
-    """dz = p * (dp - sum(dp * p, axis)) / T."""
-    p, axis, temperature = cache
-    inner = np.sum(dp * p, axis=axis, keepdims=True)     # one value per softmax row
-    return p * (dp - inner) / temperature
-
-
-def logsumexp(z, axis: int = -1):
-    """log sum exp(z) along axis, stable for large |z|.   (N, V) -> (N,)."""
-    m = z.max(axis=axis, keepdims=True)                  # (N, 1)
-    return np.squeeze(m, axis) + np.log(np.exp(z - m).sum(axis=axis))
-
-
-def log_softmax_forward(z, axis: int = -1):
-    """y = z - logsumexp(z).   cache (softmax(z), axis)."""
-    lse = np.expand_dims(logsumexp(z, axis), axis)       # (N, 1)
-    y = z - lse                                          # same shape as z
-    return y, (np.exp(y), axis)
-
-
-def log_softmax_backward(dy, cache):
-    """dz = dy - softmax(z) * sum(dy, axis)."""
-    p, axis = cache
-    return dy - p * np.sum(dy, axis=axis, keepdims=True)
+from moe_np.functional import log_softmax_forward, logsumexp
 
 
 def cross_entropy_forward(logits, labels):

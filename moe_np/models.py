@@ -1,42 +1,41 @@
-"""Models built from the layer pairs: thin classes holding params and grads.
+"""Models built from the layer pairs, as Modules (see module.py).
 
 A model has `params` and `grads` (dicts name -> array, same keys),
 `forward(x) -> out` (which keeps what backward needs) and
-`backward(dout) -> dx` (which fills `grads` with fresh arrays).
+`backward(dout) -> dx` (which stores fresh gradients in `grads`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from moe_np import layers
+from moe_np.module import Module
 
 
-def he_init(rng, fan_in: int, shape):
+def he_init(rng, fan_in: int, shape, dtype=np.float64):
     """Normal(0, 2 / fan_in): keeps ReLU activations at unit scale."""
-    return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
 
 
-class MLP:
+class MLP(Module):
     """Two-layer network: y = relu(x W1 + b1) W2 + b2.
 
     x: (N, D)  W1: (D, H)  b1: (H,)  W2: (H, V)  b2: (V,)  ->  y: (N, V)
     """
 
-    def __init__(self, d_in: int, hidden: int, d_out: int, seed: int = 0):
+    def __init__(self, d_in: int, hidden: int, d_out: int, seed: int = 0, dtype=np.float64):
+        super().__init__()
         if min(d_in, hidden, d_out) < 1:
             raise ValueError(f"MLP: widths must be >= 1, got {d_in}, {hidden}, {d_out}")
         rng = np.random.default_rng(seed)
         self.params = {
-            "w1": he_init(rng, d_in, (d_in, hidden)),     # (D, H)
-            "b1": np.zeros(hidden),                       # (H,)
-            "w2": he_init(rng, hidden, (hidden, d_out)),  # (H, V)
-            "b2": np.zeros(d_out),                        # (V,)
+            "w1": he_init(rng, d_in, (d_in, hidden), dtype),     # (D, H)
+            "b1": np.zeros(hidden, dtype=dtype),                 # (H,)
+            "w2": he_init(rng, hidden, (hidden, d_out), dtype),  # (H, V)
+            "b2": np.zeros(d_out, dtype=dtype),                  # (V,)
         }
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.init_grads()
         self._cache = None
-
-    def num_params(self) -> int:
-        return sum(p.size for p in self.params.values())
 
     def forward(self, x):
         p = self.params
@@ -51,20 +50,21 @@ class MLP:
         dh, dw2, db2 = layers.linear_backward(dy, c3)        # (N, H), (H, V), (V,)
         da = layers.relu_backward(dh, c2)                    # (N, H)
         dx, dw1, db1 = layers.linear_backward(da, c1)        # (N, D), (D, H), (H,)
-        self.grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+        self.set_grads({"w1": dw1, "b1": db1, "w2": dw2, "b2": db2})
         return dx
 
 
-class Linear:
+class Linear(Module):
     """y = x W + b as a module.   x: (N, D_in) -> y: (N, D_out)."""
 
-    def __init__(self, d_in: int, d_out: int, seed: int = 0):
+    def __init__(self, d_in: int, d_out: int, seed: int = 0, dtype=np.float64):
+        super().__init__()
         if min(d_in, d_out) < 1:
             raise ValueError(f"Linear: widths must be >= 1, got {d_in}, {d_out}")
         rng = np.random.default_rng(seed)
-        self.params = {"w": rng.standard_normal((d_in, d_out)) / np.sqrt(d_in),   # (D_in, D_out)
-                       "b": np.zeros(d_out)}                                       # (D_out,)
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.params = {"w": (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(dtype),
+                       "b": np.zeros(d_out, dtype=dtype)}                # (D_in, D_out), (D_out,)
+        self.init_grads()
         self._cache = None
 
     def forward(self, x):
@@ -73,26 +73,31 @@ class Linear:
 
     def backward(self, dy):
         dx, dw, db = layers.linear_backward(dy, self._cache)
-        self.grads = {"w": dw, "b": db}
+        self.set_grads({"w": dw, "b": db})
         return dx
 
 
-class Sequential:
+class Sequential(Module):
     """Modules applied in order; backward runs them in reverse.
 
-    params and grads are flat dicts named "<index>.<name>", views of each
-    module's own arrays, so an optimizer over `params` updates the modules.
+    params and grads are flat dicts named "<index>.<name>", the very arrays
+    of each module, so an optimizer over `params` updates the modules;
+    train()/eval() reach every module.
     """
 
     def __init__(self, *modules):
+        super().__init__()
         if not modules:
             raise ValueError("Sequential: give at least one module")
         self.modules = modules
         self.params = {f"{i}.{k}": v for i, m in enumerate(modules) for k, v in m.params.items()}
-        self.grads = {}
+        self._collect_grads()
 
-    def num_params(self) -> int:
-        return sum(p.size for p in self.params.values())
+    def children(self) -> dict:
+        return {str(i): m for i, m in enumerate(self.modules)}
+
+    def _collect_grads(self):
+        self.grads = {f"{i}.{k}": g for i, m in enumerate(self.modules) for k, g in m.grads.items()}
 
     def forward(self, x):
         for m in self.modules:
@@ -102,5 +107,10 @@ class Sequential:
     def backward(self, dy):
         for m in reversed(self.modules):
             dy = m.backward(dy)
-        self.grads = {f"{i}.{k}": g for i, m in enumerate(self.modules) for k, g in m.grads.items()}
+        self._collect_grads()
         return dy
+
+    @property
+    def aux(self) -> float:
+        """The sum of the modules' auxiliary losses from the last forward."""
+        return float(sum(getattr(m, "aux", 0.0) for m in self.modules))

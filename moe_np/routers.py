@@ -1,36 +1,43 @@
 """Sparse routers: each token picks K of E experts and a weight for each.
 
-Every router is a forward/backward pair. Forward returns the chosen expert
-ids (N, K), int, best first, and their weights (N, K); backward maps a
-gradient on the weights to a gradient on the scores that made them. The ids
-are a discrete choice and carry no gradient: they are held fixed, which is
-exact everywhere except on the measure-zero set where two scores tie.
+The router is one unit, projection included:
 
-    softmax_topk    p = softmax(z); keep the K largest p; renormalise or not
-                    (renormalised, it equals topk_softmax exactly)
-                    (Mixtral: renormalise; Switch: K = 1, weight = p)
-    topk_softmax    keep the K largest logits, softmax over those K only
-    sigmoid_topk    s = sigmoid(z); select by s + bias (bias for selection
-                    only); weights s / sum of selected s   (DeepSeek-V3)
-    noisy_topk      H = x Wg + eps * softplus(x Wn); topk_softmax on H; plus
-                    Shazeer et al.'s smooth load estimate        (2017)
-    expert_choice   each expert takes its C best tokens       (Zhou et al. 2022)
+    logits = x W_router                                        (N, E)
+    route, cache = router_forward(x, params, config, bias=, noise=)
+    dx, grads = router_backward(dweights, cache, aux_grads)
 
-Shape letters: N tokens, E experts, K experts per token, C tokens per expert.
+`route` is a RouterOut: ids (N, K) best first, weights (N, K), the logits,
+and what a kind adds (expert choice's token_ids (E, C), noisy top-K's
+load_estimate (E,)). The ids are a discrete choice and carry no gradient;
+they are held fixed, which is exact except where two scores tie.
+
+    softmax_topk      p = softmax(z); the K largest p, renormalized (Mixtral)
+    softmax_topk_raw  the same ids, weights p unrenormalized (GShard, Switch)
+    switch            softmax_topk_raw with K = 1 (Switch Transformer)
+    topk_softmax      softmax over the K largest logits (= softmax_topk)
+    sigmoid_bias      s = sigmoid(z); ids = topK(s + bias), weights s / sum s[ids]
+                      (DeepSeek-V3; the bias steers selection only)
+    noisy_topk        H = z + eps * softplus(x W_noise); topk_softmax on H, and
+                      Shazeer et al.'s smooth load estimate (2017)
+    expert_choice     each expert takes its C best tokens by softmax over
+                      experts (Zhou et al. 2022)
+
+Shape letters: N tokens, D width, E experts, K choices per token, C tokens per expert.
 """
 from __future__ import annotations
 
-import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe_np import layers, losses, validate
+from moe_np import functional, validate
+from moe_np.dispatch.plan import capacity as capacity_of
 
 
 def top_k_indices(scores, k: int):
     """The k largest entries of each row, largest first; ties go to the lower index.
-    scores: (N, E) -> (N, K) int."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]        # (N, K)
+    scores: (N, E) -> (N, K) int64."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]           # (N, K)
 
 
 def _check_logits(fn, logits, k):
@@ -39,182 +46,181 @@ def _check_logits(fn, logits, k):
     validate.finite(fn, "logits", logits)
 
 
-def _scatter_rows(values, ids, num_experts):
+def _scatter_rows(values, ids, num_experts: int):
     """out[n, ids[n, j]] = values[n, j].   (N, K) -> (N, E), zeros elsewhere."""
-    out = np.zeros((len(ids), num_experts))                          # (N, E)
+    out = np.zeros((len(ids), num_experts), dtype=values.dtype)        # (N, E)
     np.put_along_axis(out, ids, values, axis=1)
     return out
 
 
-def _renormalise_backward(dw, w, total):
-    """For w = s / sum(s) over the selected entries: ds = (dw - <dw, w>) / sum(s)."""
-    return (dw - np.sum(dw * w, axis=1, keepdims=True)) / total     # (N, K)
+# -- top-K of the logits, then softmax over the K ------------------------------
+
+class TopkSoftmaxCache(NamedTuple):
+    softmax_cache: tuple    # of the softmax over the K selected logits
+    ids: np.ndarray         # (N, K)
+    num_experts: int
+
+
+def topk_softmax_forward(logits, k: int):
+    """ids = topK(logits), weights = softmax(logits[ids]).   (N, E) -> ids (N, K), weights (N, K)."""
+    _check_logits("topk_softmax_forward", logits, k)
+    ids = top_k_indices(logits, k)                                     # (N, K)
+    weights, sm_cache = functional.softmax_forward(np.take_along_axis(logits, ids, axis=1))   # (N, K)
+    return (ids, weights), TopkSoftmaxCache(sm_cache, ids, logits.shape[1])
+
+
+def topk_softmax_backward(dweights, cache: TopkSoftmaxCache):
+    """dlogits[ids] = softmax_backward(dweights); zero for unselected experts."""
+    dsel = functional.softmax_backward(dweights, cache.softmax_cache)  # (N, K)
+    return _scatter_rows(dsel, cache.ids, cache.num_experts)           # (N, E)
 
 
 # -- softmax then top-K ------------------------------------------------------
 
+class SoftmaxTopkCache(NamedTuple):
+    softmax_cache: tuple    # of the softmax over all E experts
+    ids: np.ndarray         # (N, K)
+
+
 def softmax_topk_forward(logits, k: int, renormalize: bool = True):
-    """ids = topK(p), w = p[ids] (/ sum p[ids] if renormalize), p = softmax(logits).
+    """ids = topK(p), weights = p[ids] (/ sum p[ids] if renormalize), p = softmax(logits).
 
-    logits: (N, E) -> ids (N, K), w (N, K).
+    logits: (N, E) -> ids (N, K), weights (N, K).
 
-    With renormalize (Mixtral) the softmax's normaliser over all E experts
-    cancels: p_i / sum_{j in top-K} p_j = exp(z_i) / sum_{j in top-K} exp(z_j),
-    so this *is* top-K-then-softmax, and we compute it that way. Then the
-    weights do not depend on the unselected logits even in floating point,
-    and those logits get exactly zero gradient, as the mathematics says.
-    With K = 1 the weight is exactly 1 for every token, so the router gets
-    no gradient from the task loss at all: Switch Transformer uses w = p.
+    Renormalized, the softmax's normalizer over all E experts cancels:
+    p_i / sum_{j in top-K} p_j = exp(z_i) / sum_{j in top-K} exp(z_j), so this
+    *is* top-K-then-softmax, and we compute it that way: the unselected
+    logits then get exactly zero gradient in floating point too. With
+    K = 1 the renormalized weight is exactly 1, so the router gets no task
+    gradient at all: Switch Transformer uses weights = p instead.
     """
     _check_logits("softmax_topk_forward", logits, k)
     if renormalize:
-        (ids, w), cache = topk_softmax_forward(logits, k)              # (N, K), (N, K)
-        return (ids, w), ("renormalized", cache)
-    p, sm_cache = losses.softmax_forward(logits)                      # (N, E)
-    ids = top_k_indices(p, k)                                         # (N, K)
-    w = np.take_along_axis(p, ids, axis=1)                            # (N, K)
-    return (ids, w), ("raw", (sm_cache, ids))
+        return topk_softmax_forward(logits, k)
+    p, sm_cache = functional.softmax_forward(logits)                   # (N, E)
+    ids = top_k_indices(p, k)                                          # (N, K)
+    weights = np.take_along_axis(p, ids, axis=1)                       # (N, K)
+    return (ids, weights), SoftmaxTopkCache(sm_cache, ids)
 
 
-def softmax_topk_backward(dw, cache):
-    """Renormalised: as topk_softmax. Raw: dlogits = softmax_backward(scatter(dw)).
-    dw (N, K) -> (N, E)."""
-    kind, inner = cache
-    if kind == "renormalized":
-        return topk_softmax_backward(dw, inner)
-    sm_cache, ids = inner
-    return losses.softmax_backward(_scatter_rows(dw, ids, sm_cache[0].shape[1]), sm_cache)
-
-
-# -- top-K of the logits, then softmax over the K ------------------------------
-
-def topk_softmax_forward(logits, k: int):
-    """ids = topK(logits), w = softmax(logits[ids]).   (N, E) -> ids (N, K), w (N, K)."""
-    _check_logits("topk_softmax_forward", logits, k)
-    ids = top_k_indices(logits, k)                                    # (N, K)
-    w, sm_cache = losses.softmax_forward(np.take_along_axis(logits, ids, axis=1))   # (N, K)
-    return (ids, w), (sm_cache, ids, logits.shape[1])
-
-
-def topk_softmax_backward(dw, cache):
-    """dlogits[ids] = softmax_backward(dw); zero for unselected experts."""
-    sm_cache, ids, num_experts = cache
-    return _scatter_rows(losses.softmax_backward(dw, sm_cache), ids, num_experts)
+def softmax_topk_backward(dweights, cache):
+    """Renormalized: as topk_softmax. Raw: dlogits = softmax_backward(scatter(dweights))."""
+    if isinstance(cache, TopkSoftmaxCache):
+        return topk_softmax_backward(dweights, cache)
+    p = cache.softmax_cache[0]                                         # (N, E)
+    return functional.softmax_backward(_scatter_rows(dweights, cache.ids, p.shape[1]),
+                                       cache.softmax_cache)            # (N, E)
 
 
 # -- sigmoid scores with a selection-only bias (DeepSeek-V3) -------------------
 
-def sigmoid_topk_forward(logits, k: int, bias=None):
-    """s = sigmoid(logits); ids = topK(s + bias); w = s[ids] / sum s[ids].
+class SigmoidTopkCache(NamedTuple):
+    s: np.ndarray           # (N, E) sigmoid(logits)
+    ids: np.ndarray         # (N, K)
+    weights: np.ndarray     # (N, K)
+    total: np.ndarray       # (N, 1) sum of the selected s
 
-    logits: (N, E), bias: (E,) or None -> ids (N, K), w (N, K). The bias
-    only steers which experts are chosen; it never enters the weights, so
-    it gets no gradient and is updated by `balance.update_selection_bias`.
+
+def sigmoid_topk_forward(logits, k: int, bias=None):
+    """s = sigmoid(logits); ids = topK(s + bias); weights = s[ids] / sum s[ids].
+
+    logits: (N, E), bias: (E,) or None -> ids (N, K), weights (N, K). The
+    bias only steers which experts are chosen; it never enters the weights,
+    so it gets no gradient and is updated by `balance.update_selection_bias`.
     """
     _check_logits("sigmoid_topk_forward", logits, k)
-    bias = np.zeros(logits.shape[1]) if bias is None else np.asarray(bias, dtype=float)
-    validate.shape("sigmoid_topk_forward", "bias", bias, (logits.shape[1],))
-    s = layers.sigmoid(logits)                                        # (N, E)
-    ids = top_k_indices(s + bias, k)                                  # (N, K)
-    picked = np.take_along_axis(s, ids, axis=1)                       # (N, K)
-    total = picked.sum(axis=1, keepdims=True)                         # (N, 1)
-    w = picked / total                                                # (N, K)
-    return (ids, w), (s, ids, w, total)
+    s = functional.sigmoid(logits)                                     # (N, E)
+    if bias is not None:
+        validate.shape("sigmoid_topk_forward", "bias", bias, (logits.shape[1],))
+    ids = top_k_indices(s if bias is None else s + bias, k)            # (N, K)
+    picked = np.take_along_axis(s, ids, axis=1)                        # (N, K)
+    total = picked.sum(axis=1, keepdims=True)                          # (N, 1)
+    weights = picked / total                                           # (N, K)
+    return (ids, weights), SigmoidTopkCache(s, ids, weights, total)
 
 
-def sigmoid_topk_backward(dw, cache):
+def sigmoid_topk_backward(dweights, cache: SigmoidTopkCache):
     """dlogits = scatter((dw - <dw, w>) / sum s) * s (1 - s)."""
-    s, ids, w, total = cache
-    ds = _scatter_rows(_renormalise_backward(dw, w, total), ids, s.shape[1])   # (N, E)
-    return ds * s * (1.0 - s)
+    s, ids, weights, total = cache
+    ds = (dweights - np.sum(dweights * weights, axis=1, keepdims=True)) / total   # (N, K)
+    return _scatter_rows(ds, ids, s.shape[1]) * s * (1 - s)            # (N, E)
 
 
 # -- noisy top-K gating (Shazeer et al. 2017) ----------------------------------
 
-_erf = np.frompyfunc(math.erf, 1, 1)
+class NoisyTopkCache(NamedTuple):
+    x: np.ndarray           # (N, D)
+    w_noise: np.ndarray     # (D, E)
+    noise: np.ndarray       # (N, E) the standard-normal draws
+    raw: np.ndarray         # (N, E) x W_noise
+    std: np.ndarray         # (N, E) softplus(raw)
+    top_cache: TopkSoftmaxCache
+    thr_index: np.ndarray   # (N, E) which entry of H is each expert's threshold
+    z: np.ndarray           # (N, E) (clean - thr) / std
 
 
-def normal_cdf(z):
-    """Phi(z) = (1 + erf(z / sqrt 2)) / 2, with math.erf (exact to float64) elementwise."""
-    return 0.5 * (1.0 + np.asarray(_erf(np.asarray(z, dtype=float) / math.sqrt(2.0)), dtype=float))
-
-
-def normal_pdf(z):
-    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi)."""
-    return np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-
-
-def softplus(x):
-    """log(1 + exp(x)), stable for large |x|."""
-    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
-
-
-def noisy_topk_forward(x, w_gate, w_noise, noise, k: int):
+def noisy_topk_forward(logits, x, w_noise, noise, k: int):
     """Noisy top-K gating with the differentiable load estimate.
 
-        clean = x Wg,  std = softplus(x Wn),  H = clean + noise * std     (N, E)
-        ids = topK(H),  w = softmax(H[ids])                                (N, K)
-        load_i = sum_n Phi((clean[n, i] - thr[n, i]) / std[n, i])          (E,)
+        std = softplus(x W_noise),  H = logits + noise * std               (N, E)
+        ids = topK(H),  weights = softmax(H[ids])                           (N, K)
+        load_estimate_i = sum_n Phi((logits[n, i] - thr[n, i]) / std[n, i]) (E,)
 
     thr[n, i] is the K-th largest of H[n] not counting entry i: the (K+1)-th
     largest if i is among the top K, else the K-th. Phi(.) is then the
     probability, over a fresh draw of noise[n, i] alone, that expert i is
     still selected: a smooth stand-in for the count of tokens per expert.
-    noise: (N, E) standard-normal draws, passed in so the function is
-    deterministic. x: (N, D), Wg, Wn: (D, E). Requires K < E.
-    -> (ids, w, load), cache.
+    logits: (N, E) the clean x W_router; noise: (N, E), passed in so the
+    function is deterministic. Requires K < E. -> (ids, weights, load_estimate), cache.
     """
     validate.ndim("noisy_topk_forward", "x", x, 2)
-    validate.ndim("noisy_topk_forward", "w_gate", w_gate, 2)
-    if w_gate.shape[0] != x.shape[1]:
-        raise ValueError(f"noisy_topk_forward: x has D={x.shape[1]} but w_gate has D={w_gate.shape[0]}")
-    validate.same_shape("noisy_topk_forward", "w_gate", w_gate, "w_noise", w_noise)
-    validate.shape("noisy_topk_forward", "noise", noise, (x.shape[0], w_gate.shape[1]))
-    num_experts = w_gate.shape[1]
-    validate.top_k("noisy_topk_forward", k, num_experts)
-    if k == num_experts:
-        raise ValueError(f"noisy_topk_forward: k={k} must be < num_experts={num_experts} "
+    validate.shape("noisy_topk_forward", "w_noise", w_noise, (x.shape[1], logits.shape[1]))
+    validate.same_shape("noisy_topk_forward", "noise", noise, "logits", logits)
+    if k >= logits.shape[1]:
+        raise ValueError(f"noisy_topk_forward: k={k} must be < num_experts={logits.shape[1]} "
                          "for the load estimate (an expert outside the top K must exist)")
-    clean = x @ w_gate                                                # (N, E)
-    raw = x @ w_noise                                                 # (N, E)
-    std = softplus(raw)                                               # (N, E)
-    noisy = clean + noise * std                                       # (N, E)
-    (ids, w), top_cache = topk_softmax_forward(noisy, k)              # (N, K), (N, K)
-    order = np.argsort(-noisy, axis=1, kind="stable")                 # (N, E)
-    in_top = np.zeros(noisy.shape, dtype=bool)                        # (N, E)
+    raw = x @ w_noise                                                  # (N, E)
+    std = functional.softplus(raw)                                     # (N, E)
+    noisy = logits + noise * std                                       # (N, E)
+    (ids, weights), top_cache = topk_softmax_forward(noisy, k)         # (N, K), (N, K)
+    order = np.argsort(-noisy, axis=1, kind="stable")                  # (N, E)
+    in_top = np.zeros(noisy.shape, dtype=bool)                         # (N, E)
     np.put_along_axis(in_top, ids, True, axis=1)
-    thr_index = np.where(in_top, order[:, [k]], order[:, [k - 1]])    # (N, E) which entry is thr
-    thr = np.take_along_axis(noisy, thr_index, axis=1)                # (N, E)
-    z = (clean - thr) / std                                           # (N, E)
-    load = normal_cdf(z).sum(axis=0)                                  # (E,)
-    cache = (x, w_gate, w_noise, noise, raw, std, top_cache, thr_index, z)
-    return (ids, w, load), cache
+    thr_index = np.where(in_top, order[:, [k]], order[:, [k - 1]])     # (N, E)
+    thr = np.take_along_axis(noisy, thr_index, axis=1)                 # (N, E)
+    z = (logits - thr) / std                                           # (N, E)
+    load_estimate = functional.normal_cdf(z).sum(axis=0)               # (E,)
+    cache = NoisyTopkCache(x, w_noise, noise, raw, std, top_cache, thr_index, z)
+    return (ids, weights, load_estimate), cache
 
 
-def noisy_topk_backward(dout, cache):
-    """(dw (N, K), dload (E,)) -> dx (N, D), dWg (D, E), dWn (D, E)."""
-    dw, dload = dout
-    x, w_gate, w_noise, noise, raw, std, top_cache, thr_index, z = cache
-    dnoisy = topk_softmax_backward(dw, top_cache)                     # (N, E) from the weights
-    dz = dload[None, :] * normal_pdf(z)                               # (N, E) dload/dz
-    dclean = dnoisy + dz / std                                        # (N, E)
-    dstd = dnoisy * noise - dz * z / std                              # (N, E)
-    dthr = -dz / std                                                  # (N, E) on H[n, thr_index]
-    dnoisy_thr = np.zeros_like(dnoisy)                                # (N, E)
-    np.add.at(dnoisy_thr, (np.arange(len(x))[:, None], thr_index), dthr)
-    dclean += dnoisy_thr                                              # H = clean + noise * std
-    dstd += dnoisy_thr * noise
-    draw = dstd * layers.sigmoid(raw)                                 # (N, E) softplus' = sigmoid
-    dx = dclean @ w_gate.T + draw @ w_noise.T                         # (N, D)
-    return dx, x.T @ dclean, x.T @ draw
+def noisy_topk_backward(dout, cache: NoisyTopkCache):
+    """(dweights (N, K), dload (E,)) -> dlogits (N, E), dx (N, D) via W_noise, dW_noise (D, E)."""
+    dweights, dload = dout
+    c = cache
+    dnoisy = topk_softmax_backward(dweights, c.top_cache)              # (N, E) from the weights
+    dz = dload[None, :] * functional.normal_pdf(c.z)                   # (N, E)
+    dlogits = dnoisy + dz / c.std                                      # (N, E)
+    dstd = dnoisy * c.noise - dz * c.z / c.std                         # (N, E)
+    dnoisy_thr = np.zeros_like(dnoisy)                                 # (N, E) through thr = H[thr_index]
+    np.add.at(dnoisy_thr, (np.arange(len(c.x))[:, None], c.thr_index), -dz / c.std)
+    dlogits += dnoisy_thr                                              # H = logits + noise * std
+    dstd += dnoisy_thr * c.noise
+    draw = dstd * functional.sigmoid(c.raw)                            # (N, E) softplus' = sigmoid
+    return dlogits, draw @ c.w_noise.T, c.x.T @ draw
 
 
 # -- expert choice (Zhou et al. 2022) ------------------------------------------
 
+class ExpertChoiceCache(NamedTuple):
+    softmax_cache: tuple    # softmax over experts, (N, E)
+    token_ids: np.ndarray   # (E, C)
+
+
 def expert_choice_forward(logits, capacity: int):
     """p = softmax(logits) over experts; expert e takes the C tokens with the largest p[:, e].
 
-    logits: (N, E) -> token_ids (E, C) int, w (E, C) = p[token_ids, e].
+    logits: (N, E) -> token_ids (E, C) int, weights (E, C) = p[token_ids, e].
     A token may be taken by several experts or by none.
     """
     validate.ndim("expert_choice_forward", "logits", logits, 2)
@@ -222,14 +228,154 @@ def expert_choice_forward(logits, capacity: int):
     if not 1 <= capacity <= logits.shape[0]:
         raise ValueError(f"expert_choice_forward: capacity must be in [1, N={logits.shape[0]}], "
                          f"got {capacity}")
-    p, sm_cache = losses.softmax_forward(logits)                      # (N, E)
-    token_ids = top_k_indices(p.T, capacity)                          # (E, C)
-    w = np.take_along_axis(p.T, token_ids, axis=1)                    # (E, C)
-    return (token_ids, w), (sm_cache, token_ids)
+    p, sm_cache = functional.softmax_forward(logits)                   # (N, E)
+    token_ids = top_k_indices(p.T, capacity)                           # (E, C)
+    weights = np.take_along_axis(p.T, token_ids, axis=1)               # (E, C)
+    return (token_ids, weights), ExpertChoiceCache(sm_cache, token_ids)
 
 
-def expert_choice_backward(dw, cache):
-    """dlogits = softmax_backward(dp), dp[token_ids[e, c], e] = dw[e, c]."""
-    sm_cache, token_ids = cache
-    dp_t = _scatter_rows(dw, token_ids, sm_cache[0].shape[0])         # (E, N)
-    return losses.softmax_backward(dp_t.T, sm_cache)
+def expert_choice_backward(dweights, cache: ExpertChoiceCache):
+    """dlogits = softmax_backward(dp), dp[token_ids[e, c], e] = dweights[e, c]."""
+    num_tokens = cache.softmax_cache[0].shape[0]
+    dp_t = _scatter_rows(dweights, cache.token_ids, num_tokens)        # (E, N)
+    return functional.softmax_backward(dp_t.T, cache.softmax_cache)    # (N, E)
+
+
+# -- the router unit: projection, selection, weights ----------------------------
+
+class RouterOut(NamedTuple):
+    """What a router decided for one batch."""
+    ids: np.ndarray | None            # (N, K) chosen experts, best first (None for expert choice)
+    weights: np.ndarray               # (N, K) routing weights; expert choice: (E, C)
+    logits: np.ndarray                # (N, E) x W_router, before any noise
+    token_ids: np.ndarray | None      # (E, C) expert choice: the tokens each expert took
+    load_estimate: np.ndarray | None  # (E,) noisy_topk: the smooth load estimate
+
+
+class RouteExtras(NamedTuple):
+    """Inputs some router kinds need beyond the logits."""
+    x: np.ndarray                     # (N, D)
+    params: dict                      # w_noise for noisy_topk
+    bias: np.ndarray | None           # (E,) selection bias for sigmoid_bias
+    noise: np.ndarray | None          # (N, E) standard-normal draws for noisy_topk (None: none)
+
+
+class RouterCache(NamedTuple):
+    kind: str
+    x: np.ndarray                     # (N, D)
+    w_router: np.ndarray              # (D, E)
+    select_cache: tuple               # the selection pair's own cache
+
+
+def _select_topk(renormalize: bool):
+    def select(logits, config, extras):
+        (ids, weights), cache = softmax_topk_forward(logits, config.k, renormalize)
+        return RouterOut(ids, weights, logits, None, None), cache
+    return select
+
+
+def _select_topk_softmax(logits, config, extras):
+    (ids, weights), cache = topk_softmax_forward(logits, config.k)
+    return RouterOut(ids, weights, logits, None, None), cache
+
+
+def _select_sigmoid_bias(logits, config, extras):
+    (ids, weights), cache = sigmoid_topk_forward(logits, config.k, extras.bias)
+    return RouterOut(ids, weights, logits, None, None), cache
+
+
+def _select_noisy(logits, config, extras):
+    noise = np.zeros_like(logits) if extras.noise is None else extras.noise   # (N, E)
+    (ids, weights, load), cache = noisy_topk_forward(logits, extras.x, extras.params["w_noise"],
+                                                     noise, config.k)
+    return RouterOut(ids, weights, logits, None, load), cache
+
+
+def _select_expert_choice(logits, config, extras):
+    n, e = logits.shape
+    cap = min(capacity_of(n, e, 1, config.capacity_factor, config.min_capacity), n)
+    (token_ids, weights), cache = expert_choice_forward(logits, cap)   # (E, C), (E, C)
+    return RouterOut(None, weights, logits, token_ids, None), cache
+
+
+def _logits_only(backward):
+    """A selection backward that only reaches the logits: (dlogits, no dx, no extra grads)."""
+    return lambda dweights, dload, cache: (backward(dweights, cache), None, {})
+
+
+def _noisy_backward(dweights, dload, cache):
+    dload = np.zeros_like(cache.std[0]) if dload is None else dload    # (E,)
+    dlogits, dx, dw_noise = noisy_topk_backward((dweights, dload), cache)
+    return dlogits, dx, {"w_noise": dw_noise}
+
+
+class RouterKind(NamedTuple):
+    select: Callable      # (logits, config, extras) -> RouterOut, select_cache
+    backward: Callable    # (dweights, dload, select_cache) -> dlogits, dx or None, {extra grads}
+    extra_params: tuple   # parameters beyond w_router
+
+
+ROUTERS = {
+    "softmax_topk": RouterKind(_select_topk(True), _logits_only(softmax_topk_backward), ()),
+    "softmax_topk_raw": RouterKind(_select_topk(False), _logits_only(softmax_topk_backward), ()),
+    "switch": RouterKind(_select_topk(False), _logits_only(softmax_topk_backward), ()),
+    "topk_softmax": RouterKind(_select_topk_softmax, _logits_only(topk_softmax_backward), ()),
+    "sigmoid_bias": RouterKind(_select_sigmoid_bias, _logits_only(sigmoid_topk_backward), ()),
+    "noisy_topk": RouterKind(_select_noisy, _noisy_backward, ("w_noise",)),
+    "expert_choice": RouterKind(_select_expert_choice, _logits_only(expert_choice_backward), ()),
+}
+
+
+def router_forward(x, params: dict, config, *, bias=None, noise=None):
+    """logits = x W_router, then the kind's selection.   x (N, D) -> RouterOut, RouterCache.
+
+    bias: (E,) selection bias (sigmoid_bias); noise: (N, E) draws (noisy_topk,
+    None at evaluation). config: a SparseConfig (router, k, capacity).
+    """
+    w_router = params["w_router"]                                      # (D, E)
+    validate.ndim("router_forward", "x", x, 2)
+    validate.shape("router_forward", "w_router", w_router, (x.shape[1], config.num_experts))
+    validate.finite("router_forward", "x", x)
+    if noise is not None:
+        validate.shape("router_forward", "noise", noise, (len(x), config.num_experts))
+    logits = x @ w_router                                              # (N, E)
+    out, select_cache = ROUTERS[config.router].select(logits, config,
+                                                      RouteExtras(x, params, bias, noise))
+    return out, RouterCache(config.router, x, w_router, select_cache)
+
+
+def router_backward(dweights, cache: RouterCache, aux_grads=None):
+    """-> dx (N, D), grads {w_router, and w_noise for noisy_topk}.
+
+    dweights: (N, K) (or (E, C)) from the combine; aux_grads: a
+    balance.AuxGrads (gradients the auxiliary losses send to the logits,
+    the weights and the load estimate), or None.
+    """
+    dlogits_aux, dweights_aux, dload = aux_grads if aux_grads is not None else (None, None, None)
+    if dweights_aux is not None:
+        dweights = dweights + dweights_aux                             # (N, K)
+    dlogits, dx_extra, grads = ROUTERS[cache.kind].backward(dweights, dload, cache.select_cache)
+    if dlogits_aux is not None:
+        dlogits = dlogits + dlogits_aux                                # (N, E)
+    grads["w_router"] = cache.x.T @ dlogits                            # (D, E)
+    dx = dlogits @ cache.w_router.T                                    # (N, D)
+    return (dx if dx_extra is None else dx + dx_extra), grads
+
+
+def router_selection(cache: RouterCache) -> tuple:
+    """Every discrete choice the router made (for the kink guard of gradient checks)."""
+    c = cache.select_cache
+    if isinstance(c, NoisyTopkCache):
+        return (c.top_cache.ids, c.thr_index)
+    if isinstance(c, ExpertChoiceCache):
+        return (c.token_ids,)
+    return (c.ids,)
+
+
+def init_router(config, rng, dtype=np.float64) -> dict:
+    """Small random router weights (routing starts near uniform): w_router (D, E) [, w_noise]."""
+    shape = (config.d_model, config.num_experts)
+    params = {"w_router": (config.router_scale * rng.standard_normal(shape)).astype(dtype)}
+    if config.router == "noisy_topk":
+        params["w_noise"] = (config.router_scale * rng.standard_normal(shape)).astype(dtype)
+    return params

@@ -4,15 +4,16 @@ import pytest
 
 from moe_np import data, experts, losses
 from moe_np.metrics import normalized_mutual_info, purity
-from moe_np.moe import DenseMoE, combine_forward, dense_moe_forward
+from moe_np.config import DenseConfig
+from moe_np.dense import DenseMoE, combine_forward, dense_moe_forward
 from moe_np.optim import Adam
 from moe_np.train import fit
 
-from conftest import assert_check_passes, registered
+from conftest import assert_check_passes, checks_of
 
 
 def test_every_gate_variant_expert_and_loss_is_registered():
-    names = registered(["dense_moe["])
+    names = [n for n in checks_of(3) if n.startswith("dense_moe[")]
     assert len(names) == 4 * 2 * 2
     for gate in ("softmax", "mlp", "per_dim", "softmax+dropout"):
         for expert in ("mlp", "swiglu"):
@@ -20,14 +21,19 @@ def test_every_gate_variant_expert_and_loss_is_registered():
                 assert f"dense_moe[{gate},{expert},{loss}]" in names
 
 
-@pytest.mark.parametrize("name", registered(["dense_moe[", "experts", "combine", "mixture_nll"]))
+@pytest.mark.parametrize("name", checks_of(3))
 def test_registered_dense_check_passes(name):
     assert_check_passes(name, seeds=(0, 1))
 
 
+def make_dense(d_model, num_experts, d_hidden, seed=0, **fields):
+    return DenseMoE(DenseConfig(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden,
+                                **fields), seed=seed)
+
+
 def test_uniform_gate_averages_the_experts(rng):
-    layer = DenseMoE(4, 3, 6, gate="softmax", expert="swiglu", seed=1)
-    layer.params["gate_w"][:] = 0.0                                 # logits all equal
+    layer = make_dense(4, 3, 6, gate="softmax", expert="swiglu", seed=1)
+    layer.params["w_router"][:] = 0.0                                 # logits all equal
     x = rng.standard_normal((5, 4))                                 # (N, D)
     y = layer.forward(x)
     _, y_experts = layer.parts()                                    # (E, N, D)
@@ -87,29 +93,32 @@ def test_regions_are_the_quadrants():
 @pytest.mark.parametrize("gate", ["softmax", "mlp", "per_dim"])
 def test_dense_moe_learns_the_regions_task(gate):
     x, y, _ = data.make_regions(1000, seed=0)
-    moe = DenseMoE(2, 4, 8, gate=gate, seed=0, gate_dropout=0.1)
+    moe = make_dense(2, 4, 8, gate=gate, seed=0, gate_dropout=0.1)
     history = fit(moe, x, y, losses.mse_forward, losses.mse_backward, Adam(moe.params, 1e-2),
                   steps=200, batch_size=64)
     assert np.mean(history[-20:]) < 0.5 * np.mean(history[:5])
 
 
 def test_gate_dropout_only_while_training(rng):
-    moe = DenseMoE(4, 3, 5, gate_dropout=0.5, seed=0)
+    moe = make_dense(4, 3, 5, gate_dropout=0.5, seed=0)
     x = rng.standard_normal((8, 4))
-    moe.training = False
+    moe.eval()
     assert np.array_equal(moe.forward(x), moe.forward(x))
-    moe.training = True
+    moe.train()
     assert not np.array_equal(moe.forward(x), moe.forward(x))      # fresh masks each step
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: DenseMoE(4, 0, 5), "num_experts must be >= 1, got 0"),
-    (lambda: DenseMoE(4, 3, 5, temperature=0.0), "temperature must be > 0"),
-    (lambda: DenseMoE(4, 3, 5, gate_dropout=1.0), r"gate_dropout must be in \[0, 1\), got 1.0"),
-    (lambda: DenseMoE(4, 3, 5, gate="hard"), "gate must be one of"),
-    (lambda: DenseMoE(4, 3, 5, expert="conv"), "expert must be one of"),
-    (lambda: DenseMoE(4, 3, 5).forward(np.zeros((2, 3))), "x has D=3 but the gate weight has D=4"),
-    (lambda: dense_moe_forward(np.zeros(4), DenseMoE(4, 3, 5).params), "x must have 2 dimensions"),
+    (lambda: make_dense(4, 0, 5), "num_experts must be an integer >= 1, got 0"),
+    (lambda: make_dense(4, 3, 5, temperature=0.0), "temperature must be > 0"),
+    (lambda: make_dense(4, 3, 5, gate_dropout=1.0), r"gate_dropout must be in \[0, 1\), got 1.0"),
+    (lambda: make_dense(4, 3, 5, gate="hard"), "gate must be one of"),
+    (lambda: make_dense(4, 3, 5, expert="conv"), "expert must be one of"),
+    (lambda: make_dense(4, 3, 5).forward(np.zeros((2, 3))), "x has D=3 but the gate weight has D=4"),
+    (lambda: dense_moe_forward(np.zeros(4), make_dense(4, 3, 5).params, make_dense(4, 3, 5).config),
+     "x must have 2 dimensions"),
+    (lambda: make_dense(4, 3, 5).forward(np.zeros((2, 4), np.float32)),
+     "x is float32 but the parameters are float64"),
     (lambda: experts.mlp_experts_forward(np.zeros((2, 5, 4)), *experts.init_experts(
         "mlp", 3, 4, 6, np.random.default_rng(0)).values()), "x has 2 expert batches but there are E=3"),
     (lambda: losses.mixture_nll_forward(np.ones((4, 2)), np.zeros((3, 4, 2)), np.zeros((4, 2))),

@@ -1,26 +1,29 @@
 """Chapter 4: routers, capacity and drop policies, balancing losses, SparseMoE."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from moe_np import balance, dispatch, losses, routers
+from moe_np import functional, balance, dispatch, losses, routers
 from moe_np.checks.sparse import SPARSE_CASES, sparse_case_inputs
 from moe_np.gradcheck import numerical_grad
-from moe_np.moe import dense_moe_forward
-from moe_np.sparse import SparseConfig, SparseMoE, init_sparse_params, sparse_moe_backward, \
+from moe_np.config import DenseConfig, SparseConfig
+from moe_np.dense import dense_moe_backward, dense_moe_forward
+from moe_np.dispatch import plan as plan_mod, reference
+from moe_np.sparse import SparseMoE, init_sparse_params, sparse_moe_backward, \
     sparse_moe_forward
 
-from conftest import assert_check_passes, registered
+from conftest import assert_check_passes, checks_of
 
 
-@pytest.mark.parametrize("name", registered(["router:", "aux:", "sparse_moe["]))
+@pytest.mark.parametrize("name", checks_of(4))
 def test_registered_sparse_check_passes(name):
     assert_check_passes(name, seeds=(0, 1))
 
 
 def test_every_router_and_loss_is_registered():
-    names = set(registered(["router:", "aux:", "sparse_moe["]))
+    names = set(checks_of(4))
     for n in ("router:softmax_topk", "router:topk_softmax", "router:sigmoid_bias",
               "router:noisy_topk", "router:expert_choice", "aux:balance", "aux:z_loss",
               "aux:cv_squared", "aux:importance"):
@@ -31,9 +34,8 @@ def test_every_router_and_loss_is_registered():
 @pytest.mark.parametrize("case", [c for c in SPARSE_CASES if "cap0.75" in c])
 def test_capacity_cases_really_drop(case):
     config, x, params = sparse_case_inputs(case, np.random.default_rng(0))
-    (_, _), cache = sparse_moe_forward(x, params, config, seed=11,
-                                       noise=None, bias=np.zeros(3))
-    assert cache.stats["num_dropped"] > 0
+    (_, _), cache = sparse_moe_forward(x, params, config, rng=11, noise=None, bias=np.zeros(3))
+    assert cache.plan.num_dropped > 0
 
 
 # -- routers -----------------------------------------------------------------------
@@ -53,7 +55,7 @@ def test_k1_with_renormalisation_gives_the_router_exactly_zero_gradient(rng):
 
 def test_renormalised_softmax_topk_is_topk_softmax(rng):
     logits = 3 * rng.standard_normal((7, 5))                         # (N, E)
-    p = losses.softmax_forward(logits)[0]
+    p = functional.softmax_forward(logits)[0]
     (ids, w), _ = routers.softmax_topk_forward(logits, 2)
     literal = np.take_along_axis(p, ids, 1) / np.take_along_axis(p, ids, 1).sum(1, keepdims=True)
     assert np.allclose(w, literal, rtol=1e-14, atol=1e-16)
@@ -88,10 +90,10 @@ def test_sigmoid_bias_changes_selection_not_weights():
 
 
 def test_normal_cdf_known_values():
-    assert routers.normal_cdf(0.0) == 0.5
-    assert routers.normal_cdf(1.0) == pytest.approx(0.8413447460685429, abs=1e-15)
+    assert functional.normal_cdf(0.0) == 0.5
+    assert functional.normal_cdf(1.0) == pytest.approx(0.8413447460685429, abs=1e-15)
     z = np.linspace(-6, 6, 25)
-    assert np.allclose(routers.normal_cdf(-z), 1 - routers.normal_cdf(z), atol=1e-15)
+    assert np.allclose(functional.normal_cdf(-z), 1 - functional.normal_cdf(z), atol=1e-15)
     assert math.erf(1.0) == pytest.approx(0.8427007929497149, abs=1e-16)
 
 
@@ -99,20 +101,20 @@ def test_noisy_load_is_the_probability_of_staying_selected(rng):
     """Monte Carlo: redraw one noise entry; the selection frequency matches Phi(z)."""
     x, wg, wn = rng.standard_normal((1, 3)), rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
     noise = rng.standard_normal((1, 4))
-    (ids, w, load), _ = routers.noisy_topk_forward(x, wg, wn, noise, 2)
+    (ids, w, load), _ = routers.noisy_topk_forward(x @ wg, x, wn, noise, 2)
     draws = np.random.default_rng(5).standard_normal(20000)
     for i in range(4):
         hits = 0
         for eps in draws[:4000]:
             trial = noise.copy(); trial[0, i] = eps
-            hits += i in routers.noisy_topk_forward(x, wg, wn, trial, 2)[0][0][0]
+            hits += i in routers.noisy_topk_forward(x @ wg, x, wn, trial, 2)[0][0][0]
         assert hits / 4000 == pytest.approx(load[i], abs=0.03)
 
 
 def test_expert_choice_gives_every_expert_exactly_c_tokens(rng):
     logits = rng.standard_normal((10, 3))
     (tokens, w), _ = routers.expert_choice_forward(logits, 4)
-    p = losses.softmax_forward(logits)[0]
+    p = functional.softmax_forward(logits)[0]
     assert tokens.shape == (3, 4)
     for e in range(3):
         assert set(tokens[e]) == set(np.argsort(-p[:, e])[:4])
@@ -135,7 +137,7 @@ def test_capacity_formula(args, expected):
 def test_first_choices_win_over_second_choices():
     ids = np.array([[1, 0],    # token 0: second choice is expert 0
                     [0, 1]])   # token 1: first choice is expert 0
-    slot, counts = dispatch.assign_slots(ids, 2, 1, np.arange(2))
+    slot, counts = plan_mod.assign_slots(ids, 2, 1, np.arange(2))
     assert slot.tolist() == [[0, -1], [0, -1]]      # token 1's first choice took expert 0's slot
     assert counts.tolist() == [1, 1]
 
@@ -145,31 +147,31 @@ def test_drop_policies_pick_different_tokens_but_drop_as_many():
     weights = np.array([[0.2], [0.9], [0.5], [0.95], [0.1], [0.6]])
     kept = {}
     for policy in dispatch.POLICIES:
-        order = dispatch.token_order(weights, policy, seed=3)
-        slot, _ = dispatch.assign_slots(ids, 1, 3, order)
+        order = dispatch.token_order(weights, policy, rng=3)
+        slot, _ = plan_mod.assign_slots(ids, 1, 3, order)
         kept[policy] = set(np.flatnonzero(slot[:, 0] >= 0))
         assert len(kept[policy]) == 3
     assert kept["position"] == {0, 1, 2}
     assert kept["priority"] == {1, 3, 5}
-    order_again = dispatch.token_order(weights, "random", seed=3)
-    assert np.array_equal(order_again, dispatch.token_order(weights, "random", seed=3))
+    order_again = dispatch.token_order(weights, "random", rng=3)
+    assert np.array_equal(order_again, dispatch.token_order(weights, "random", rng=3))
 
 
 def test_dropless_keeps_everything(rng):
     ids = routers.top_k_indices(rng.standard_normal((20, 4)), 2)
-    slot, counts = dispatch.assign_slots(ids, 4, None, np.arange(20))
+    slot, counts = plan_mod.assign_slots(ids, 4, None, np.arange(20))
     assert np.all(slot >= 0) and counts.sum() == 40
 
 
-def test_plan_gather_scatter_match_loops(rng):
+def test_plan_gather_combine_match_loops(rng):
     ids = routers.top_k_indices(rng.standard_normal((9, 4)), 2)      # (N, K)
     w = rng.uniform(size=(9, 2))
-    slot, _ = dispatch.assign_slots(ids, 4, 3, np.arange(9))
-    plan = dispatch.plan_from_slots(slot, ids, 4)
+    slot, _ = plan_mod.assign_slots(ids, 4, 3, np.arange(9))
+    plan = plan_mod.plan_token_choice(ids, 4, 3, np.arange(9))
     x = rng.standard_normal((9, 5))
-    xs, _ = dispatch.gather_forward(x, plan)
+    xs, _ = reference.gather_forward(x, plan)
     y_sorted = rng.standard_normal(xs.shape)
-    y, _ = dispatch.scatter_forward(y_sorted, w, plan, 9)
+    y, _ = reference.combine_forward(y_sorted, w, plan)
     expected = np.zeros((9, 5))
     for m, (tok, widx) in enumerate(zip(plan.rows_token, plan.rows_weight)):
         n, k = divmod(widx, 2)
@@ -178,6 +180,10 @@ def test_plan_gather_scatter_match_loops(rng):
         expected[n] += w[n, k] * y_sorted[m]
     assert np.allclose(y, expected)
     assert plan.num_dropped == int((slot < 0).sum()) > 0
+    for n in range(9):   # token_rows is the inverse map: each token's rows, -1 where dropped
+        for k in range(2):
+            row = plan.token_rows[n, k]
+            assert (row < 0) == (slot[n, k] < 0) and (row < 0 or plan.rows_weight[row] == 2 * n + k)
     for e in range(4):   # segments are expert-contiguous and in slot order
         seg = plan.rows_weight[plan.offsets[e]:plan.offsets[e + 1]]
         assert np.all(ids.ravel()[seg] == e) and np.all(np.diff(slot.ravel()[seg]) == 1)
@@ -217,48 +223,49 @@ def test_selection_bias_update_moves_toward_balance():
 @pytest.mark.parametrize("router", ["softmax_topk", "softmax_topk_raw"])
 @pytest.mark.parametrize("expert", ["mlp", "swiglu"])
 def test_k_equals_e_without_capacity_is_the_dense_moe(router, expert, rng):
-    config = SparseConfig(router=router, k=3, expert=expert)
-    params = init_sparse_params(config, 4, 3, 6, rng, router_scale=1.0)
+    config = SparseConfig(d_model=4, num_experts=3, d_hidden=6, router=router, k=3, expert=expert,
+                          router_scale=1.0)
+    params = init_sparse_params(config, rng)
     x = rng.standard_normal((7, 4))
     (y, _), cache = sparse_moe_forward(x, params, config)
-    dense = {"gate_w": params["router_w"], "gate_b": np.zeros(3)} | \
-        {k: v for k, v in params.items() if k != "router_w"}
-    y_dense, dense_cache = dense_moe_forward(x, dense, expert=expert)
+    dense = {"b_router": np.zeros(3)} | params
+    dense_config = DenseConfig(d_model=4, num_experts=3, d_hidden=6, expert=expert)
+    y_dense, dense_cache = dense_moe_forward(x, dense, dense_config)
     assert np.allclose(y, y_dense, rtol=1e-13, atol=1e-14)
-    from moe_np.moe import dense_moe_backward
     dy = rng.standard_normal(y.shape)
     dx, grads = sparse_moe_backward((dy, 0.0), cache)
     dx_d, grads_d = dense_moe_backward(dy, dense_cache)
     assert np.allclose(dx, dx_d, rtol=1e-12, atol=1e-13)
-    assert np.allclose(grads["router_w"], grads_d["gate_w"], rtol=1e-12, atol=1e-13)
+    assert np.allclose(grads["w_router"], grads_d["w_router"], rtol=1e-12, atol=1e-13)
 
 
 def test_a_dropped_token_gets_exactly_zero_and_gives_zero_gradient(rng):
-    config = SparseConfig(router="softmax_topk", k=1, capacity_factor=0.25)   # C = 1
-    params = init_sparse_params(config, 4, 2, 5, rng, router_scale=1.0)
+    config = SparseConfig(d_model=4, num_experts=2, d_hidden=5, router="softmax_topk", k=1,
+                          capacity_factor=0.25, router_scale=1.0)              # C = 1
+    params = init_sparse_params(config, rng)
     x = rng.standard_normal((6, 4))
     (y, _), cache = sparse_moe_forward(x, params, config)
-    stats = cache.stats
-    plan = stats["plan"]
+    plan = cache.plan
     dropped_tokens = np.setdiff1d(np.arange(6), plan.rows_token)
-    experts_used = len(np.unique(stats["ids"]))                      # each keeps C = 1 token
-    assert stats["num_dropped"] == len(dropped_tokens) == 6 - experts_used >= 4
+    experts_used = len(np.unique(cache.route.ids))                   # each keeps C = 1 token
+    assert plan.num_dropped == len(dropped_tokens) == 6 - experts_used >= 4
     assert np.array_equal(y[dropped_tokens], np.zeros((len(dropped_tokens), 4)))
     dy = rng.standard_normal(y.shape)
     dx, _ = sparse_moe_backward((dy, 0.0), cache)
-    dy_sorted, dw = dispatch.scatter_backward(dy, cache.scatter_cache)
+    dy_sorted, dw = reference.combine_backward(dy, cache.combine_cache)
     assert np.all(dw[dropped_tokens] == 0)
     # no expert saw the token and its (renormalised, K = 1) weight is constant: no path to the loss
     assert np.array_equal(dx[dropped_tokens], np.zeros((len(dropped_tokens), 4)))
 
 
 def test_shared_experts_add_to_every_token(rng):
-    config = SparseConfig(router="softmax_topk", k=1, capacity_factor=0.25)
-    params = init_sparse_params(config, 4, 2, 5, rng, num_shared=2)
+    config = SparseConfig(d_model=4, num_experts=2, d_hidden=5, num_shared=2, router="softmax_topk",
+                          k=1, capacity_factor=0.25)
+    params = init_sparse_params(config, rng)
     x = rng.standard_normal((6, 4))
     (y, _), cache = sparse_moe_forward(x, params, config)
     routed = {k: v for k, v in params.items() if not k.startswith("shared_")}
-    (y_routed, _), _ = sparse_moe_forward(x, routed, config)
+    (y_routed, _), _ = sparse_moe_forward(x, routed, replace(config, num_shared=0))
     from moe_np.experts import mlp_experts_forward
     shared = mlp_experts_forward(x, *(params["shared_" + k] for k in ("w1", "b1", "w2", "b2")))[0]
     assert np.allclose(y, y_routed + shared.sum(0))
@@ -269,20 +276,23 @@ def test_sparse_layer_trains_and_reports_drops(rng):
     from moe_np.optim import Adam
     from moe_np.train import fit
     x, y, _ = data.make_regions(800, seed=1)
-    layer = SparseMoE(2, 4, 8, SparseConfig("softmax_topk", 2, 1.25, balance_coef=0.01), seed=0)
+    layer = SparseMoE(SparseConfig(d_model=2, num_experts=4, d_hidden=8, k=2, capacity_factor=1.25,
+                                   balance_coef=0.01), seed=0)
     hist = fit(layer, x, y, losses.mse_forward, losses.mse_backward, Adam(layer.params, 1e-2),
                steps=150, batch_size=64)
     assert np.mean(hist[-20:]) < 0.5 * np.mean(hist[:5])
-    assert "num_dropped" in layer.stats and layer.stats["counts"].sum() <= 128
+    assert layer.stats.num_dropped >= 0 and layer.stats.counts.sum() <= 128
 
 
 def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
-    layer = SparseMoE(4, 4, 5, SparseConfig("sigmoid_bias", 1), bias_gamma=0.01, seed=0)
-    layer.params["router_w"][:, 0] += 3.0                            # expert 0 overloaded
+    layer = SparseMoE(SparseConfig(d_model=4, num_experts=4, d_hidden=5, router="sigmoid_bias", k=1,
+                                   bias_gamma=0.01), seed=0)
+    layer.params["w_router"][:, 0] += 3.0                            # expert 0 overloaded
     x = np.abs(rng.standard_normal((64, 4)))
     for _ in range(30):
         layer.forward(x)
-    assert layer.bias[0] < 0 and layer.bias[1:].max() > 0
+    bias = layer.buffers["selection_bias"]
+    assert bias[0] < 0 and bias[1:].max() > 0
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -295,24 +305,27 @@ def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
     (lambda: routers.sigmoid_topk_forward(np.zeros((2, 3)), 1, bias=np.zeros(2)), "bias must have shape"),
     (lambda: routers.softmax_topk_forward(np.zeros(3), 1), "logits must have 2 dimensions"),
     (lambda: routers.expert_choice_forward(np.zeros((4, 2)), 5), r"capacity must be in \[1, N=4\], got 5"),
-    (lambda: routers.noisy_topk_forward(np.zeros((2, 3)), np.zeros((3, 2)), np.zeros((3, 2)),
+    (lambda: routers.noisy_topk_forward(np.zeros((2, 2)), np.zeros((2, 3)), np.zeros((3, 2)),
                                         np.zeros((2, 2)), 2), "k=2 must be < num_experts=2"),
-    (lambda: routers.noisy_topk_forward(np.zeros((2, 4)), np.zeros((3, 2)), np.zeros((3, 2)),
-                                        np.zeros((2, 2)), 1), "x has D=4 but w_gate has D=3"),
+    (lambda: routers.noisy_topk_forward(np.zeros((2, 2)), np.zeros((2, 4)), np.zeros((3, 2)),
+                                        np.zeros((2, 2)), 1), r"w_noise must have shape \(4, 2\)"),
     (lambda: dispatch.capacity(8, 4, 2, 0.0), "capacity_factor must be > 0, got 0.0"),
     (lambda: dispatch.capacity(8, 4, 2, -1.0), "capacity_factor must be > 0"),
-    (lambda: SparseConfig(capacity_factor=0.0), "capacity_factor must be > 0"),
-    (lambda: SparseConfig(k=0), "k must be an integer >= 1, got k=0"),
-    (lambda: SparseConfig(router="hash"), "router must be one of"),
-    (lambda: SparseConfig(drop_policy="lifo"), "drop_policy must be one of"),
-    (lambda: SparseConfig(router="expert_choice"), "expert_choice needs a capacity_factor"),
-    (lambda: SparseConfig(router="switch", k=2), "one expert, got k=2"),
-    (lambda: SparseConfig(router="sigmoid_bias", balance_coef=0.1), "balance_coef needs a softmax router"),
-    (lambda: SparseConfig(router="softmax_topk", cv_coef=0.1), "cv_coef .* needs router='noisy_topk'"),
-    (lambda: SparseMoE(4, 3, 5, SparseConfig(), bias_gamma=0.1), "needs router='sigmoid_bias'"),
-    (lambda: SparseMoE(4, 2, 5, SparseConfig(k=3)), "k=3 exceeds num_experts=2"),
-    (lambda: SparseMoE(4, 3, 5, SparseConfig()).forward(np.zeros((2, 5))), r"router_w must have shape \(5, 3\)"),
-    (lambda: SparseMoE(4, 3, 5, SparseConfig()).forward(np.full((2, 4), np.nan)), "x has 8 non-finite"),
+    (lambda: cfg(capacity_factor=0.0), "capacity_factor must be > 0"),
+    (lambda: cfg(k=0), "k must be an integer >= 1, got k=0"),
+    (lambda: cfg(router="hash"), "router must be one of"),
+    (lambda: cfg(drop_policy="lifo"), "drop_policy must be one of"),
+    (lambda: cfg(dispatch="cuda"), "dispatch must be one of"),
+    (lambda: cfg(router="expert_choice"), "expert_choice needs a capacity_factor"),
+    (lambda: cfg(router="switch", k=2), "one expert, got k=2"),
+    (lambda: cfg(router="sigmoid_bias", balance_coef=0.1), "balance_coef needs a softmax router"),
+    (lambda: cfg(router="softmax_topk", cv_coef=0.1), "cv_coef .* needs router='noisy_topk'"),
+    (lambda: cfg(bias_gamma=0.1), "needs router='sigmoid_bias'"),
+    (lambda: cfg(num_experts=2, k=3), "k=3 exceeds num_experts=2"),
+    (lambda: cfg(num_experts=0), "num_experts must be an integer >= 1, got 0"),
+    (lambda: SparseMoE(cfg()).forward(np.zeros((2, 5))), r"w_router must have shape \(5, 3\)"),
+    (lambda: SparseMoE(cfg()).forward(np.full((2, 4), np.nan)), "x has 8 non-finite"),
+    (lambda: SparseMoE(cfg()).forward(np.zeros((2, 4), np.float32)), "x is float32 but the parameters are float64"),
     (lambda: balance.balance_loss_forward(np.zeros((3, 2)), np.zeros((4, 1), int)), "probs has N=3 rows but ids has 4"),
 ])
 def test_bad_sparse_input(call, message):
@@ -321,6 +334,11 @@ def test_bad_sparse_input(call, message):
 
 
 # -- the checks can fail ---------------------------------------------------------------
+
+def cfg(**fields):
+    """A small SparseConfig (D=4, E=3, H=5) with some fields changed."""
+    return SparseConfig(**({"d_model": 4, "num_experts": 3, "d_hidden": 5} | fields))
+
 
 def _weights_only(logits, k, renormalize=False):
     (ids, w), cache = routers.softmax_topk_forward(logits, k, renormalize)
@@ -340,9 +358,8 @@ def test_a_router_backward_that_skips_the_softmax_fails_its_check(rng):
     from moe_np.checks.sparse import separated_logits
 
     def backward_without_softmax(dw, cache):
-        _, (sm_cache, ids) = cache
-        out = np.zeros(sm_cache[0].shape)
-        np.put_along_axis(out, ids, dw, axis=1)                         # bug: treats w as the logits
+        out = np.zeros(cache.softmax_cache[0].shape)
+        np.put_along_axis(out, cache.ids, dw, axis=1)                   # bug: treats w as the logits
         return out
 
     rows = check_pair("broken router", _weights_only, backward_without_softmax,

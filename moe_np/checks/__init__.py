@@ -1,6 +1,7 @@
 """The registered gradient checks, one module per chapter.
 
-Importing this package fills `moe_np.gradcheck.REGISTRY`; the CLI
-(`python -m moe_np gradcheck`) and the tests both run the same checks.
+Importing this package fills the registry; the CLI (`python -m moe_np
+gradcheck`) and the tests run the same checks.
 """
-from moe_np.checks import basics, dense, sparse  # noqa: F401
+from moe_np.checks import basics, dense, dispatch, sparse  # noqa: F401
+from moe_np.checks.registry import REGISTRY, checks_of, register, run_checks  # noqa: F401

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_np import layers, losses
-from moe_np.gradcheck import check_pair, register
+from moe_np import functional, layers, losses
+from moe_np.checks.registry import register
+from moe_np.gradcheck import check_pair
 
 N, D, H, V = 5, 4, 6, 7
 
@@ -19,7 +20,7 @@ def _away_from_zero(rng, shape, margin=0.1):
     return np.where(np.abs(v) < margin, np.sign(v + 1e-12) * margin * 2, v)
 
 
-@register("linear")
+@register("linear", chapter=1)
 def _linear(seed):
     rng = np.random.default_rng(seed)
     return check_pair("linear", layers.linear_forward, layers.linear_backward,
@@ -27,7 +28,7 @@ def _linear(seed):
                        "b": rng.standard_normal(H)}, seed=seed)
 
 
-@register("relu")
+@register("relu", chapter=1)
 def _relu(seed):
     rng = np.random.default_rng(seed)
     x = _away_from_zero(rng, (N, H), margin=1e-2)        # (N, H)
@@ -35,21 +36,21 @@ def _relu(seed):
                       seed=seed, selection=lambda x: x > 0)
 
 
-@register("gelu")
+@register("gelu", chapter=1)
 def _gelu(seed):
     rng = np.random.default_rng(seed)
     return check_pair("gelu", layers.gelu_forward, layers.gelu_backward,
                       {"x": 2 * rng.standard_normal((N, H))}, seed=seed)
 
 
-@register("silu")
+@register("silu", chapter=1)
 def _silu(seed):
     rng = np.random.default_rng(seed)
     return check_pair("silu", layers.silu_forward, layers.silu_backward,
                       {"x": 2 * rng.standard_normal((N, H))}, seed=seed)
 
 
-@register("swiglu")
+@register("swiglu", chapter=1)
 def _swiglu(seed):
     rng = np.random.default_rng(seed)
     return check_pair("swiglu", layers.swiglu_forward, layers.swiglu_backward,
@@ -57,7 +58,7 @@ def _swiglu(seed):
                       seed=seed)
 
 
-@register("dropout")
+@register("dropout", chapter=1)
 def _dropout(seed):
     rng = np.random.default_rng(seed)
     return check_pair("dropout", layers.dropout_forward, layers.dropout_backward,
@@ -65,27 +66,27 @@ def _dropout(seed):
                       static={"p": 0.3, "seed": seed + 1}, seed=seed)
 
 
-@register("softmax")
+@register("softmax", chapter=1)
 def _softmax(seed):
     rng = np.random.default_rng(seed)
-    rows = check_pair("softmax", losses.softmax_forward, losses.softmax_backward,
+    rows = check_pair("softmax", functional.softmax_forward, functional.softmax_backward,
                       {"z": rng.standard_normal((N, V))}, seed=seed)
-    rows += check_pair("softmax(T=0.5)", losses.softmax_forward, losses.softmax_backward,
+    rows += check_pair("softmax(T=0.5)", functional.softmax_forward, functional.softmax_backward,
                        {"z": rng.standard_normal((N, V))}, static={"temperature": 0.5},
                        seed=seed)
-    rows += check_pair("softmax(axis=0)", losses.softmax_forward, losses.softmax_backward,
+    rows += check_pair("softmax(axis=0)", functional.softmax_forward, functional.softmax_backward,
                        {"z": rng.standard_normal((N, V))}, static={"axis": 0}, seed=seed)
     return rows
 
 
-@register("log_softmax")
+@register("log_softmax", chapter=1)
 def _log_softmax(seed):
     rng = np.random.default_rng(seed)
-    return check_pair("log_softmax", losses.log_softmax_forward, losses.log_softmax_backward,
+    return check_pair("log_softmax", functional.log_softmax_forward, functional.log_softmax_backward,
                       {"z": rng.standard_normal((N, V))}, seed=seed)
 
 
-@register("cross_entropy")
+@register("cross_entropy", chapter=1)
 def _cross_entropy(seed):
     rng = np.random.default_rng(seed)
     return check_pair("cross_entropy", losses.cross_entropy_forward,
@@ -94,7 +95,7 @@ def _cross_entropy(seed):
                       static={"labels": rng.integers(0, V, N)}, seed=seed)
 
 
-@register("mse")
+@register("mse", chapter=1)
 def _mse(seed):
     rng = np.random.default_rng(seed)
     return check_pair("mse", losses.mse_forward, losses.mse_backward,

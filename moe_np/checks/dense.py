@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_np import experts, gates, layers, losses
-from moe_np.gradcheck import check_pair, register
-from moe_np.moe import combine_backward, combine_forward, dense_moe_backward, \
-    dense_moe_forward, init_gate
+from moe_np import experts, functional, gates, layers, losses
+from moe_np.checks.registry import register
+from moe_np.config import DenseConfig
+from moe_np.dense import combine_backward, combine_forward, dense_moe_backward, \
+    dense_moe_forward, dense_moe_selection
+from moe_np.gates import init_gate
+from moe_np.gradcheck import check_pair
 
 N, D, H, E, G = 5, 4, 6, 3, 7          # tokens, width, expert hidden, experts, gate hidden
 MARGIN = 0.02                          # min |pre-activation| at a ReLU; h is 1e-3
@@ -23,8 +26,8 @@ def relu_inputs(params: dict, x) -> tuple:
     if "w1" in params:
         xb = x if x.ndim == 3 else x[None]                                # (E or 1, N, D)
         pre.append(xb @ params["w1"] + params["b1"][:, None, :])          # (E, N, H)
-    if "gate_w1" in params:
-        pre.append(x @ params["gate_w1"] + params["gate_b1"])             # (N, G)
+    if "w_router1" in params:
+        pre.append(x @ params["w_router1"] + params["b_router1"])         # (N, G)
     return tuple(pre)
 
 
@@ -44,17 +47,13 @@ def _moe_params(rng, gate: str, expert: str) -> dict:
     leave rel_error's per-entry denominator nothing to measure against."""
     params = init_gate(gate, D, E, rng, gate_hidden=G, scale=0.5) | \
         experts.init_experts(expert, E, D, H, rng)
-    return {k: v + (0.1 if k.startswith("gate") else 0.3) * rng.standard_normal(v.shape)
+    return {k: v + (0.1 if "router" in k else 0.3) * rng.standard_normal(v.shape)
             for k, v in params.items()}
-
-
-def relu_pattern(x, **params):
-    return tuple(a > 0 for a in relu_inputs(params, x))
 
 
 # -- gates ----------------------------------------------------------------------
 
-@register("softmax_gate")
+@register("softmax_gate", chapter=2)
 def _softmax_gate(seed):
     rng = np.random.default_rng(seed)
     return check_pair("softmax_gate(T=0.7)", gates.softmax_gate_forward,
@@ -63,16 +62,17 @@ def _softmax_gate(seed):
                        "b": rng.standard_normal(E)}, static={"temperature": 0.7}, seed=seed)
 
 
-@register("mlp_gate")
+@register("mlp_gate", chapter=2)
 def _mlp_gate(seed):
     x, p = draw_clear_of_kinks(lambda r: (r.standard_normal((N, D)), _moe_params(r, "mlp", "mlp")), seed)
-    inputs = {"x": x, "w1": p["gate_w1"], "b1": p["gate_b1"], "w2": p["gate_w2"], "b2": p["gate_b2"]}
-    pattern = lambda x, w1, b1, **_: (x @ w1 + b1) > 0
+    inputs = {"x": x, "w1": p["w_router1"], "b1": p["b_router1"], "w2": p["w_router2"],
+              "b2": p["b_router2"]}
+    pattern = lambda **kw: gates.mlp_gate_selection(gates.mlp_gate_forward(**kw)[1])
     return check_pair("mlp_gate", gates.mlp_gate_forward, gates.mlp_gate_backward, inputs,
                       seed=seed, selection=pattern)
 
 
-@register("per_dim_gate")
+@register("per_dim_gate", chapter=2)
 def _per_dim_gate(seed):
     rng = np.random.default_rng(seed)
     return check_pair("per_dim_gate", gates.per_dim_gate_forward, gates.per_dim_gate_backward,
@@ -83,7 +83,7 @@ def _per_dim_gate(seed):
 
 # -- experts and the combine ----------------------------------------------------
 
-@register("experts")
+@register("experts", chapter=3)
 def _experts(seed):
     rows = []
     for kind in ("mlp", "swiglu"):
@@ -91,13 +91,14 @@ def _experts(seed):
         for layout, x_shape in (("shared x", (N, D)), ("per-expert x", (E, N, D))):
             x, p = draw_clear_of_kinks(lambda r: (r.standard_normal(x_shape),
                                                   _moe_params(r, "softmax", kind)), seed)
+            pattern = lambda k=kind, **kw: experts.experts_selection(
+                k, experts.EXPERTS[k].forward(**kw)[1])
             rows += check_pair(f"{kind}_experts({layout})", fwd, bwd,
-                               {"x": x} | {k: p[k] for k in names}, seed=seed,
-                               selection=relu_pattern if kind == "mlp" else None)
+                               {"x": x} | {k: p[k] for k in names}, seed=seed, selection=pattern)
     return rows
 
 
-@register("combine")
+@register("combine", chapter=3)
 def _combine(seed):
     rng = np.random.default_rng(seed)
     fwd = lambda g, y_experts: (combine_forward(g, y_experts), (g, y_experts))
@@ -109,18 +110,18 @@ def _combine(seed):
     return rows
 
 
-@register("gate_dropout")
+@register("gate_dropout", chapter=2)
 def _gate_dropout(seed):
     rng = np.random.default_rng(seed)
-    g = losses.softmax_forward(rng.standard_normal((N, E)))[0]     # (N, E)
+    g = functional.softmax_forward(rng.standard_normal((N, E)))[0]     # (N, E)
     return check_pair("gate_dropout", layers.dropout_forward, layers.dropout_backward,
                       {"x": g}, static={"p": 0.4, "seed": seed + 3}, seed=seed)
 
 
-@register("mixture_nll")
+@register("mixture_nll", chapter=3)
 def _mixture_nll(seed):
     rng = np.random.default_rng(seed)
-    g = losses.softmax_forward(rng.standard_normal((N, E)))[0]     # (N, E)
+    g = functional.softmax_forward(rng.standard_normal((N, E)))[0]     # (N, E)
     target = rng.standard_normal((N, D))                           # (N, D)
     # experts near the target, so no responsibility is vanishingly small
     y_experts = target + 0.5 * rng.standard_normal((E, N, D))      # (E, N, D)
@@ -130,7 +131,7 @@ def _mixture_nll(seed):
 
 # -- the dense mixture end to end -------------------------------------------------
 
-GATE_VARIANTS = {           # name: (gate kind, extra forward options)
+GATE_VARIANTS = {           # name: (gate kind, extra config fields)
     "softmax": ("softmax", {"temperature": 0.8}),
     "mlp": ("mlp", {}),
     "per_dim": ("per_dim", {}),
@@ -145,11 +146,12 @@ def dense_moe_loss_check(variant: str, expert: str, loss: str, seed: int):
                                                _moe_params(r, gate, expert)), seed)
     labels = np.random.default_rng(seed).integers(0, D, N)         # (N,)
     target = np.random.default_rng(seed + 1).standard_normal((N, D))   # (N, D)
-    if "gate_dropout" in options:
-        options = options | {"dropout_seed": seed + 5}             # the same mask at every call
+    config = DenseConfig(d_model=D, num_experts=E, d_hidden=H, gate=gate, expert=expert,
+                         gate_hidden=G, **options)
+    dropout_rng = seed + 5 if config.gate_dropout else None        # the same mask at every call
 
     def forward(x, **params):
-        y, moe_cache = dense_moe_forward(x, params, gate=gate, expert=expert, **options)
+        y, moe_cache = dense_moe_forward(x, params, config, dropout_rng=dropout_rng)
         if loss == "mse":
             value, loss_cache = losses.mse_forward(y, target)
         else:
@@ -165,12 +167,13 @@ def dense_moe_loss_check(variant: str, expert: str, loss: str, seed: int):
         dx, grads = dense_moe_backward(dy, moe_cache)
         return {"x": dx} | grads
 
+    pattern = lambda x, **params: dense_moe_selection(forward(x, **params)[1][0])
     return check_pair(f"dense_moe[{variant},{expert},{loss}]", forward, backward,
-                      {"x": x} | params, seed=seed, selection=relu_pattern)
+                      {"x": x} | params, seed=seed, selection=pattern)
 
 
 for _variant in GATE_VARIANTS:
     for _expert in experts.EXPERTS:
         for _loss in ("mse", "cross_entropy"):
-            register(f"dense_moe[{_variant},{_expert},{_loss}]")(
+            register(f"dense_moe[{_variant},{_expert},{_loss}]", chapter=3)(
                 lambda seed, v=_variant, e=_expert, l=_loss: dense_moe_loss_check(v, e, l, seed))

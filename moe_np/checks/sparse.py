@@ -10,12 +10,16 @@ anyway is redrawn (the guard, not the margin, is the proof).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from moe_np import balance, losses, routers
-from moe_np.gradcheck import check_pair, register
-from moe_np.sparse import SparseConfig, init_sparse_params, sparse_moe_backward, \
-    sparse_moe_forward
+from moe_np import balance, functional, routers
+from moe_np.checks.registry import register
+from moe_np.config import SparseConfig
+from moe_np.gradcheck import check_pair
+from moe_np.sparse import init_sparse_params, sparse_moe_backward, sparse_moe_forward, \
+    sparse_moe_selection
 
 N, D, H, E, K = 8, 4, 5, 3, 2     # tokens, width, expert hidden, experts, choices per token
 GAP = 0.3                         # spacing between a row's logits
@@ -50,7 +54,7 @@ def _router_check(name, fwd, bwd, k, seed, extra=None):
     return until_stable(rows, seed)
 
 
-@register("router:softmax_topk")
+@register("router:softmax_topk", chapter=4)
 def _softmax_topk(seed):
     return (_router_check("router:softmax_topk(K=2,renorm)", routers.softmax_topk_forward,
                           routers.softmax_topk_backward, 2, seed)
@@ -62,34 +66,44 @@ def _softmax_topk(seed):
                             routers.softmax_topk_backward, 1, seed))
 
 
-@register("router:topk_softmax")
+@register("router:topk_softmax", chapter=4)
 def _topk_softmax(seed):
     return _router_check("router:topk_softmax(K=2)", routers.topk_softmax_forward,
                          routers.topk_softmax_backward, 2, seed)
 
 
-@register("router:sigmoid_bias")
+@register("router:sigmoid_bias", chapter=4)
 def _sigmoid_bias(seed):
     bias = np.array([0.02, -0.05, 0.04])                               # (E,) small: keeps margins
     return _router_check("router:sigmoid_bias(K=2)", routers.sigmoid_topk_forward,
                          routers.sigmoid_topk_backward, 2, seed, {"bias": bias})
 
 
-@register("router:noisy_topk")
+@register("router:noisy_topk", chapter=4)
 def _noisy_topk(seed):
+    """The whole noisy router unit: (weights, load_estimate) wrt x, w_router and w_noise."""
+    config = SparseConfig(d_model=D, num_experts=E, d_hidden=H, router="noisy_topk", k=K)
+
     def rows(rng):
-        inputs = {"x": rng.standard_normal((N, D)), "w_gate": rng.standard_normal((D, E)),
+        inputs = {"x": rng.standard_normal((N, D)), "w_router": rng.standard_normal((D, E)),
                   "w_noise": 0.5 * rng.standard_normal((D, E))}
-        static = {"noise": rng.standard_normal((N, E)), "k": K}
-        fwd = lambda **kw: ((o := routers.noisy_topk_forward(**kw))[0][1:], o[1])
-        pick = lambda **kw: (routers.noisy_topk_forward(**kw)[0][0],
-                             routers.noisy_topk_forward(**kw)[1][7])   # ids, threshold entries
-        return check_pair("router:noisy_topk", fwd, routers.noisy_topk_backward, inputs,
-                          static=static, seed=seed, selection=pick)
+        noise = rng.standard_normal((N, E))                             # (N, E)
+
+        def forward(x, **params):
+            route, cache = routers.router_forward(x, params, config, noise=noise)
+            return (route.weights, route.load_estimate), cache
+
+        def backward(dout, cache):
+            aux = balance.AuxGrads(None, None, dout[1])
+            dx, grads = routers.router_backward(dout[0], cache, aux)
+            return {"x": dx} | grads
+
+        pick = lambda x, **params: routers.router_selection(forward(x, **params)[1])
+        return check_pair("router:noisy_topk", forward, backward, inputs, seed=seed, selection=pick)
     return until_stable(rows, seed)
 
 
-@register("router:expert_choice")
+@register("router:expert_choice", chapter=4)
 def _expert_choice(seed):
     def rows(rng):
         logits = 2.0 * rng.standard_normal((N, E))                     # (N, E)
@@ -102,30 +116,30 @@ def _expert_choice(seed):
 
 # -- auxiliary losses ------------------------------------------------------------
 
-@register("aux:balance")
+@register("aux:balance", chapter=4)
 def _balance(seed):
     rng = np.random.default_rng(seed)
-    probs = losses.softmax_forward(rng.standard_normal((N, E)))[0]    # (N, E)
+    probs = functional.softmax_forward(rng.standard_normal((N, E)))[0]    # (N, E)
     ids = routers.top_k_indices(probs, K)                              # (N, K)
     fwd = lambda probs: balance.balance_loss_forward(probs, ids)
     return check_pair("aux:balance", fwd, balance.balance_loss_backward, {"probs": probs}, seed=seed)
 
 
-@register("aux:z_loss")
+@register("aux:z_loss", chapter=4)
 def _z_loss(seed):
     rng = np.random.default_rng(seed)
     return check_pair("aux:z_loss", balance.z_loss_forward, balance.z_loss_backward,
                       {"logits": 2 * rng.standard_normal((N, E))}, seed=seed)
 
 
-@register("aux:cv_squared")
+@register("aux:cv_squared", chapter=4)
 def _cv_squared(seed):
     rng = np.random.default_rng(seed)
     return check_pair("aux:cv_squared", balance.cv_squared_forward, balance.cv_squared_backward,
                       {"v": rng.uniform(0.5, 3.0, E + 2)}, seed=seed)
 
 
-@register("aux:importance")
+@register("aux:importance", chapter=4)
 def _importance(seed):
     rng = np.random.default_rng(seed)
     ids = routers.top_k_indices(rng.standard_normal((N, E)), K)        # (N, K)
@@ -136,57 +150,51 @@ def _importance(seed):
 
 # -- SparseMoE end to end ----------------------------------------------------------
 
+def _case(router, k=K, capacity_factor=None, drop_policy="position", expert="mlp", shared=0,
+          **coefs):
+    return SparseConfig(d_model=D, num_experts=E, d_hidden=H, num_shared=shared, expert=expert,
+                        router=router, k=k, capacity_factor=capacity_factor,
+                        drop_policy=drop_policy, router_scale=1.0, **coefs)
+
+
 SPARSE_CASES = {
-    # name: (config, shared experts)
-    "softmax_topk,cap0.75,position,shared":
-        (SparseConfig("softmax_topk", K, 0.75, 0, "position", "mlp", 0.3, 0.05), 1),
-    "softmax_topk,cap0.75,priority":
-        (SparseConfig("softmax_topk", K, 0.75, 0, "priority", "mlp", 0.3, 0.05), 0),
-    "softmax_topk,cap0.75,random":
-        (SparseConfig("softmax_topk", K, 0.75, 0, "random", "swiglu", 0.3), 0),
-    "softmax_topk(K=1),cap1.0":
-        (SparseConfig("softmax_topk", 1, 1.0, 0, "position", "mlp", 0.3), 0),
-    "switch,cap1.0": (SparseConfig("switch", 1, 1.0, 0, "position", "mlp", 0.3, 0.05), 0),
-    "topk_softmax,dropless": (SparseConfig("topk_softmax", K, None, 0, "position", "swiglu"), 1),
-    "sigmoid_bias,cap0.75": (SparseConfig("sigmoid_bias", K, 0.75, 0, "position", "mlp", 0, 0.05), 0),
-    "noisy_topk,cap1.0": (SparseConfig("noisy_topk", K, 1.0, 0, "position", "mlp", 0, 0.05, 0.2), 0),
-    "expert_choice,cap1.0": (SparseConfig("expert_choice", K, 1.0, 0, "position", "mlp", 0, 0.05), 0),
+    "softmax_topk,cap0.75,position,shared": _case("softmax_topk", capacity_factor=0.75, shared=1,
+                                                  balance_coef=0.3, z_coef=0.05),
+    "softmax_topk,cap0.75,priority": _case("softmax_topk", capacity_factor=0.75,
+                                           drop_policy="priority", balance_coef=0.3, z_coef=0.05),
+    "softmax_topk,cap0.75,random": _case("softmax_topk", capacity_factor=0.75, drop_policy="random",
+                                         expert="swiglu", balance_coef=0.3),
+    "softmax_topk(K=1),cap1.0": _case("softmax_topk", k=1, capacity_factor=1.0, balance_coef=0.3),
+    "switch,cap1.0": _case("switch", k=1, capacity_factor=1.0, balance_coef=0.3, z_coef=0.05),
+    "topk_softmax,dropless": _case("topk_softmax", expert="swiglu", shared=1),
+    "sigmoid_bias,cap0.75": _case("sigmoid_bias", capacity_factor=0.75, z_coef=0.05),
+    "noisy_topk,cap1.0": _case("noisy_topk", capacity_factor=1.0, z_coef=0.05, cv_coef=0.2),
+    "expert_choice,cap1.0": _case("expert_choice", capacity_factor=1.0, z_coef=0.05),
 }
 
 
 def sparse_case_inputs(name: str, rng, min_gap: float = 0.05, tries: int = 500):
     """x and parameters for a case, redrawn until every row's sorted router
     logits are at least min_gap apart (50 h): the guard then has little to reject."""
-    config, shared = SPARSE_CASES[name]
+    config = SPARSE_CASES[name]
     for _ in range(tries):
-        params = init_sparse_params(config, D, E, H, rng, num_shared=shared, router_scale=1.0)
+        params = init_sparse_params(config, rng)
         params = {k: v + 0.2 * rng.standard_normal(v.shape) for k, v in params.items()}   # no zero biases
         x = rng.standard_normal((N, D))                                # (N, D)
-        gaps = np.diff(np.sort(x @ params["router_w"], axis=1), axis=1)   # (N, E-1)
+        gaps = np.diff(np.sort(x @ params["w_router"], axis=1), axis=1)   # (N, E-1)
         if gaps.min() >= min_gap:
             return config, x, params
     raise RuntimeError(f"sparse_case_inputs: no draw in {tries} had logit gaps >= {min_gap}")
 
 
-def sparse_selection(cache):
-    """Every discrete choice one SparseMoE forward made."""
-    config, stats = cache.config, cache.stats
-    plan = stats["plan"]
-    mlp = config.expert == "mlp"          # ReLU masks sit at index 5 of an MLP expert cache
-    patterns = tuple(c[5] for c in cache.segments_cache[2] if c is not None and mlp)
-    shared = (cache.shared_cache[5],) if cache.shared_cache is not None and mlp else ()
-    thr = (cache.router_cache[7],) if config.router == "noisy_topk" else ()   # threshold entries
-    ids = () if stats["ids"] is None else (stats["ids"],)
-    return ids + (plan.rows_token, plan.rows_weight) + patterns + shared + thr
-
-
-def sparse_moe_check(name: str, seed: int):
+def sparse_moe_check(name: str, seed: int, dispatch: str = "numpy"):
     """Check (y, aux) = SparseMoE(x) wrt x and every parameter, with drops in place."""
     def rows(rng):
         config, x, params = sparse_case_inputs(name, rng)
+        config = replace(config, dispatch=dispatch)
         noise = rng.standard_normal((N, E)) if config.router == "noisy_topk" else None
         bias = np.array([0.01, -0.02, 0.0])                            # (E,)
-        kw = {"config": config, "noise": noise, "bias": bias, "seed": seed + 11}
+        kw = {"config": config, "noise": noise, "bias": bias, "rng": seed + 11}
 
         def forward(x, **params):
             return sparse_moe_forward(x, params, **kw)
@@ -195,11 +203,11 @@ def sparse_moe_check(name: str, seed: int):
             dx, grads = sparse_moe_backward(dout, cache)
             return {"x": dx} | grads
 
-        pick = lambda x, **params: sparse_selection(sparse_moe_forward(x, params, **kw)[1])
+        pick = lambda x, **params: sparse_moe_selection(forward(x, **params)[1])
         return check_pair(f"sparse_moe[{name}]", forward, backward, {"x": x} | params,
                           seed=seed, selection=pick)
     return until_stable(rows, seed)
 
 
-for _case in SPARSE_CASES:
-    register(f"sparse_moe[{_case}]")(lambda seed, c=_case: sparse_moe_check(c, seed))
+for _name in SPARSE_CASES:
+    register(f"sparse_moe[{_name}]", chapter=4)(lambda seed, c=_name: sparse_moe_check(c, seed))

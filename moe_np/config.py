@@ -1,0 +1,129 @@
+"""Configurations: frozen, keyword-only dataclasses, validated once, here.
+
+    DenseConfig   a dense mixture: sizes, gate, experts, temperature, gate dropout
+    SparseConfig  a sparse layer: sizes, router, K, capacity and drop policy,
+                  auxiliary-loss coefficients, the selection-bias step, dispatch
+
+Every cross-field rule lives in `__post_init__`, so a layer built from a
+config never meets a combination it cannot honour.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_np import validate
+
+EXPERT_KINDS = ("mlp", "swiglu")
+GATE_KINDS = ("softmax", "mlp", "per_dim")
+ROUTER_KINDS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax", "sigmoid_bias",
+                "noisy_topk", "expert_choice")
+SOFTMAX_ROUTERS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
+DROP_POLICIES = ("position", "priority", "random")
+DISPATCH_STRATEGIES = ("numpy", "numba", "einsum")
+
+
+def _one_of(owner: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name} must be one of {allowed}, got {value!r}")
+
+
+def _sizes(owner: str, **sizes) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative(owner: str, **values) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseConfig:
+    """A dense mixture: y = sum_e g_e(x) f_e(x) over all E experts."""
+    d_model: int                 # D
+    num_experts: int             # E
+    d_hidden: int                # H, each expert's hidden width
+    gate: str = "softmax"        # softmax | mlp | per_dim
+    expert: str = "mlp"          # mlp (ReLU) | swiglu
+    temperature: float = 1.0     # softmax temperature of the gate
+    gate_dropout: float = 0.0    # inverted dropout on the gate weights, training only
+    gate_hidden: int = 16        # the MLP gate's hidden width
+    router_scale: float = 0.1    # std of the initial gate weights (near-uniform mixing)
+
+    def __post_init__(self):
+        _sizes("DenseConfig", d_model=self.d_model, num_experts=self.num_experts,
+               d_hidden=self.d_hidden, gate_hidden=self.gate_hidden)
+        _one_of("DenseConfig", "gate", self.gate, GATE_KINDS)
+        _one_of("DenseConfig", "expert", self.expert, EXPERT_KINDS)
+        validate.positive("DenseConfig", "temperature", self.temperature)
+        validate.probability("DenseConfig", "gate_dropout", self.gate_dropout)
+        validate.positive("DenseConfig", "router_scale", self.router_scale)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseConfig:
+    """A sparse layer: each token goes to K of E experts, under a capacity.
+
+    capacity_factor None means dropless. For expert_choice, k is unused and
+    each expert takes C = ceil(capacity_factor * N / E) tokens.
+    """
+    d_model: int                          # D
+    num_experts: int                      # E
+    d_hidden: int                         # H
+    num_shared: int = 0                   # shared experts, seen by every token
+    expert: str = "mlp"                   # mlp (ReLU) | swiglu
+    router: str = "softmax_topk"          # see ROUTER_KINDS and routers.py
+    k: int = 2                            # experts per token
+    capacity_factor: float | None = None  # C = ceil(factor * K * N / E); None: dropless
+    min_capacity: int = 0
+    drop_policy: str = "position"         # position | priority | random
+    balance_coef: float = 0.0             # Switch/GShard balance loss (softmax routers)
+    z_coef: float = 0.0                   # router z-loss
+    cv_coef: float = 0.0                  # importance + load-estimate CV^2 (noisy_topk)
+    bias_gamma: float = 0.0               # loss-free selection-bias step (sigmoid_bias)
+    dispatch: str = "numpy"               # numpy | numba | einsum
+    router_scale: float = 0.1             # std of the initial router weights
+
+    def __post_init__(self):
+        own = "SparseConfig"
+        _sizes(own, d_model=self.d_model, num_experts=self.num_experts, d_hidden=self.d_hidden)
+        _one_of(own, "router", self.router, ROUTER_KINDS)
+        _one_of(own, "expert", self.expert, EXPERT_KINDS)
+        _one_of(own, "drop_policy", self.drop_policy, DROP_POLICIES)
+        _one_of(own, "dispatch", self.dispatch, DISPATCH_STRATEGIES)
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"{own}: k must be an integer >= 1, got k={self.k}")
+        _non_negative(own, num_shared=self.num_shared, min_capacity=self.min_capacity,
+                      balance_coef=self.balance_coef, z_coef=self.z_coef, cv_coef=self.cv_coef,
+                      bias_gamma=self.bias_gamma)
+        validate.positive(own, "router_scale", self.router_scale)
+        self._check_capacity()
+        self._check_router_options()
+
+    def _check_capacity(self):
+        if self.capacity_factor is not None:
+            validate.positive("SparseConfig", "capacity_factor", self.capacity_factor)
+        elif self.router == "expert_choice":
+            raise ValueError("SparseConfig: expert_choice needs a capacity_factor "
+                             "(each expert takes C = ceil(capacity_factor * N / E) tokens)")
+        if self.router != "expert_choice":
+            validate.top_k("SparseConfig", self.k, self.num_experts)
+
+    def _check_router_options(self):
+        own, router = "SparseConfig", self.router
+        if router == "switch" and self.k != 1:
+            raise ValueError(f"{own}: the switch router sends each token to one expert, got k={self.k}")
+        if router == "noisy_topk" and self.k == self.num_experts:
+            raise ValueError(f"{own}: noisy_topk needs k < num_experts for its load estimate, "
+                             f"got k={self.k}, num_experts={self.num_experts}")
+        if self.balance_coef and router not in SOFTMAX_ROUTERS:
+            raise ValueError(f"{own}: balance_coef needs a softmax router {SOFTMAX_ROUTERS} "
+                             f"(its P_i is the mean softmax probability), got router={router!r}")
+        if self.cv_coef and router != "noisy_topk":
+            raise ValueError(f"{own}: cv_coef (importance and load CV^2) needs router="
+                             f"'noisy_topk', got {router!r}")
+        if self.bias_gamma and router != "sigmoid_bias":
+            raise ValueError(f"{own}: bias_gamma={self.bias_gamma} needs router='sigmoid_bias', "
+                             f"got {router!r}")

@@ -1,0 +1,36 @@
+"""Dispatch: how a sparse layer moves tokens to experts and back.
+
+`plan.py` is the specification (capacity, drop policies, slots and the
+expert-order permutation). A *strategy* implements the data movement
+around the experts, behind one interface, chosen by `SparseConfig.dispatch`:
+
+    plan_token_choice(ids, num_experts, cap, order) -> Plan
+    gather_forward(x, plan) -> x_disp, cache       gather_backward(dx_disp, cache) -> dx
+    experts_forward(x_disp, params, kind, plan)    -> y_disp, cache
+    experts_backward(dy_disp, cache)               -> dx_disp, grads
+    experts_selection(cache)                       -> the experts' discrete choices
+    combine_forward(y_disp, weights, plan) -> y, cache
+    combine_backward(dy, cache) -> dy_disp, dweights
+
+Every strategy validates its inputs at this boundary (ids in range, shapes,
+dtypes, a plan that matches the batch) before any kernel runs.
+"""
+from __future__ import annotations
+
+import importlib
+
+from moe_np.dispatch.plan import POLICIES, Plan, capacity, plan_expert_choice, token_order  # noqa: F401
+
+STRATEGY_MODULES = {
+    "numpy": "moe_np.dispatch.reference",   # the reference: fancy indexing and np.add.at
+    "numba": "moe_np.dispatch.jit",         # compiled counting sort, gather and combine loops
+    "einsum": "moe_np.dispatch.onehot",     # GShard: one-hot (N, E, C) tensors, padded layout
+}
+STRATEGIES = tuple(STRATEGY_MODULES)
+
+
+def get_strategy(name: str):
+    """The module implementing dispatch strategy `name`."""
+    if name not in STRATEGY_MODULES:
+        raise ValueError(f"dispatch: strategy must be one of {STRATEGIES}, got {name!r}")
+    return importlib.import_module(STRATEGY_MODULES[name])
