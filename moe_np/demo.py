@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_np import data, losses
-from moe_np.gradcheck import run_checks
+from moe_np import SparseConfig, SparseMoE, data, losses
+from moe_np.checks import run_checks
 from moe_np.models import MLP
-from moe_np.balance import expert_counts
 from moe_np.optim import SGD, Adam
-from moe_np.sparse import SparseConfig, SparseMoE
 from moe_np.train import accuracy, fit
 
 
@@ -39,15 +37,17 @@ def train_sparse_moe(steps: int) -> None:
           "balance loss 0.01, on the four-quadrant regression task of chapter 3")
     x, y, _ = data.make_regions(4000, seed=0)                        # (4000, 2) each
     (x_tr, y_tr), (x_te, y_te) = data.split(x, y)
-    config = SparseConfig("softmax_topk", k=2, capacity_factor=1.25, balance_coef=0.01)
-    layer = SparseMoE(2, num_experts=8, d_hidden=8, config=config, seed=0)
+    config = SparseConfig(d_model=2, num_experts=8, d_hidden=8, router="softmax_topk", k=2,
+                          capacity_factor=1.25, balance_coef=0.01)
+    layer = SparseMoE(config, seed=0)
     fit(layer, x_tr, y_tr, losses.mse_forward, losses.mse_backward, Adam(layer.params, 1e-2),
         steps=steps, batch_size=128, log_every=max(1, steps // 5))
-    layer.training = False
+    layer.eval()
     test_mse = losses.mse_forward(layer.forward(x_te), y_te)[0]
-    share = expert_counts(layer.stats["ids"], 8) / layer.stats["ids"].size
-    print(f"test MSE {test_mse:.4f}; expert shares on the test set {np.round(share, 3)}; "
-          f"assignments dropped {layer.stats['num_dropped']} of {layer.stats['ids'].size}")
+    stats = layer.stats
+    share = stats.counts / stats.ids.size
+    print(f"test MSE {test_mse:.4f}; kept share per expert on the test set {np.round(share, 3)} "
+          f"(ideal 1/E = {1 / 8:.3f}); assignments dropped {stats.num_dropped} of {stats.ids.size}")
 
 
 def run_demo(quick: bool = False) -> int:

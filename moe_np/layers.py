@@ -106,7 +106,7 @@ def dropout_forward(x, p: float, seed):
     validate.probability("dropout_forward", "p", p)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     keep = rng.random(np.shape(x)) >= p                  # same shape as x
-    scale = keep / (1.0 - p)                             # same shape as x
+    scale = (keep / (1.0 - p)).astype(np.asarray(x).dtype)   # same shape and dtype as x
     return x * scale, scale
 
 
