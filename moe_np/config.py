@@ -1,8 +1,10 @@
 """Configurations: frozen, keyword-only dataclasses, validated once, here.
 
-    DenseConfig   a dense mixture: sizes, gate, experts, temperature, gate dropout
-    SparseConfig  a sparse layer: sizes, router, K, capacity and drop policy,
-                  auxiliary-loss coefficients, the selection-bias step, dispatch
+    DenseConfig      a dense mixture: sizes, gate, experts, temperature, gate dropout
+    SparseConfig     a sparse layer: sizes, router, K, capacity and drop policy,
+                     auxiliary-loss coefficients, the selection-bias step,
+                     dispatch, and its PrecisionConfig
+    PrecisionConfig  which number format the experts and the router compute in
 
 Every cross-field rule lives in `__post_init__`, so a layer built from a
 config never meets a combination it cannot honour.
@@ -20,6 +22,9 @@ ROUTER_KINDS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax", "s
 SOFTMAX_ROUTERS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
 DROP_POLICIES = ("position", "priority", "random")
 DISPATCH_STRATEGIES = ("numpy", "numba", "einsum")
+COMPUTE_FORMATS = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+ROUTER_PRECISIONS = ("fp32", "compute")
+FP8_SCALINGS = ("tensor", "tile", "mx")
 
 
 def _one_of(owner: str, name: str, value, allowed) -> None:
@@ -37,6 +42,28 @@ def _non_negative(owner: str, **values) -> None:
     for name, value in values.items():
         if not value >= 0:
             raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    """Simulated low precision: operands rounded to `compute`, float32 accumulation.
+
+    fp32 (the default) rounds nothing. router "fp32" keeps the router
+    (projection, softmax or sigmoid, top-K, selection bias) in float32 while
+    the experts run low (selective precision, as Switch and DeepSeek-V3 do);
+    "compute" runs it in the experts' format too.
+    """
+    compute: str = "fp32"             # fp32 | fp16 | bf16 | fp8_e4m3 | fp8_e5m2
+    router: str = "fp32"              # fp32 | compute
+    fp8_scaling: str = "tile"         # tensor | tile (1x128 activations, 128x128 weights) | mx
+    promote_every: int | None = 128   # fp8: add partial sums in float32 every N_C inner elements
+
+    def __post_init__(self):
+        _one_of("PrecisionConfig", "compute", self.compute, COMPUTE_FORMATS)
+        _one_of("PrecisionConfig", "router", self.router, ROUTER_PRECISIONS)
+        _one_of("PrecisionConfig", "fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
+        if self.promote_every is not None:
+            _sizes("PrecisionConfig", promote_every=self.promote_every)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +112,7 @@ class SparseConfig:
     bias_gamma: float = 0.0               # loss-free selection-bias step (sigmoid_bias)
     dispatch: str = "numpy"               # numpy | numba | einsum
     router_scale: float = 0.1             # std of the initial router weights
+    precision: PrecisionConfig = PrecisionConfig()   # fp32 unless asked
 
     def __post_init__(self):
         own = "SparseConfig"
@@ -99,6 +127,8 @@ class SparseConfig:
                       balance_coef=self.balance_coef, z_coef=self.z_coef, cv_coef=self.cv_coef,
                       bias_gamma=self.bias_gamma)
         validate.positive(own, "router_scale", self.router_scale)
+        if not isinstance(self.precision, PrecisionConfig):
+            raise ValueError(f"{own}: precision must be a PrecisionConfig, got {self.precision!r}")
         self._check_capacity()
         self._check_router_options()
 
