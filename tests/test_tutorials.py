@@ -37,3 +37,12 @@ def test_chapter_runs(path, tmp_path, monkeypatch):
 def test_chapter_has_paired_tests(path):
     number = path.name[:2]
     assert list(Path(__file__).parent.glob(f"test_{number}_*.py")), f"no tests/test_{number}_*.py"
+
+
+def test_readme_python_examples_run():
+    """The README's python blocks are programs too."""
+    readme = (TUTORIALS.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "the README has no python example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
