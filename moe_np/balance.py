@@ -56,6 +56,34 @@ def balance_loss_backward(dloss, cache):
     return np.broadcast_to(dloss * len(f) * f / n, (n, len(f))).copy()   # (N, E)
 
 
+def global_balance_loss_forward(probs_list, ids_list):
+    """The balance loss over a global batch of micro-batches (Qwen's global-batch balancing):
+
+        L = E * sum_i f_i P_i,  f_i = (assignments to i in all micro-batches) / (N K),
+        P_i = mean of probs[:, i] over all N tokens of all micro-batches.
+
+    Counts are accumulated before the loss, so the value and every
+    micro-batch's gradient are the same however the batch is split.
+    probs_list: list of (N_b, E); ids_list: list of (N_b, K). cache (f, sizes, N).
+    """
+    if len(probs_list) != len(ids_list) or not probs_list:
+        raise ValueError(f"global_balance_loss_forward: give as many probs as ids arrays (>= 1), "
+                         f"got {len(probs_list)} and {len(ids_list)}")
+    e = probs_list[0].shape[1]
+    counts = sum(expert_counts(ids, e) for ids in ids_list)           # (E,) over the global batch
+    f = (counts / sum(ids.size for ids in ids_list)).astype(probs_list[0].dtype)   # (E,)
+    n = sum(len(p) for p in probs_list)
+    p_mean = sum(p.sum(axis=0) for p in probs_list) / n               # (E,)
+    return e * np.sum(f * p_mean), (f, [len(p) for p in probs_list], n)
+
+
+def global_balance_loss_backward(dloss, cache):
+    """Each micro-batch: dprobs[n, i] = dloss E f_i / N (N the global token count)."""
+    f, sizes, n = cache
+    row = dloss * len(f) * f / n                                      # (E,)
+    return [np.broadcast_to(row, (size, len(f))).copy() for size in sizes]   # [(N_b, E)]
+
+
 def z_loss_forward(logits):
     """loss = mean_n logsumexp(logits_n)^2; (log E)^2 for all-zero logits.   (N, E) -> scalar.
     It pulls the logits' scale down, which keeps the router's softmax in a
@@ -101,31 +129,71 @@ def importance_backward(dimp, ids):
     return dimp[ids]                                                  # (N, K)
 
 
-def update_selection_bias(bias, ids, gamma: float):
+def update_selection_bias(bias, ids, gamma: float, centred: bool = False):
     """DeepSeek-V3's auxiliary-loss-free balancing, one step:
 
-        b_i <- b_i + gamma * sign(mean_j load_j - load_i)
+        b_i <- b_i + gamma * sign(mean_j counts_j - counts_i)
 
-    load_i = counts_i, the assignments to expert i in this batch (ids: (N, K)). Overloaded
-    experts get a lower selection bias, idle ones a higher; the bias is used
-    for choosing experts only (routers.sigmoid_topk_forward), never for
-    their weights, so the task gradient is untouched. Returns a new array.
+    counts_i = assignments to expert i in this batch (ids: (N, K)).
+    Overloaded experts get a lower selection bias, idle ones a higher; the
+    bias is used for choosing experts only (routers.sigmoid_topk_forward),
+    never for their weights, so the task gradient is untouched. centred
+    subtracts the mean of the sign terms, so the biases keep summing to the
+    same value and cannot drift together. Returns a new array.
     """
     validate.positive("update_selection_bias", "gamma", gamma)
     counts = expert_counts(ids, len(bias))                            # (E,)
-    step = gamma * np.sign(counts.mean() - counts)                    # (E,)
-    return bias + step.astype(bias.dtype)                             # (E,) in the bias's dtype
+    sign = np.sign(counts.mean() - counts)                            # (E,)
+    if centred:
+        sign = sign - sign.mean()
+    return bias + (gamma * sign).astype(bias.dtype)                   # (E,) in the bias's dtype
+
+
+def seq_balance_loss_forward(scores, ids, seq_len: int):
+    """DeepSeek-V3's sequence-wise balance loss, averaged over the B sequences of the batch:
+
+        L = mean_b sum_i f_bi P_bi,   f_bi = E / (K T) * #{t in b : i in ids_t},
+        P_bi = mean_{t in b} s_ti / sum_j s_tj
+
+    scores: (N, E) the unbiased sigmoid scores; ids: (N, K); N = B T with
+    T = seq_len. 1 at perfect balance within every sequence, E / K when
+    every token of a sequence picks the same K experts with all the score.
+    f is a count (no gradient). cache (f, scores, total, normalized, T).
+    """
+    validate.ndim("seq_balance_loss_forward", "scores", scores, 2)
+    n, e = scores.shape
+    if seq_len < 1 or n % seq_len:
+        raise ValueError(f"seq_balance_loss_forward: N={n} tokens do not split into sequences "
+                         f"of seq_len={seq_len}")
+    b, k = n // seq_len, ids.shape[1]
+    seq_of = np.repeat(np.arange(b), seq_len * k)                      # (N*K,) sequence of each choice
+    counts = np.bincount(seq_of * e + ids.ravel(), minlength=b * e).reshape(b, e)   # (B, E)
+    f = (counts * (e / (k * seq_len))).astype(scores.dtype)            # (B, E)
+    total = scores.sum(axis=1, keepdims=True)                          # (N, 1)
+    normalized = scores / total                                        # (N, E)
+    p = normalized.reshape(b, seq_len, e).mean(axis=1)                 # (B, E)
+    return np.mean(np.sum(f * p, axis=1)), (f, normalized, total, seq_len)
+
+
+def seq_balance_loss_backward(dloss, cache):
+    """dP_bi = dloss f_bi / B; dnormalized_ti = dP_b(t)i / T;
+    dscores = (dnormalized - <dnormalized, normalized>) / total.   -> (N, E)."""
+    f, normalized, total, seq_len = cache
+    dp = dloss * f / len(f)                                            # (B, E)
+    dnorm = np.repeat(dp, seq_len, axis=0) / seq_len                   # (N, E)
+    inner = np.sum(dnorm * normalized, axis=1, keepdims=True)          # (N, 1)
+    return (dnorm - inner) / total                                     # (N, E)
 
 
 # -- the layer's auxiliary loss, assembled from the config ------------------------
 
 class AuxCache(NamedTuple):
-    balance_coef: float
-    z_coef: float
-    cv_coef: float
+    config: object           # the SparseConfig (coefficients)
     balance: tuple | None    # (softmax cache, balance cache)
     z: tuple | None          # z-loss cache
     cv: tuple | None         # (importance cache, CV^2(importance) cache, CV^2(load) cache)
+    seq: tuple | None        # (sigmoid scores, sequence-wise loss cache)
+    mask: np.ndarray | None  # (N,) bool: the real tokens the losses saw, or None (all)
 
 
 class AuxGrads(NamedTuple):
@@ -135,13 +203,17 @@ class AuxGrads(NamedTuple):
     dload: np.ndarray | None      # (E,) onto the load estimate
 
 
-def aux_forward(route, config):
+def aux_forward(route, config, mask=None):
     """aux = a_bal * balance(softmax(logits), ids) + a_z * z(logits)
-           + a_cv * (CV^2(importance) + CV^2(load_estimate)),   a float; cache AuxCache.
+           + a_cv * (CV^2(importance) + CV^2(load_estimate))
+           + a_seq * seq_balance(sigmoid(logits), ids),        a float; cache AuxCache.
 
     route: a routers.RouterOut; config: a SparseConfig (which validated that
-    each loss has the router it needs)."""
-    aux, bal, z, cv = 0.0, None, None, None
+    each loss has the router it needs). mask (N,) bool: only real tokens count."""
+    if mask is not None:
+        route = route._replace(ids=route.ids[mask], weights=route.weights[mask],
+                               logits=route.logits[mask])
+    aux, bal, z, cv, seq = 0.0, None, None, None, None
     if config.balance_coef:
         probs, sm_cache = functional.softmax_forward(route.logits)    # (N, E) all E experts
         value, b_cache = balance_loss_forward(probs, route.ids)
@@ -154,21 +226,35 @@ def aux_forward(route, config):
         cv_imp, ci_cache = cv_squared_forward(imp)
         cv_load, cl_cache = cv_squared_forward(route.load_estimate)
         aux, cv = aux + config.cv_coef * float(cv_imp + cv_load), (i_cache, ci_cache, cl_cache)
-    return aux, AuxCache(config.balance_coef, config.z_coef, config.cv_coef, bal, z, cv)
+    if config.seq_aux_coef:
+        scores = functional.sigmoid(route.logits)                      # (N, E) unbiased
+        value, s_cache = seq_balance_loss_forward(scores, route.ids, config.seq_len)
+        aux, seq = aux + config.seq_aux_coef * float(value), (scores, s_cache)
+    return aux, AuxCache(config, bal, z, cv, seq, mask)
 
 
 def aux_backward(daux: float, cache: AuxCache) -> AuxGrads:
     """Each loss's gradient times its coefficient and daux (the upstream scale)."""
-    dlogits = dweights = dload = None
+    c = cache.config
+    parts = []                                                         # gradients on the logits
     if cache.balance is not None:
         sm_cache, b_cache = cache.balance
-        dprobs = balance_loss_backward(daux * cache.balance_coef, b_cache)   # (N, E)
-        dlogits = functional.softmax_backward(dprobs, sm_cache)            # (N, E)
+        dprobs = balance_loss_backward(daux * c.balance_coef, b_cache)    # (N, E)
+        parts.append(functional.softmax_backward(dprobs, sm_cache))
     if cache.z is not None:
-        dz = z_loss_backward(daux * cache.z_coef, cache.z)                 # (N, E)
-        dlogits = dz if dlogits is None else dlogits + dz
+        parts.append(z_loss_backward(daux * c.z_coef, cache.z))           # (N, E)
+    if cache.seq is not None:
+        scores, s_cache = cache.seq
+        dscores = seq_balance_loss_backward(daux * c.seq_aux_coef, s_cache)   # (N, E)
+        parts.append(dscores * scores * (1 - scores))                     # through the sigmoid
+    dweights = dload = None
     if cache.cv is not None:
         i_cache, ci_cache, cl_cache = cache.cv
-        dweights = importance_backward(cv_squared_backward(daux * cache.cv_coef, ci_cache), i_cache)
-        dload = cv_squared_backward(daux * cache.cv_coef, cl_cache)       # (E,)
+        dweights = importance_backward(cv_squared_backward(daux * c.cv_coef, ci_cache), i_cache)
+        dload = cv_squared_backward(daux * c.cv_coef, cl_cache)           # (E,)
+    dlogits = sum(parts[1:], parts[0]) if parts else None
+    if dlogits is not None and cache.mask is not None:
+        full = np.zeros((len(cache.mask), dlogits.shape[1]), dtype=dlogits.dtype)   # (N, E)
+        full[cache.mask] = dlogits
+        dlogits = full
     return AuxGrads(dlogits, dweights, dload)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe_np import validate
+from moe_np.routers import check_groups
 
 EXPERT_KINDS = ("mlp", "swiglu")
 GATE_KINDS = ("softmax", "mlp", "per_dim")
@@ -21,6 +22,8 @@ ROUTER_KINDS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax", "s
                 "noisy_topk", "expert_choice")
 SOFTMAX_ROUTERS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
 DROP_POLICIES = ("position", "priority", "random")
+BIAS_UPDATES = ("sign", "centred")
+CAPACITY_SCOPES = ("batch", "sequence")
 DISPATCH_STRATEGIES = ("numpy", "numba", "einsum")
 COMPUTE_FORMATS = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 ROUTER_PRECISIONS = ("fp32", "compute")
@@ -113,6 +116,20 @@ class SparseConfig:
     dispatch: str = "numpy"               # numpy | numba | einsum
     router_scale: float = 0.1             # std of the initial router weights
     precision: PrecisionConfig = PrecisionConfig()   # fp32 unless asked
+    # DeepSeek-V3 (sigmoid_bias router)
+    n_group: int = 1                      # expert groups for group-limited routing
+    topk_group: int = 1                   # groups that stay eligible per token
+    norm_topk_prob: bool = True           # weights s / sum s[ids] (else s[ids])
+    routed_scaling_factor: float = 1.0    # routed weights times this factor
+    bias_update: str = "sign"             # sign | centred (subtract the mean sign term)
+    seq_aux_coef: float = 0.0             # sequence-wise balance loss (needs seq_len)
+    # scope of the balance statistics
+    seq_len: int | None = None            # tokens per sequence: N = batch * seq_len
+    capacity_scope: str = "batch"         # batch | sequence (capacity counted per sequence)
+    # shared experts (Qwen2-MoE) and router input noise (Switch)
+    shared_gate: bool = False             # shared output times sigmoid(x w_shared_gate)
+    d_hidden_shared: int | None = None    # shared experts' hidden width (default d_hidden)
+    jitter: float = 0.0                   # router input times U(1 - jitter, 1 + jitter), training
 
     def __post_init__(self):
         own = "SparseConfig"
@@ -131,6 +148,8 @@ class SparseConfig:
             raise ValueError(f"{own}: precision must be a PrecisionConfig, got {self.precision!r}")
         self._check_capacity()
         self._check_router_options()
+        self._check_deepseek()
+        self._check_scope_and_shared()
 
     def _check_capacity(self):
         if self.capacity_factor is not None:
@@ -157,3 +176,41 @@ class SparseConfig:
         if self.bias_gamma and router != "sigmoid_bias":
             raise ValueError(f"{own}: bias_gamma={self.bias_gamma} needs router='sigmoid_bias', "
                              f"got {router!r}")
+
+    def _check_deepseek(self):
+        own = "SparseConfig"
+        _one_of(own, "bias_update", self.bias_update, BIAS_UPDATES)
+        _sizes(own, n_group=self.n_group, topk_group=self.topk_group)
+        _non_negative(own, seq_aux_coef=self.seq_aux_coef)
+        validate.positive(own, "routed_scaling_factor", self.routed_scaling_factor)
+        custom = {"n_group": self.n_group != 1, "topk_group": self.topk_group != 1,
+                  "norm_topk_prob": not self.norm_topk_prob,
+                  "routed_scaling_factor": self.routed_scaling_factor != 1.0,
+                  "seq_aux_coef": self.seq_aux_coef > 0}
+        for name, used in custom.items():
+            if used and self.router != "sigmoid_bias":
+                raise ValueError(f"{own}: {name}={getattr(self, name)} needs router='sigmoid_bias' "
+                                 f"(DeepSeek-V3's router), got {self.router!r}")
+        if self.router == "sigmoid_bias":
+            check_groups(own, self.num_experts, self.k, self.n_group, self.topk_group)
+        if self.seq_aux_coef and self.seq_len is None:
+            raise ValueError(f"{own}: seq_aux_coef={self.seq_aux_coef} needs seq_len "
+                             "(the loss is computed per sequence)")
+
+    def _check_scope_and_shared(self):
+        own = "SparseConfig"
+        _one_of(own, "capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
+        if self.seq_len is not None:
+            _sizes(own, seq_len=self.seq_len)
+        if self.capacity_scope == "sequence" and (self.seq_len is None or self.capacity_factor is None
+                                                  or self.router == "expert_choice"):
+            raise ValueError(f"{own}: capacity_scope='sequence' needs seq_len, a capacity_factor "
+                             f"and a token-choice router; got seq_len={self.seq_len}, "
+                             f"capacity_factor={self.capacity_factor}, router={self.router!r}")
+        if self.d_hidden_shared is not None:
+            _sizes(own, d_hidden_shared=self.d_hidden_shared)
+        if (self.shared_gate or self.d_hidden_shared is not None) and not self.num_shared:
+            raise ValueError(f"{own}: shared_gate and d_hidden_shared need num_shared >= 1, "
+                             f"got num_shared={self.num_shared}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"{own}: jitter must be in [0, 1), got {self.jitter}")

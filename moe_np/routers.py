@@ -15,8 +15,9 @@ they are held fixed, which is exact except where two scores tie.
     softmax_topk_raw  the same ids, weights p unrenormalized (GShard, Switch)
     switch            softmax_topk_raw with K = 1 (Switch Transformer)
     topk_softmax      softmax over the K largest logits (= softmax_topk)
-    sigmoid_bias      s = sigmoid(z); ids = topK(s + bias), weights s / sum s[ids]
-                      (DeepSeek-V3; the bias steers selection only)
+    sigmoid_bias      s = sigmoid(z); ids = topK(s + bias) within the best groups,
+                      weights r * s / sum s[ids] or r * s (DeepSeek-V3; the bias
+                      steers selection only; r the routed scaling factor)
     noisy_topk        H = z + eps * softplus(x W_noise); topk_softmax on H, and
                       Shazeer et al.'s smooth load estimate (2017)
     expert_choice     each expert takes its C best tokens by softmax over
@@ -118,31 +119,71 @@ class SigmoidTopkCache(NamedTuple):
     s: np.ndarray           # (N, E) sigmoid(logits)
     ids: np.ndarray         # (N, K)
     weights: np.ndarray     # (N, K)
-    total: np.ndarray       # (N, 1) sum of the selected s
+    total: np.ndarray | None  # (N, 1) sum of the selected s, or None when not normalized
+    scale: float            # routed_scaling_factor
 
 
-def sigmoid_topk_forward(logits, k: int, bias=None):
-    """s = sigmoid(logits); ids = topK(s + bias); weights = s[ids] / sum s[ids].
+def group_limited_mask(scores, n_group: int, topk_group: int):
+    """Which experts stay eligible under group-limited routing (DeepSeek-V3).
+
+    The E experts form n_group groups of E / n_group; a group's score is the
+    sum of its two best scores (its best one if it has a single expert); only
+    the topk_group best groups stay eligible.   scores (N, E) -> (N, E) bool.
+    """
+    n, e = scores.shape
+    grouped = scores.reshape(n, n_group, e // n_group)                 # (N, G, E/G)
+    best_two = -np.sort(-grouped, axis=2)[:, :, :2]                    # (N, G, <=2)
+    group_score = best_two.sum(axis=2)                                 # (N, G)
+    keep = top_k_indices(group_score, topk_group)                      # (N, topk_group)
+    eligible = np.zeros((n, n_group), dtype=bool)                      # (N, G)
+    np.put_along_axis(eligible, keep, True, axis=1)
+    return np.repeat(eligible, e // n_group, axis=1)                   # (N, E)
+
+
+def check_groups(fn, num_experts: int, k: int, n_group: int, topk_group: int) -> None:
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"{fn}: n_group={n_group} must divide num_experts={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"{fn}: topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if k > topk_group * (num_experts // n_group):
+        raise ValueError(f"{fn}: k={k} exceeds the {topk_group * (num_experts // n_group)} experts "
+                         f"in the eligible groups (topk_group={topk_group} of n_group={n_group})")
+
+
+def sigmoid_topk_forward(logits, k: int, bias=None, *, n_group: int = 1, topk_group: int = 1,
+                         normalize: bool = True, scale: float = 1.0):
+    """s = sigmoid(logits); ids = topK(s + bias) among eligible groups;
+    weights = scale * s[ids] / sum s[ids]  (or scale * s[ids] unnormalized).
 
     logits: (N, E), bias: (E,) or None -> ids (N, K), weights (N, K). The
-    bias only steers which experts are chosen; it never enters the weights,
-    so it gets no gradient and is updated by `balance.update_selection_bias`.
+    bias only steers which experts are chosen (and which groups stay
+    eligible); it never enters the weights, so it gets no gradient and is
+    updated by `balance.update_selection_bias`. n_group = topk_group = 1 is
+    plain top-K.
     """
     _check_logits("sigmoid_topk_forward", logits, k)
+    check_groups("sigmoid_topk_forward", logits.shape[1], k, n_group, topk_group)
     s = functional.sigmoid(logits)                                     # (N, E)
     if bias is not None:
         validate.shape("sigmoid_topk_forward", "bias", bias, (logits.shape[1],))
-    ids = top_k_indices(s if bias is None else s + bias, k)            # (N, K)
+    biased = s if bias is None else s + bias                           # (N, E) for selection only
+    if n_group > 1:
+        biased = np.where(group_limited_mask(biased, n_group, topk_group), biased, -np.inf)
+    ids = top_k_indices(biased, k)                                     # (N, K)
     picked = np.take_along_axis(s, ids, axis=1)                        # (N, K)
-    total = picked.sum(axis=1, keepdims=True)                          # (N, 1)
-    weights = picked / total                                           # (N, K)
-    return (ids, weights), SigmoidTopkCache(s, ids, weights, total)
+    total = picked.sum(axis=1, keepdims=True) if normalize else None   # (N, 1)
+    weights = scale * (picked / total if normalize else picked)        # (N, K)
+    return (ids, weights), SigmoidTopkCache(s, ids, weights, total, scale)
 
 
 def sigmoid_topk_backward(dweights, cache: SigmoidTopkCache):
-    """dlogits = scatter((dw - <dw, w>) / sum s) * s (1 - s)."""
-    s, ids, weights, total = cache
-    ds = (dweights - np.sum(dweights * weights, axis=1, keepdims=True)) / total   # (N, K)
+    """Normalized: ds = scale (dw - <dw, w / scale>) / sum s; unnormalized: ds = scale dw;
+    then dlogits = scatter(ds) * s (1 - s)."""
+    s, ids, weights, total, scale = cache
+    if total is None:
+        ds = scale * dweights                                          # (N, K)
+    else:
+        ds = scale * (dweights - np.sum(dweights * weights, axis=1, keepdims=True) / scale) / total
     return _scatter_rows(ds, ids, s.shape[1]) * s * (1 - s)            # (N, E)
 
 
@@ -280,7 +321,9 @@ def _select_topk_softmax(logits, config, extras):
 
 
 def _select_sigmoid_bias(logits, config, extras):
-    (ids, weights), cache = sigmoid_topk_forward(logits, config.k, extras.bias)
+    (ids, weights), cache = sigmoid_topk_forward(
+        logits, config.k, extras.bias, n_group=config.n_group, topk_group=config.topk_group,
+        normalize=config.norm_topk_prob, scale=config.routed_scaling_factor)
     return RouterOut(ids, weights, logits, None, None), cache
 
 

@@ -20,8 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moe_np import balance, dispatch, routers, validate
+from moe_np import balance, dispatch, functional, routers, validate
 from moe_np.config import SparseConfig
+from moe_np.dispatch.plan import sequence_capacity_eligible
 from moe_np.experts import expert_kind, experts_selection, init_experts
 from moe_np.module import Module
 
@@ -29,6 +30,7 @@ from moe_np.module import Module
 class SparseCache(NamedTuple):
     """What a SparseMoE forward keeps for its backward (and for inspection)."""
     config: SparseConfig
+    params: dict
     route: routers.RouterOut
     router_cache: routers.RouterCache
     plan: dispatch.Plan
@@ -37,6 +39,7 @@ class SparseCache(NamedTuple):
     combine_cache: tuple
     shared_cache: tuple | None
     aux_cache: balance.AuxCache
+    jitter: np.ndarray | None     # (N, D) the router's multiplicative input noise, or None
 
 
 class RoutingStats(NamedTuple):
@@ -48,36 +51,83 @@ class RoutingStats(NamedTuple):
     logits: np.ndarray        # (N, E) router logits
 
 
-def make_plan(route: routers.RouterOut, config: SparseConfig, strategy, rng=None) -> dispatch.Plan:
-    """Capacity, the drop policy's claiming order, and the strategy's plan."""
+def make_plan(route: routers.RouterOut, config: SparseConfig, strategy, rng=None,
+              mask=None) -> dispatch.Plan:
+    """Capacity, the drop policy's claiming order, and the strategy's plan.
+
+    mask (N,) bool: padding tokens (False) take part in nothing. With
+    capacity_scope "sequence", each sequence of seq_len tokens has its own
+    C slots per expert; the plan then keeps exactly the assignments that won
+    a slot in their sequence, in the usual expert-contiguous order.
+    """
     if route.token_ids is not None:
         return dispatch.plan_expert_choice(route.token_ids, len(route.logits))
     n, k = route.ids.shape
-    cap = None if config.capacity_factor is None else dispatch.capacity(
-        n, config.num_experts, k, config.capacity_factor, config.min_capacity)
+    e = config.num_experts
+    active = n if mask is None else int(mask.sum())
+    eligible = None if mask is None else np.repeat(mask[:, None], k, axis=1)   # (N, K)
     order = dispatch.token_order(route.weights, config.drop_policy, rng)   # (N,)
-    return strategy.plan_token_choice(route.ids, config.num_experts, cap, order)
+    cap = None
+    if config.capacity_factor is not None:
+        scope = config.seq_len if config.capacity_scope == "sequence" else active
+        cap = dispatch.capacity(scope, e, k, config.capacity_factor, config.min_capacity)
+    if config.capacity_scope == "sequence":
+        eligible = sequence_capacity_eligible(route.ids, e, cap, order, config.seq_len, eligible)
+    extra = {} if eligible is None else {"eligible": eligible}
+    plan_cap = None if config.capacity_scope == "sequence" else cap
+    plan = strategy.plan_token_choice(route.ids, e, plan_cap, order, **extra)
+    return plan._replace(capacity=cap, num_dropped=active * k - len(plan.rows_token))
+
+
+class SharedCache(NamedTuple):
+    experts_cache: tuple          # the stacked shared experts' cache
+    x: np.ndarray                 # (N, D)
+    y_shared: np.ndarray          # (N, D) sum of the shared experts' outputs, before the gate
+    gate: np.ndarray | None       # (N, 1) sigmoid(x w_shared_gate), or None (ungated)
 
 
 def shared_experts_forward(x, params: dict, config: SparseConfig):
-    """sum_s f_s(x) over the shared experts (None if there are none).   (N, D)."""
+    """sum_s f_s(x) over the shared experts, times sigmoid(x w_shared_gate) when gated
+    (Qwen2-MoE); None if there are none.   x (N, D) -> (N, D)."""
     if not config.num_shared:
         return None, None
     kind = expert_kind(config.expert)
-    y_shared, cache = kind.forward(x, *(params["shared_" + k] for k in kind.names))   # (S, N, D)
-    return y_shared.sum(axis=0), cache                                 # (N, D)
+    y_each, cache = kind.forward(x, *(params["shared_" + k] for k in kind.names))   # (S, N, D)
+    y_shared = y_each.sum(axis=0)                                      # (N, D)
+    if not config.shared_gate:
+        return y_shared, SharedCache(cache, x, y_shared, None)
+    gate = functional.sigmoid(x @ params["w_shared_gate"])             # (N, 1)
+    return gate * y_shared, SharedCache(cache, x, y_shared, gate)
 
 
-def shared_experts_backward(dy, cache, config: SparseConfig):
-    """Every shared expert receives the full upstream gradient.   -> dx (N, D), grads."""
+def shared_experts_backward(dy, cache: SharedCache, params: dict, config: SparseConfig):
+    """Every shared expert receives the full upstream gradient (times the gate).   -> dx, grads."""
     kind = expert_kind(config.expert)
-    dy_shared = np.broadcast_to(dy, (config.num_shared,) + dy.shape)   # (S, N, D)
-    dx, *g = kind.backward(dy_shared, cache)
-    return dx, {"shared_" + k: v for k, v in zip(kind.names, g)}
+    grads, dx_gate = {}, None
+    if cache.gate is not None:
+        dz = np.sum(dy * cache.y_shared, axis=1, keepdims=True) * cache.gate * (1 - cache.gate)  # (N, 1)
+        grads["w_shared_gate"] = cache.x.T @ dz                        # (D, 1)
+        dx_gate = dz @ params["w_shared_gate"].T                       # (N, D)
+        dy = cache.gate * dy                                           # (N, D)
+    dy_each = np.broadcast_to(dy, (config.num_shared,) + dy.shape)     # (S, N, D)
+    dx, *g = kind.backward(dy_each, cache.experts_cache)
+    grads |= {"shared_" + k: v for k, v in zip(kind.names, g)}
+    return (dx if dx_gate is None else dx + dx_gate), grads
 
 
-def _check_input(x, params: dict, config: SparseConfig) -> None:
+def _check_input(x, params: dict, config: SparseConfig, mask=None) -> None:
     validate.ndim("sparse_moe_forward", "x", x, 2)
+    if config.seq_len is not None and len(x) % config.seq_len:
+        raise ValueError(f"sparse_moe_forward: x has N={len(x)} tokens, not a multiple of "
+                         f"seq_len={config.seq_len}")
+    if mask is not None:
+        validate.shape("sparse_moe_forward", "mask", mask, (len(x),))
+        if np.asarray(mask).dtype != bool:
+            raise ValueError(f"sparse_moe_forward: mask must be bool, got {np.asarray(mask).dtype}")
+        if config.router in ("noisy_topk", "expert_choice") or config.seq_aux_coef or config.cv_coef:
+            raise ValueError(f"sparse_moe_forward: a token mask is supported for the softmax and "
+                             f"sigmoid_bias routers without cv or sequence-wise losses, "
+                             f"got router={config.router!r}")
     dtype = params["w_router"].dtype
     if x.dtype != dtype:
         raise ValueError(f"sparse_moe_forward: x is {x.dtype} but the parameters are {dtype}; "
@@ -86,26 +136,33 @@ def _check_input(x, params: dict, config: SparseConfig) -> None:
         validate.top_k("sparse_moe_forward", config.k, config.num_experts)
 
 
-def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, noise=None, rng=None):
+def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, noise=None, rng=None,
+                       jitter=None, mask=None):
     """(y (N, D), aux float), SparseCache.
 
     bias: (E,) selection bias (sigmoid_bias). noise: (N, E) standard-normal
     draws (noisy_topk; None: no noise, as at evaluation). rng: a Generator
-    or seed for the random drop policy.
+    or seed for the random drop policy. jitter: (N, D) multiplicative noise
+    on the router's input only (Switch), None at evaluation. mask: (N,)
+    bool, False for padding tokens: they take no slot, get no routed output
+    and add nothing to counts or to the auxiliary loss.
     """
-    _check_input(x, params, config)
+    _check_input(x, params, config, mask)
     strategy = dispatch.get_strategy(config.dispatch)
-    route, router_cache = routers.router_forward(x, params, config, bias=bias, noise=noise)
-    plan = make_plan(route, config, strategy, rng)
+    if jitter is not None:
+        validate.same_shape("sparse_moe_forward", "jitter", jitter, "x", x)
+    x_router = x if jitter is None else x * jitter                     # (N, D)
+    route, router_cache = routers.router_forward(x_router, params, config, bias=bias, noise=noise)
+    plan = make_plan(route, config, strategy, rng, mask)
     x_disp, gather_cache = strategy.gather_forward(x, plan)            # (M, D) or (E, C, D)
     y_disp, experts_cache = strategy.experts_forward(x_disp, params, config.expert, plan)
     y, combine_cache = strategy.combine_forward(y_disp, route.weights, plan)   # (N, D)
     y_shared, shared_cache = shared_experts_forward(x, params, config)
     if y_shared is not None:
         y += y_shared                                                  # (N, D)
-    aux, aux_cache = balance.aux_forward(route, config)
-    return (y, aux), SparseCache(config, route, router_cache, plan, gather_cache, experts_cache,
-                                 combine_cache, shared_cache, aux_cache)
+    aux, aux_cache = balance.aux_forward(route, config, mask)
+    return (y, aux), SparseCache(config, params, route, router_cache, plan, gather_cache, experts_cache,
+                                 combine_cache, shared_cache, aux_cache, jitter)
 
 
 def sparse_moe_backward(dout, cache: SparseCache):
@@ -116,12 +173,13 @@ def sparse_moe_backward(dout, cache: SparseCache):
     dx_disp, grads = strategy.experts_backward(dy_disp, cache.experts_cache)
     dx = strategy.gather_backward(dx_disp, cache.gather_cache)         # (N, D)
     if cache.shared_cache is not None:
-        dx_shared, shared_grads = shared_experts_backward(dy, cache.shared_cache, cache.config)
+        dx_shared, shared_grads = shared_experts_backward(dy, cache.shared_cache, cache.params,
+                                                          cache.config)
         dx += dx_shared
         grads |= shared_grads
     aux_grads = balance.aux_backward(daux, cache.aux_cache)
     dx_router, router_grads = routers.router_backward(dweights, cache.router_cache, aux_grads)
-    dx += dx_router                                                    # (N, D)
+    dx += dx_router if cache.jitter is None else dx_router * cache.jitter   # (N, D)
     return dx, grads | router_grads
 
 
@@ -129,7 +187,7 @@ def sparse_moe_selection(cache: SparseCache) -> tuple:
     """Every discrete choice one forward made: router choices, the plan's rows, ReLU patterns."""
     strategy = dispatch.get_strategy(cache.config.dispatch)
     shared = () if cache.shared_cache is None else \
-        experts_selection(cache.config.expert, cache.shared_cache)
+        experts_selection(cache.config.expert, cache.shared_cache.experts_cache)
     return (routers.router_selection(cache.router_cache) + (cache.plan.rows_token, cache.plan.rows_weight)
             + tuple(strategy.experts_selection(cache.experts_cache)) + shared)
 
@@ -145,9 +203,12 @@ def init_sparse_params(config: SparseConfig, rng, dtype=np.float64) -> dict:
     params |= init_experts(config.expert, config.num_experts, config.d_model, config.d_hidden,
                            rng, dtype)
     if config.num_shared:
-        shared = init_experts(config.expert, config.num_shared, config.d_model, config.d_hidden,
-                              rng, dtype)
+        width = config.d_hidden_shared or config.d_hidden
+        shared = init_experts(config.expert, config.num_shared, config.d_model, width, rng, dtype)
         params |= {"shared_" + k: v for k, v in shared.items()}
+    if config.shared_gate:
+        params["w_shared_gate"] = (config.router_scale * rng.standard_normal(
+            (config.d_model, 1))).astype(dtype)                        # (D, 1)
     return params
 
 
@@ -175,24 +236,32 @@ class SparseMoE(Module):
         self._cache, self.aux, self.stats = None, 0.0, None
 
     def _draws(self, num_tokens: int):
-        """Router noise (noisy_topk) and the random drop order's seed: drawn only in training."""
+        """Router noise (noisy_topk), the random drop order's seed and the router jitter:
+        drawn only in training (evaluation uses a fixed drop order and no noise)."""
         c, stream = self.config, self.rngs["routing"]
-        noise = drop_seed = None
+        noise = drop_seed = jitter = None
         if self.training and c.router == "noisy_topk":
             noise = stream.standard_normal((num_tokens, c.num_experts)).astype(self.dtype)   # (N, E)
         if c.drop_policy == "random":
             drop_seed = int(stream.integers(2**31)) if self.training else 0
-        return noise, drop_seed
+        if self.training and c.jitter:
+            jitter = stream.uniform(1 - c.jitter, 1 + c.jitter,
+                                    (num_tokens, c.d_model)).astype(self.dtype)   # (N, D)
+        return noise, drop_seed, jitter
 
-    def forward(self, x):
-        noise, drop_seed = self._draws(len(x))
+    def forward(self, x, mask=None):
+        """x (N, D) -> y (N, D); mask (N,) bool marks real tokens (None: all)."""
+        noise, drop_seed, jitter = self._draws(len(x))
         (y, self.aux), self._cache = sparse_moe_forward(
             x, self.params, self.config, bias=self.buffers.get("selection_bias"), noise=noise,
-            rng=drop_seed)
+            rng=drop_seed, jitter=jitter, mask=mask)
         self.stats = routing_stats(self._cache)
-        if self.training and self.config.bias_gamma > 0:
+        c = self.config
+        if self.training and c.bias_gamma > 0:
             bias = self.buffers["selection_bias"]
-            bias[...] = balance.update_selection_bias(bias, self.stats.ids, self.config.bias_gamma)
+            ids = self.stats.ids if mask is None else self.stats.ids[mask]   # real tokens only
+            bias[...] = balance.update_selection_bias(bias, ids, c.bias_gamma,
+                                                      centred=c.bias_update == "centred")
         return y                                                       # (N, D)
 
     def backward(self, dy, aux_scale: float = 1.0):

@@ -100,30 +100,35 @@ def check_routing(fn: str, ids, num_experts: int, order=None) -> None:
             raise ValueError(f"{fn}: order must be a permutation of 0..{n - 1}")
 
 
-def assign_slots(ids, num_experts: int, cap: int | None, order):
+def assign_slots(ids, num_experts: int, cap: int | None, order, eligible=None):
     """slot[n, r] = the slot assignment (n, r) takes in expert ids[n, r]'s buffer, -1 if dropped.
 
     Rank-major, tokens in `order` within a rank (the spec above), written
-    with NumPy sorts: the readable reference, not the fast path.
+    with NumPy sorts: the readable reference, not the fast path. eligible
+    (N, K) bool, if given, leaves some assignments out entirely (padding
+    tokens, or assignments a per-sequence capacity already dropped): they
+    claim nothing and get slot -1.
     ids: (N, K), order: (N,) -> slot (N, K) int64, counts (E,) kept per expert.
     """
     n, k = ids.shape
     slot = np.full((n, k), -1, dtype=np.int64)                         # (N, K)
     counts = np.zeros(num_experts, dtype=np.int64)                     # (E,)
     for rank in range(k):
-        experts_here = ids[order, rank]                                # (N,) in claiming order
-        by_expert = np.argsort(experts_here, kind="stable")            # (N,) grouped, order kept
-        grouped = experts_here[by_expert]                              # (N,)
-        first = np.searchsorted(grouped, grouped, side="left")         # (N,) start of each group
-        position = counts[grouped] + np.arange(n) - first              # (N,) slot if kept
-        keep = position < cap if cap is not None else np.ones(n, bool)   # (N,)
-        slot[order[by_expert[keep]], rank] = position[keep]
+        claim = order if eligible is None else order[eligible[order, rank]]   # (N_r,) claiming order
+        experts_here = ids[claim, rank]                                # (N_r,)
+        by_expert = np.argsort(experts_here, kind="stable")            # (N_r,) grouped, order kept
+        grouped = experts_here[by_expert]                              # (N_r,)
+        first = np.searchsorted(grouped, grouped, side="left")         # (N_r,) start of each group
+        position = counts[grouped] + np.arange(len(claim)) - first     # (N_r,) slot if kept
+        keep = position < cap if cap is not None else np.ones(len(claim), bool)   # (N_r,)
+        slot[claim[by_expert[keep]], rank] = position[keep]
         counts += np.bincount(grouped[keep], minlength=num_experts)
     return slot, counts
 
 
-def plan_from_slots(slot, ids, counts, cap: int | None) -> Plan:
-    """Token-choice plan from the slots: row = offsets[expert] + slot.   slot, ids: (N, K)."""
+def plan_from_slots(slot, ids, counts, cap: int | None, num_eligible: int | None = None) -> Plan:
+    """Token-choice plan from the slots: row = offsets[expert] + slot.   slot, ids: (N, K).
+    num_dropped counts eligible assignments without a slot (all N*K by default)."""
     n, k = ids.shape
     flat = np.flatnonzero(slot >= 0)                                   # (M,) into (N, K).ravel()
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)   # (E+1,)
@@ -132,15 +137,42 @@ def plan_from_slots(slot, ids, counts, cap: int | None) -> Plan:
     rows_weight[rows] = flat
     token_rows = np.full(n * k, -1, dtype=np.int64)                    # (N*K,)
     token_rows[flat] = rows
+    eligible = slot.size if num_eligible is None else num_eligible
     return Plan(rows_weight // k, rows_weight, offsets, token_rows.reshape(n, k), cap,
-                int(slot.size - flat.size))
+                int(eligible - flat.size))
 
 
-def plan_token_choice(ids, num_experts: int, cap: int | None, order) -> Plan:
-    """The reference plan for token-choice routing (validated).   ids (N, K), order (N,)."""
+def plan_token_choice(ids, num_experts: int, cap: int | None, order, eligible=None) -> Plan:
+    """The reference plan for token-choice routing (validated).   ids (N, K), order (N,),
+    eligible (N, K) bool or None (every assignment takes part)."""
     check_routing("plan_token_choice", ids, num_experts, order)
-    slot, counts = assign_slots(ids, num_experts, cap, order)          # (N, K), (E,)
-    return plan_from_slots(slot, ids, counts, cap)
+    if eligible is not None:
+        check_eligible("plan_token_choice", eligible, ids.shape)
+    slot, counts = assign_slots(ids, num_experts, cap, order, eligible)   # (N, K), (E,)
+    num_eligible = None if eligible is None else int(eligible.sum())
+    return plan_from_slots(slot, ids, counts, cap, num_eligible)
+
+
+def check_eligible(fn: str, eligible, shape) -> None:
+    """eligible: a bool array shaped like ids."""
+    if not isinstance(eligible, np.ndarray) or eligible.dtype != bool:
+        raise ValueError(f"{fn}: eligible must be a bool array, got "
+                         f"{getattr(eligible, 'dtype', type(eligible).__name__)}")
+    validate.shape(fn, "eligible", eligible, shape)
+
+
+def sequence_capacity_eligible(ids, num_experts: int, cap: int, order, seq_len: int,
+                               eligible=None):
+    """Capacity counted per sequence: each sequence of seq_len tokens has its own C slots per
+    expert. Returns which assignments keep a slot, (N, K) bool: treat (sequence, expert) as one
+    'virtual expert' and run the same rank-major slot assignment over them."""
+    n = ids.shape[0]
+    if n % seq_len:
+        raise ValueError(f"sequence_capacity_eligible: N={n} tokens do not split into sequences "
+                         f"of seq_len={seq_len}")
+    virtual = (np.arange(n) // seq_len)[:, None] * num_experts + ids   # (N, K)
+    slot, _ = assign_slots(virtual, (n // seq_len) * num_experts, cap, order, eligible)
+    return slot >= 0                                                   # (N, K)
 
 
 def plan_expert_choice(token_ids, num_tokens: int) -> Plan:
