@@ -49,7 +49,8 @@ def _non_negative(owner: str, **values) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class PrecisionConfig:
-    """Simulated low precision: operands rounded to `compute`, float32 accumulation.
+    """Simulated low precision: operands rounded to `compute`, float32 accumulation,
+    outputs rounded (see lowp.py for the named steps).
 
     fp32 (the default) rounds nothing. router "fp32" keeps the router
     (projection, softmax or sigmoid, top-K, selection bias) in float32 while
@@ -59,14 +60,11 @@ class PrecisionConfig:
     compute: str = "fp32"             # fp32 | fp16 | bf16 | fp8_e4m3 | fp8_e5m2
     router: str = "fp32"              # fp32 | compute
     fp8_scaling: str = "tile"         # tensor | tile (1x128 activations, 128x128 weights) | mx
-    promote_every: int | None = 128   # fp8: add partial sums in float32 every N_C inner elements
 
     def __post_init__(self):
         _one_of("PrecisionConfig", "compute", self.compute, COMPUTE_FORMATS)
         _one_of("PrecisionConfig", "router", self.router, ROUTER_PRECISIONS)
         _one_of("PrecisionConfig", "fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
-        if self.promote_every is not None:
-            _sizes("PrecisionConfig", promote_every=self.promote_every)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +144,9 @@ class SparseConfig:
         validate.positive(own, "router_scale", self.router_scale)
         if not isinstance(self.precision, PrecisionConfig):
             raise ValueError(f"{own}: precision must be a PrecisionConfig, got {self.precision!r}")
+        if self.precision.compute != "fp32" and self.dispatch == "einsum":
+            raise ValueError(f"{own}: precision.compute={self.precision.compute!r} runs the experts "
+                             f"on the ragged layout; use dispatch 'numpy' or 'numba', not 'einsum'")
         self._check_capacity()
         self._check_router_options()
         self._check_deepseek()

@@ -155,6 +155,7 @@ class RaggedCache(NamedTuple):
     offsets: np.ndarray    # (E+1,)
     weights: tuple         # the expert weights, in EXPERTS[kind].names order
     hidden: tuple          # mlp: (h,) relu output (M, H); swiglu: (a, b) pre-activations (M, H)
+    gemm: Callable         # every matrix product: np.matmul, or a low-precision one
 
 
 def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
@@ -164,12 +165,14 @@ def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
         raise ValueError(f"{fn}: offsets must rise from 0 to M={rows}, got {offsets[:6]}...")
 
 
-def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets):
+def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.matmul):
     """y_sorted[lo:hi] = f_e(x_sorted[lo:hi]) for lo, hi = offsets[e], offsets[e+1].
 
     x_sorted: (M, D), params: the stacked expert weights (E, ...) -> y_sorted (M, D).
     Only what backward cannot cheaply recompute is kept: the hidden
-    activations (M, H); the ReLU mask is recovered as h > 0.
+    activations (M, H); the ReLU mask is recovered as h > 0. gemm(a, b, out=)
+    computes every matrix product, forward and backward: np.matmul, or a
+    simulated low-precision product (precision.lowp_gemm).
     """
     weights = tuple(params[k] for k in expert_kind(kind).names)
     validate.ndim("ragged_experts_forward", "x_sorted", x_sorted, 2)
@@ -178,8 +181,8 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets):
                          f"expert weights have D={weights[0].shape[1]}")
     check_offsets("ragged_experts_forward", offsets, len(x_sorted), weights[0].shape[0])
     run = _ragged_mlp_forward if kind == "mlp" else _ragged_swiglu_forward
-    y_sorted, hidden = run(x_sorted, weights, offsets)             # (M, D)
-    return y_sorted, RaggedCache(kind, x_sorted, offsets, weights, hidden)
+    y_sorted, hidden = run(x_sorted, weights, offsets, gemm)       # (M, D)
+    return y_sorted, RaggedCache(kind, x_sorted, offsets, weights, hidden, gemm)
 
 
 def _segments(offsets):
@@ -188,29 +191,29 @@ def _segments(offsets):
             if hi > lo]
 
 
-def _ragged_mlp_forward(x, weights, offsets):
+def _ragged_mlp_forward(x, weights, offsets, gemm):
     w1, b1, w2, b2 = weights
     h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
     y = np.empty_like(x)                                           # (M, D)
     for e, lo, hi in _segments(offsets):
-        he = np.matmul(x[lo:hi], w1[e], out=h[lo:hi])              # (M_e, H)
+        he = gemm(x[lo:hi], w1[e], out=h[lo:hi])                   # (M_e, H)
         he += b1[e]
         np.maximum(he, 0, out=he)                                  # ReLU in place
-        ye = np.matmul(he, w2[e], out=y[lo:hi])                    # (M_e, D)
+        ye = gemm(he, w2[e], out=y[lo:hi])                         # (M_e, D)
         ye += b2[e]
     return y, (h,)
 
 
-def _ragged_swiglu_forward(x, weights, offsets):
+def _ragged_swiglu_forward(x, weights, offsets, gemm):
     w_gate, w_up, w_down = weights
     a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
     b = np.empty_like(a)                                           # (M, H)
     y = np.empty_like(x)                                           # (M, D)
     for e, lo, hi in _segments(offsets):
-        np.matmul(x[lo:hi], w_gate[e], out=a[lo:hi])               # (M_e, H)
-        np.matmul(x[lo:hi], w_up[e], out=b[lo:hi])                 # (M_e, H)
+        gemm(x[lo:hi], w_gate[e], out=a[lo:hi])                    # (M_e, H)
+        gemm(x[lo:hi], w_up[e], out=b[lo:hi])                      # (M_e, H)
         u = layers.silu_forward(a[lo:hi])[0] * b[lo:hi]            # (M_e, H)
-        np.matmul(u, w_down[e], out=y[lo:hi])                      # (M_e, D)
+        gemm(u, w_down[e], out=y[lo:hi])                           # (M_e, D)
     return y, (a, b)
 
 
@@ -234,28 +237,29 @@ def _ragged_mlp_backward(e, lo, hi, dy, dx, grads, cache):
     """One expert's segment: writes dx[lo:hi] and the expert's slices of the gradients."""
     w1, _, w2, _ = cache.weights
     dw1, db1, dw2, db2 = grads
+    gemm = cache.gemm
     h, x, dye = cache.hidden[0][lo:hi], cache.x_sorted[lo:hi], dy[lo:hi]   # (M_e, H), (M_e, D)
-    np.matmul(h.T, dye, out=dw2[e])                                # (H, D)
+    gemm(h.T, dye, out=dw2[e])                                     # (H, D)
     db2[e] = dye.sum(axis=0)                                       # (D,)
-    da = dye @ w2[e].T                                             # (M_e, H)
+    da = gemm(dye, w2[e].T)                                        # (M_e, H)
     da *= h > 0                                                    # ReLU mask from the activations
-    np.matmul(x.T, da, out=dw1[e])                                 # (D, H)
+    gemm(x.T, da, out=dw1[e])                                      # (D, H)
     db1[e] = da.sum(axis=0)                                        # (H,)
-    np.matmul(da, w1[e].T, out=dx[lo:hi])                          # (M_e, D)
+    gemm(da, w1[e].T, out=dx[lo:hi])                               # (M_e, D)
 
 
 def _ragged_swiglu_backward(e, lo, hi, dy, dx, grads, cache):
     w_gate, w_up, w_down = cache.weights
     dw_gate, dw_up, dw_down = grads
     a, b = cache.hidden[0][lo:hi], cache.hidden[1][lo:hi]          # (M_e, H) each
-    x, dye = cache.x_sorted[lo:hi], dy[lo:hi]                      # (M_e, D) each
+    x, dye, gemm = cache.x_sorted[lo:hi], dy[lo:hi], cache.gemm    # (M_e, D) each
     u, glu_cache = layers.swiglu_forward(a, b)                     # (M_e, H) recomputed
-    np.matmul(u.T, dye, out=dw_down[e])                            # (H, D)
-    da, db = layers.swiglu_backward(dye @ w_down[e].T, glu_cache)  # (M_e, H) each
-    np.matmul(x.T, da, out=dw_gate[e])                             # (D, H)
-    np.matmul(x.T, db, out=dw_up[e])                               # (D, H)
-    np.matmul(da, w_gate[e].T, out=dx[lo:hi])                      # (M_e, D)
-    dx[lo:hi] += db @ w_up[e].T
+    gemm(u.T, dye, out=dw_down[e])                                 # (H, D)
+    da, db = layers.swiglu_backward(gemm(dye, w_down[e].T), glu_cache)   # (M_e, H) each
+    gemm(x.T, da, out=dw_gate[e])                                  # (D, H)
+    gemm(x.T, db, out=dw_up[e])                                    # (D, H)
+    gemm(da, w_gate[e].T, out=dx[lo:hi])                           # (M_e, D)
+    dx[lo:hi] += gemm(db, w_up[e].T)
 
 
 def init_experts(kind: str, num_experts: int, d_model: int, d_hidden: int, rng,

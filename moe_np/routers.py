@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe_np import functional, validate
+from moe_np import functional, lowp, validate
 from moe_np.dispatch.plan import capacity as capacity_of
 
 
@@ -381,10 +381,18 @@ def router_forward(x, params: dict, config, *, bias=None, noise=None):
     validate.finite("router_forward", "x", x)
     if noise is not None:
         validate.shape("router_forward", "noise", noise, (len(x), config.num_experts))
-    logits = x @ w_router                                              # (N, E)
+    logits = _project(x, w_router, config.precision)                   # (N, E)
     out, select_cache = ROUTERS[config.router].select(logits, config,
                                                       RouteExtras(x, params, bias, noise))
     return out, RouterCache(config.router, x, w_router, select_cache)
+
+
+def _project(x, w_router, precision):
+    """x W_router in float32, or rounded like the experts when precision.router is "compute"
+    (the backward treats the rounding as identity, as mixed-precision training does)."""
+    if precision.router == "compute":
+        return lowp.gemm_for(precision)(x, w_router)                   # (N, E)
+    return x @ w_router                                                # (N, E)
 
 
 def router_backward(dweights, cache: RouterCache, aux_grads=None):

@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moe_np import balance, dispatch, functional, routers, validate
+from moe_np import balance, dispatch, functional, lowp, routers, validate
 from moe_np.config import SparseConfig
 from moe_np.dispatch.plan import sequence_capacity_eligible
-from moe_np.experts import expert_kind, experts_selection, init_experts
+from moe_np.experts import expert_kind, experts_selection, init_experts, ragged_experts_forward
 from moe_np.module import Module
 
 
@@ -132,6 +132,9 @@ def _check_input(x, params: dict, config: SparseConfig, mask=None) -> None:
     if x.dtype != dtype:
         raise ValueError(f"sparse_moe_forward: x is {x.dtype} but the parameters are {dtype}; "
                          f"convert one of them")
+    if config.precision.compute != "fp32" and dtype != np.float32:
+        raise ValueError(f"sparse_moe_forward: precision.compute={config.precision.compute!r} "
+                         f"simulates low precision on float32 arrays, got {dtype}")
     if config.router != "expert_choice":
         validate.top_k("sparse_moe_forward", config.k, config.num_experts)
 
@@ -155,11 +158,12 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, nois
     route, router_cache = routers.router_forward(x_router, params, config, bias=bias, noise=noise)
     plan = make_plan(route, config, strategy, rng, mask)
     x_disp, gather_cache = strategy.gather_forward(x, plan)            # (M, D) or (E, C, D)
-    y_disp, experts_cache = strategy.experts_forward(x_disp, params, config.expert, plan)
+    y_disp, experts_cache = _experts_forward(strategy, x_disp, params, config, plan)
     y, combine_cache = strategy.combine_forward(y_disp, route.weights, plan)   # (N, D)
     y_shared, shared_cache = shared_experts_forward(x, params, config)
     if y_shared is not None:
         y += y_shared                                                  # (N, D)
+    y = lowp.round_output(y, config.precision)                         # named step: the output
     aux, aux_cache = balance.aux_forward(route, config, mask)
     return (y, aux), SparseCache(config, params, route, router_cache, plan, gather_cache, experts_cache,
                                  combine_cache, shared_cache, aux_cache, jitter)
@@ -170,6 +174,7 @@ def sparse_moe_backward(dout, cache: SparseCache):
     dy, daux = dout
     strategy = dispatch.get_strategy(cache.config.dispatch)
     dy_disp, dweights = strategy.combine_backward(dy, cache.combine_cache)   # as y_disp, as weights
+    dy_disp = lowp.round_output(dy_disp, cache.config.precision)       # named step: expert gradients
     dx_disp, grads = strategy.experts_backward(dy_disp, cache.experts_cache)
     dx = strategy.gather_backward(dx_disp, cache.gather_cache)         # (N, D)
     if cache.shared_cache is not None:
@@ -180,7 +185,16 @@ def sparse_moe_backward(dout, cache: SparseCache):
     aux_grads = balance.aux_backward(daux, cache.aux_cache)
     dx_router, router_grads = routers.router_backward(dweights, cache.router_cache, aux_grads)
     dx += dx_router if cache.jitter is None else dx_router * cache.jitter   # (N, D)
-    return dx, grads | router_grads
+    return lowp.round_output(dx, cache.config.precision), grads | router_grads
+
+
+def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan):
+    """The experts on the dispatched rows: the strategy's own path in fp32; in low precision
+    the ragged pair with lowp's GEMM (operands rounded, float32 sums, output rounded)."""
+    if config.precision.compute == "fp32":
+        return strategy.experts_forward(x_disp, params, config.expert, plan)
+    return ragged_experts_forward(x_disp, params, config.expert, plan.offsets,
+                                  gemm=lowp.gemm_for(config.precision))
 
 
 def sparse_moe_selection(cache: SparseCache) -> tuple:
