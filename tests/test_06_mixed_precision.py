@@ -1,0 +1,551 @@
+"""Chapter 6: low-precision formats, fp8 scaling, limited accumulation, int8, loss scaling.
+
+Rounding is checked bit for bit against independent casts: NumPy's float16
+and ml_dtypes' bfloat16 / float8_e4m3fn / float8_e5m2 (always fed float32,
+never float64, so the oracle rounds once). Two documented differences:
+ml_dtypes' E4M3 cast turns anything past 464 into NaN where round_to
+saturates to 448 (compared only within |x| <= 464, saturation tested alone);
+ml_dtypes' E5M2 overflows to inf like IEEE, as round_to does (compared everywhere).
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from moe_np.precision import (FORMATS, DelayedScaling, LossScaler, MasterWeights, block_scales,
+                              dequantize, dequantize_blocks, dequantize_mx, dequantize_tiles,
+                              found_inf, int8_matmul, lp_matmul, quantize, quantize_blocks,
+                              quantize_int8_per_channel, quantize_mx, quantize_tiles, round_to,
+                              stochastic_round_bf16, tensor_scale, tile_scales)
+
+F32 = np.float32
+ORACLE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16,
+          "fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
+FMTS = tuple(FORMATS)
+FP8 = ("fp8_e4m3", "fp8_e5m2")
+
+
+def oracle(x, fmt):
+    """Independent cast: float32 -> fmt -> float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(ORACLE[fmt]).astype(F32)
+
+
+def assert_bits_equal(x, got, want):
+    """Same NaN positions; identical float32 bits (so +0 and -0 differ) everywhere else."""
+    nan_got, nan_want = np.isnan(got), np.isnan(want)
+    assert np.array_equal(nan_got, nan_want), f"NaN differs at x={x[nan_got != nan_want][:5]}"
+    bad = np.flatnonzero(got.view(np.uint32)[~nan_got] != want.view(np.uint32)[~nan_want])
+    if len(bad):
+        xs, g, w = x[~nan_got][bad[:5]], got[~nan_got][bad[:5]], want[~nan_want][bad[:5]]
+        raise AssertionError(f"{len(bad)} mismatches, e.g. x={xs.tolist()} "
+                             f"got={g.tolist()} want={w.tolist()}")
+
+
+def format_values(fmt):
+    """Every finite value of fmt, sorted, as float32 (from all its bit patterns)."""
+    nbits = 8 if fmt in FP8 else 16
+    raw = np.arange(2**nbits, dtype=np.uint8 if nbits == 8 else np.uint16)
+    v = raw.view(ORACLE[fmt]).astype(F32)
+    return np.unique(v[np.isfinite(v)])
+
+
+def edge_values(fmt):
+    """All values of fmt, every midpoint between neighbours (the ties) and one float32 ulp
+    either side, the overflow tie past max_finite and its neighbours, tiny float32s, inf, NaN."""
+    info = FORMATS[fmt]
+    v = format_values(fmt).astype(np.float64)
+    top = info.max_finite + 2.0 ** (info.emax - info.mantissa_bits - 1)     # max + half an ulp
+    mids = np.concatenate([(v[:-1] + v[1:]) / 2, [top, -top, info.min_subnormal / 2]]).astype(F32)
+    near = np.concatenate([np.nextafter(mids, F32(np.inf)), np.nextafter(mids, F32(-np.inf))])
+    extra = np.array([np.inf, -np.inf, np.nan, 2.0**-149, -2.0**-149, 1e-40, 3.4e38, -3.4e38,
+                      2.0 ** min(info.emax + 1, 127), 0.0, -0.0], dtype=F32)
+    return np.concatenate([v.astype(F32), mids, near, extra])
+
+
+def random_values(rng, fmt, n=2**20):
+    """n random float32 bit patterns (every class: NaN, inf, subnormal), plus n values
+    whose exponents span the format's range from below its subnormals to past its max."""
+    info = FORMATS[fmt]
+    anything = rng.integers(0, 2**32, size=n, dtype=np.uint32)                       # (n,)
+    sign = rng.integers(0, 2, size=n, dtype=np.uint32) << 31                          # (n,)
+    exp = rng.integers(info.emin - info.mantissa_bits - 3, info.emax + 3, size=n) + 127
+    exp = np.clip(exp, 0, 254).astype(np.uint32) << 23                                # (n,)
+    mant = rng.integers(0, 2**23, size=n, dtype=np.uint32)                            # (n,)
+    return np.concatenate([anything, sign | exp | mant]).view(F32)
+
+
+# ---------------------------------------------------------------- round_to vs independent casts
+
+def test_fp16_exhaustive_every_bit_pattern():
+    x = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(F32)              # all 65536
+    assert_bits_equal(x, round_to(x, "fp16"), x.astype(np.float16).astype(F32))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_round_to_matches_oracle_on_edges_and_a_million_random_values(fmt):
+    rng = np.random.default_rng(6)
+    x = np.concatenate([edge_values(fmt), random_values(rng, fmt)])
+    assert x.size > 2 * 10**6
+    got, want = round_to(x, fmt), oracle(x, fmt)
+    keep = ~(np.abs(x) > 464) if fmt == "fp8_e4m3" else np.ones(x.shape, bool)    # NaN kept
+    assert_bits_equal(x[keep], got[keep], want[keep])
+    finite = np.isfinite(got)
+    assert np.array_equal(got[finite], oracle(got[finite], fmt)), "outputs must be fmt values"
+
+
+@pytest.mark.parametrize("fmt, x, want", [
+    ("fp16", 65519.99, 65504.0), ("fp16", 65520.0, np.inf), ("fp16", -65520.0, -np.inf),
+    ("fp16", 2.0**-25, 0.0), ("fp16", 3 * 2.0**-25, 2.0**-23), ("fp16", 2.0**-24, 2.0**-24),
+    ("bf16", 257.0, 256.0), ("bf16", 259.0, 260.0), ("bf16", 3.4028235e38, np.inf),
+    ("fp8_e4m3", 464.0, 448.0), ("fp8_e4m3", 1e6, 448.0), ("fp8_e4m3", -1e6, -448.0),
+    ("fp8_e4m3", np.inf, 448.0), ("fp8_e4m3", -np.inf, -448.0), ("fp8_e4m3", 2.0**-10, 0.0),
+    ("fp8_e5m2", 61439.0, 57344.0), ("fp8_e5m2", 61440.0, np.inf), ("fp8_e5m2", np.inf, np.inf),
+])
+def test_known_values(fmt, x, want):
+    assert round_to(np.array([x], F32), fmt)[0] == want
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_signed_zero_and_nan(fmt):
+    y = round_to(np.array([-0.0, -1e-45, np.nan, -np.nan], F32), fmt)
+    assert np.signbit(y[:2]).all() and (y[:2] == 0).all() and np.isnan(y[2:]).all()
+    tiny = np.full(1000, -0.25 * FORMATS[fmt].min_subnormal, F32)                     # rounds to -0 mostly
+    y = round_to(tiny, fmt, rng=np.random.default_rng(0))
+    assert np.signbit(y).all() and (y == 0).sum() > 600
+
+
+def test_e4m3_saturates_beyond_448_and_keeps_nan():
+    x = np.array([448.0, 449.0, 480.0, 1e30, 3.4e38, np.inf, -500.0, -np.inf, np.nan], F32)
+    y = round_to(x, "fp8_e4m3")
+    assert np.array_equal(y[:-1], np.array([448, 448, 448, 448, 448, 448, -448, -448], F32))
+    assert np.isnan(y[-1])
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+def neighbours(x, fmt):
+    """(lo, hi): the largest fmt value <= x and the smallest >= x (equal when x is one)."""
+    v = format_values(fmt)
+    lo = v[np.searchsorted(v, x, side="right") - 1]                                   # same shape as x
+    hi = v[np.searchsorted(v, x, side="left")]                                        # same shape as x
+    return lo, hi
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_stochastic_rounding_returns_a_neighbour(fmt):
+    rng = np.random.default_rng(1)
+    top = FORMATS[fmt].max_finite
+    x = (rng.uniform(-1, 1, 20000) * top * 0.99 * np.exp(-rng.uniform(0, 40, 20000))).astype(F32)
+    x[:4] = [1.0, -0.0, FORMATS[fmt].min_subnormal, -top]                              # exact values
+    y = round_to(x, fmt, rng=rng)
+    lo, hi = neighbours(x, fmt)
+    assert np.all((y == lo) | (y == hi))
+    assert np.array_equal(y[:4], x[:4])
+    if fmt == "bf16":
+        y2 = stochastic_round_bf16(x, rng)
+        assert np.all((y2 == lo) | (y2 == hi))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_stochastic_rounding_is_unbiased(fmt):
+    """The mean of n draws of y in {lo, hi} with P(hi) = p has std (hi - lo) sqrt(p (1 - p) / n);
+    every value's mean must sit within 5 of those stds of x."""
+    rng = np.random.default_rng(2)
+    info, n = FORMATS[fmt], 50000
+    v = format_values(fmt).astype(np.float64)
+    anchors = [1.0, -1.0, info.max_finite / 2, info.min_subnormal, -info.min_normal, 3.0]
+    i = np.searchsorted(v, anchors)                                                   # (6,) lower neighbours
+    x = (v[i] + np.array([0.3, 0.7, 0.5, 0.25, 0.6, 0.9]) * (v[i + 1] - v[i])).astype(F32)
+    lo, hi = neighbours(x, fmt)
+    draws = round_to(np.repeat(x[None], n, axis=0), fmt, rng=rng)                     # (n, 6)
+    p = (x.astype(np.float64) - lo) / (hi.astype(np.float64) - lo)                    # (6,)
+    std = (hi.astype(np.float64) - lo) * np.sqrt(p * (1 - p) / n)                     # (6,)
+    assert np.all((p > 0.05) & (p < 0.95))
+    assert np.all(np.abs(draws.astype(np.float64).mean(axis=0) - x) <= 5 * std)
+
+
+def test_stochastic_round_bf16_unbiased_direct():
+    rng = np.random.default_rng(3)
+    x = np.full(400000, 1 + 0.3 * 2.0**-7, F32)                                       # p ~= 0.3
+    y = stochastic_round_bf16(x, rng).astype(np.float64)
+    lo, hi = 1.0, 1 + 2.0**-7
+    p = (float(x[0]) - lo) / (hi - lo)
+    assert abs(y.mean() - float(x[0])) <= 5 * (hi - lo) * np.sqrt(p * (1 - p) / x.size)
+
+
+# ---------------------------------------------------------------- scaling
+
+def outlier_data(rng, n=64, d=300):
+    """Gaussian activations with a few channels 1000x larger (the case fine scaling is for)."""
+    x = rng.standard_normal((n, d)).astype(F32)                                      # (N, D)
+    x[rng.integers(0, n, 6), rng.integers(0, d, 6)] *= 1000.0
+    return x
+
+
+def tile_bound(amax, fmt):
+    """A scaled cast's worst error at a tile whose amax is amax: half an ulp relative
+    (2**-(m+1)) of amax, the float32 divide and multiply, and half a subnormal quantum."""
+    info = FORMATS[fmt]
+    return amax * (2.0 ** -(info.mantissa_bits + 1) + 2.0**-22 + info.min_subnormal / 2 / info.max_finite)
+
+
+@pytest.mark.parametrize("fmt", FP8)
+def test_tile_and_block_error_bounded_by_their_amax(fmt):
+    rng = np.random.default_rng(4)
+    x = outlier_data(rng)                                                            # (64, 300)
+    q, s = quantize_tiles(x, fmt, tile=128)
+    amax = np.repeat(s * F32(FORMATS[fmt].max_finite), 128, axis=1)[:, :300]          # (64, 300)
+    assert np.all(np.abs(dequantize_tiles(q, s, tile=128) - x) <= tile_bound(amax, fmt))
+    q, s = quantize_blocks(x, fmt, block=32)
+    amax = np.repeat(np.repeat(s * F32(FORMATS[fmt].max_finite), 32, 0), 32, 1)[:64, :300]
+    assert np.all(np.abs(dequantize_blocks(q, s, block=32) - x) <= tile_bound(amax, fmt))
+
+
+@pytest.mark.parametrize("fmt", FP8)
+def test_mx_scales_are_powers_of_two_and_error_bounded(fmt):
+    rng = np.random.default_rng(5)
+    info = FORMATS[fmt]
+    x = outlier_data(rng)                                                            # (64, 300)
+    q, s = quantize_mx(x, fmt)
+    assert s.shape == (64, 10) and np.all(np.frexp(s)[0] == 0.5)
+    full = np.repeat(s, 32, axis=1)[:, :300]                                          # (64, 300)
+    amax = np.repeat(np.abs(np.pad(x, ((0, 0), (0, 20)))).reshape(64, 10, 32).max(2), 32, 1)[:, :300]
+    assert np.all((amax / full >= 2.0**info.emax) & (amax / full < 2.0 ** (info.emax + 1)))
+    err = np.abs(dequantize_mx(q, s) - x)                                             # (64, 300)
+    assert np.all(err <= amax / 8)                                              # saturation of the top binade
+    inside = np.abs(x) / full <= info.max_finite                                      # not saturated
+    half_ulp = np.abs(x) * 2.0 ** -(info.mantissa_bits + 1) + full * info.min_subnormal / 2
+    assert np.all(err[inside] <= half_ulp[inside])
+
+
+def test_finer_scaling_beats_per_tensor_with_outliers():
+    """Floating-point error is relative, so one per-tensor scale only hurts once outliers push
+    the typical values below E4M3's normal range (448 / 2**-6 ~ 2.9e4 apart): three entries
+    1e5 times larger, and the error on everything else (RMS) is compared."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((256, 512)).astype(F32)                                   # (N, D)
+    spikes = (np.array([3, 100, 200]), np.array([7, 300, 500]))
+    x[spikes] *= 1e5
+    rest = np.ones(x.shape, bool)
+    rest[spikes] = False
+    rms = lambda y: float(np.sqrt(np.mean((y - x)[rest].astype(np.float64) ** 2)))
+    s = tensor_scale(x, "fp8_e4m3")
+    per_tensor = rms(dequantize(quantize(x, "fp8_e4m3", s), s))
+    tiles = rms(dequantize_tiles(*quantize_tiles(x, "fp8_e4m3")))
+    blocks = rms(dequantize_blocks(*quantize_blocks(x, "fp8_e4m3")))
+    mx = rms(dequantize_mx(*quantize_mx(x, "fp8_e4m3")))
+    assert max(tiles, mx) < per_tensor / 3 and blocks < per_tensor / 1.5, (per_tensor, tiles, blocks, mx)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_round_trip_exact_for_representable_values(fmt):
+    info = FORMATS[fmt]
+    v = format_values(fmt)                                                           # every value
+    assert np.array_equal(dequantize(quantize(v, fmt, 1.0), 1.0), v)
+    small = v[np.abs(v) <= info.max_finite / 4]                                       # x / 0.25 fits
+    assert np.array_equal(dequantize(quantize(small, fmt, 0.25), 0.25), small)
+
+
+def test_mx_round_trip_exact_e5m2_but_not_e4m3_when_amax_significand_is_1_875():
+    """E5M2 always round-trips. E4M3 does unless a block's amax has significand 1.111b:
+    the MX scale puts it at 1.875 * 2**8 = 480 > 448, which saturates (a known MX cost)."""
+    rng = np.random.default_rng(8)
+    for fmt in FP8:
+        v = format_values(fmt)
+        x = rng.choice(v[np.abs(v) < 200], size=(16, 64)).astype(F32)                # (16, 64)
+        x[:, [0, 32]] = 192.0                                                         # significand 1.5
+        assert np.array_equal(dequantize_mx(*quantize_mx(x, fmt)), x)
+    x[0, 0] = 240.0                                                              # 1.875 * 2**7, an E4M3 value
+    assert dequantize_mx(*quantize_mx(x, "fp8_e4m3"))[0, 0] == 224.0
+
+
+def test_partial_tiles_and_blocks_get_their_own_scales():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 200)).astype(F32)                                     # (3, 200)
+    x[:, 150] = 50.0
+    s = tile_scales(x, "fp8_e4m3", tile=128)
+    assert s.shape == (3, 2)
+    assert np.array_equal(s[:, 0], np.abs(x[:, :128]).max(1) / F32(448))
+    assert np.array_equal(s[:, 1], np.full(3, F32(50.0) / F32(448)))
+    w = rng.standard_normal((200, 300)).astype(F32)                                   # (200, 300)
+    b = block_scales(w, "fp8_e5m2", block=128)
+    assert b.shape == (2, 3)
+    assert b[1, 2] == np.abs(w[128:, 256:]).max() / F32(57344)
+    assert tile_scales(np.zeros((2, 5), F32), "fp8_e4m3", tile=4).tolist() == [[1, 1], [1, 1]]
+
+
+def test_tensor_scale_and_zero_guard():
+    x = np.array([[1.0, -896.0]], F32)
+    assert tensor_scale(x, "fp8_e4m3") == 2.0
+    assert tensor_scale(np.zeros((3,), F32), "fp8_e4m3") == 1.0
+    assert np.array_equal(quantize(x, "fp8_e4m3", 2.0), np.array([[0.5, -448]], F32))
+
+
+def test_delayed_scaling_uses_max_of_history_and_resumes():
+    ds = DelayedScaling("fp8_e4m3", history_len=3, margin=1)
+    assert ds.scale == 1.0
+    scales = []
+    for amax in [0.0, 1.0, 4.0, 2.0, 0.5, 0.25, 0.125]:
+        ds.update(amax)
+        scales.append(ds.scale)
+    want = [1.0] + [m * 2 / 448 for m in [1, 4, 4, 4, 2, 0.5]]                       # max of last 3, margin 1
+    assert np.allclose(scales, want, rtol=1e-6)
+    other = DelayedScaling("fp8_e4m3", history_len=3, margin=1)
+    other.load_state_dict(ds.state_dict())
+    for amax in [8.0, 0.0, 0.0, 0.0]:
+        ds.update(amax)
+        other.update(amax)
+        assert other.scale == ds.scale
+    with pytest.raises(ValueError, match="amax_history"):
+        other.load_state_dict({"scale": np.array(1.0)})
+
+
+def test_quantize_saturates_when_a_delayed_scale_is_stale():
+    x = np.array([1e6, -1e6, 1.0], F32)
+    q = quantize(x, "fp8_e5m2", 1.0)                                               # scale from a quieter past
+    assert np.array_equal(q, np.array([57344, -57344, 1], F32))
+
+
+# ---------------------------------------------------------------- low-precision matmul
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_lp_matmul_is_rounded_inputs_float32_product(fmt):
+    rng = np.random.default_rng(10)
+    a = rng.standard_normal((17, 300)).astype(F32)                                    # (N, K)
+    b = rng.standard_normal((300, 13)).astype(F32)                                    # (K, M)
+    c32 = round_to(a, fmt) @ round_to(b, fmt)                                          # (N, M)
+    want = c32 if fmt in FP8 else round_to(c32, fmt)
+    assert np.array_equal(lp_matmul(a, b, fmt), want)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_lp_matmul_error_vs_float64_within_format_bound(fmt):
+    """Rigorous bound: each input is off by <= u|x| + h (u = eps/2, h = half a subnormal
+    quantum), so |a~ b~ - a b| <= (u|a| + h)((1+u)|b| + h) + |a|(u|b| + h) per product;
+    float32 accumulation adds gamma_K |a~|@|b~| (gamma_K = K 2**-24 / (1 - K 2**-24));
+    a 16-bit output rounding adds u |c|."""
+    rng = np.random.default_rng(11)
+    info = FORMATS[fmt]
+    a = rng.standard_normal((17, 300)).astype(F32)
+    b = rng.standard_normal((300, 13)).astype(F32)
+    A, B = np.abs(a).astype(np.float64), np.abs(b).astype(np.float64)
+    u, h, k = info.eps / 2, info.min_subnormal / 2, a.shape[1]
+    gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+    inputs = (u * A + h) @ ((1 + u) * B + h) + A @ (u * B + h)                         # (N, M)
+    accum = gamma * (((1 + u) * A + h) @ ((1 + u) * B + h))                            # (N, M)
+    ref = a.astype(np.float64) @ b                                                    # (N, M)
+    out = 0.0 if fmt in FP8 else u * (np.abs(ref) + inputs + accum)
+    err = np.abs(lp_matmul(a, b, fmt) - ref)
+    assert np.all(err <= inputs + accum + out)
+    assert err.max() > 0.01 * (inputs + accum + out).max()                          # the bound is not vacuous
+
+
+def test_promotion_every_128_cuts_limited_accumulation_error():
+    """K = 4096 fp8 products, positive data as in DeepSeek-V3's example: a 14-bit
+    accumulator loses about 1%; restarting it every 128 products and adding the
+    partial sums in float32 brings that under 0.05%."""
+    rng = np.random.default_rng(12)
+    a = rng.random((8, 4096)).astype(F32)                                             # (N, K)
+    b = rng.random((4096, 8)).astype(F32)                                             # (K, M)
+    ref = round_to(a, "fp8_e4m3").astype(np.float64) @ round_to(b, "fp8_e4m3")        # exact sums
+    rel = lambda c: float(np.linalg.norm(c - ref) / np.linalg.norm(ref))
+    plain = rel(lp_matmul(a, b, "fp8_e4m3"))
+    limited = rel(lp_matmul(a, b, "fp8_e4m3", accumulator_bits=14))
+    promoted = rel(lp_matmul(a, b, "fp8_e4m3", accumulator_bits=14, promote_every=128))
+    full = rel(lp_matmul(a, b, "fp8_e4m3", accumulator_bits=23))
+    assert plain < 1e-6 and full < 1e-6
+    assert limited > 3e-3 and promoted < 5e-4 and promoted < limited / 10, (limited, promoted)
+
+
+def test_limited_accumulation_pads_a_ragged_inner_dimension():
+    rng = np.random.default_rng(13)
+    a = rng.random((3, 130)).astype(F32)
+    b = rng.random((130, 2)).astype(F32)
+    c = lp_matmul(a, b, "fp8_e5m2", accumulator_bits=23, promote_every=64, group=4)
+    ref = round_to(a, "fp8_e5m2").astype(np.float64) @ round_to(b, "fp8_e5m2")
+    assert c.dtype == F32 and c.shape == (3, 2) and np.allclose(c, ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- int8
+
+def test_int8_per_channel_error_bound_and_memory():
+    """|x w - x^ w^| <= (sx/2) sum_k |w^_kj| + (sw_j/2) sum_k |x_nk| (each side off by half a
+    step), plus float32 rounding. On Gaussian data the relative error is about 1%: a row's
+    step is amax/127 ~ 3/127, whose rounding noise (step / sqrt(12)) is ~0.7% of the row's std,
+    and the weights add as much again; the test allows 1.5%."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((64, 256)).astype(F32)                                    # (N, D)
+    w = (rng.standard_normal((256, 128)) * rng.uniform(0.1, 3, 128)).astype(F32)     # (D, M)
+    w[:, 5] = 0.0
+    q, s = quantize_int8_per_channel(w)
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127 and s.shape == (128,)
+    assert q.nbytes * 4 == w.nbytes and s[5] == 1.0 and not q[:, 5].any()
+    y = int8_matmul(x, q, s)                                                          # (N, M)
+    ref = x.astype(np.float64) @ w
+    sx = np.abs(x).max(1, keepdims=True) / 127.0                                      # (N, 1)
+    w_hat = q.astype(np.float64) * s                                                  # (D, M)
+    bound = sx / 2 * np.abs(w_hat).sum(0) + s / 2 * np.abs(x).sum(1, keepdims=True)
+    assert np.all(np.abs(y - ref) <= bound * 1.001 + 1e-5 * (np.abs(x) @ np.abs(w)))
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.015
+
+
+# ---------------------------------------------------------------- loss scaling
+
+def run(scaler, flags):
+    out = []
+    for flag in flags:
+        scaler.update(flag)
+        out.append((scaler.scale, scaler.growth_tracker))
+    return out
+
+
+def test_loss_scaler_table_pytorch_rule():
+    s = LossScaler(init_scale=8.0, growth_interval=3)
+    flags = [False, False, False, False, True, False, False, False, True, True]
+    want = [(8, 1), (8, 2), (16, 0), (16, 1), (8, 0), (8, 1), (8, 2), (16, 0), (8, 0), (4, 0)]
+    assert run(s, flags) == want
+
+
+def test_loss_scaler_hysteresis_counts_overflows_since_last_growth():
+    """Megatron-LM: with h = 2 the first overflow only spends hysteresis; so does one
+    after a growth; overflows need not be consecutive (the counter resets only on growth)."""
+    s = LossScaler(init_scale=8.0, growth_interval=3, hysteresis=2)
+    flags = [True, True, True, False, False, False, True, False, True]
+    want = [(8, 0), (4, 0), (2, 0), (2, 1), (2, 2), (4, 0), (4, 0), (4, 1), (2, 0)]
+    assert run(s, flags) == want
+
+
+def test_loss_scaler_growth_stays_finite_near_float32_max():
+    s = LossScaler(init_scale=2.0**126, growth_interval=1)
+    assert run(s, [False, False, False]) == [(2.0**127, 0)] * 3
+    assert np.isfinite(np.float32(s.scale))
+    tiny = LossScaler(init_scale=2.0**-149)
+    assert run(tiny, [True]) == [(2.0**-149, 0)]
+
+
+def test_loss_scaler_static_never_changes():
+    s = LossScaler(init_scale=1024.0, growth_interval=1, dynamic=False)
+    assert run(s, [True, False, False, True]) == [(1024.0, 0)] * 4
+
+
+def test_unscale_once_per_step_and_exact_with_power_of_two_scale():
+    rng = np.random.default_rng(15)
+    grads = {"w": rng.standard_normal((5, 4)).astype(F32),
+             "b": (rng.standard_normal(4) * 1e-4).astype(np.float16)}
+    s = LossScaler(init_scale=2.0**26)                                             # 1 / scale is 0 in float16
+    scaled = {k: (g.astype(np.float64) * s.scale).astype(g.dtype) for k, g in grads.items()}   # loss * scale
+    out, inf = s.unscale(scaled)
+    assert not inf
+    for k in grads:
+        assert out[k].dtype == grads[k].dtype
+        assert np.array_equal(out[k].view(np.uint8), grads[k].view(np.uint8))
+    with pytest.raises(RuntimeError, match="already called"):
+        s.unscale(scaled)
+    s.update(inf)
+    out, inf = s.unscale({"w": np.array([1.0, np.nan], F32)})
+    assert inf
+
+
+def test_found_inf():
+    assert not found_inf({"a": np.ones(3, F32), "b": np.zeros((2, 2), np.float16)})
+    assert found_inf({"a": np.ones(3, F32), "b": np.array([0, np.inf], np.float16)})
+    assert found_inf({"a": np.array([[np.nan]], F32)})
+
+
+def test_loss_scaler_state_resumes_identical_sequence():
+    flags = [False, True, False, True, False, False, False, False, True, True, False, True]
+    a = LossScaler(init_scale=2.0**12, growth_interval=4, hysteresis=2)
+    run(a, flags[:3])                                                    # mid-interval, hysteresis spent once
+    b = LossScaler(init_scale=1.0, growth_interval=4, hysteresis=2)
+    sd = a.state_dict()
+    assert sd["scale"].dtype == np.float64 and sd["growth_tracker"].dtype == np.int64
+    b.load_state_dict(sd)
+    assert run(b, flags[3:]) == run(a, flags[3:])
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda sd: sd.pop("growth_tracker"), "growth_tracker"),
+    (lambda sd: sd.update(scale=np.array([1.0])), "scale"),
+    (lambda sd: sd.update(extra=np.array(1.0)), "extra"),
+    (lambda sd: sd.update(scale=np.array(-1.0)), "scale"),
+    (lambda sd: sd.update(hysteresis_tracker=np.array(7)), "hysteresis_tracker"),
+])
+def test_loss_scaler_load_rejects_bad_state(change, key):
+    sd = LossScaler().state_dict()
+    change(sd)
+    with pytest.raises(ValueError, match=key):
+        LossScaler().load_state_dict(sd)
+
+
+def test_master_weights_keep_small_updates_a_bf16_model_loses():
+    model = {"w": np.ones((2, 3), F32)}
+    array = model["w"]
+    mw = MasterWeights(model, "bf16")
+    model_only = model["w"].copy()                                                   # a bf16 model, no master
+    for _ in range(10):
+        mw.master["w"] += F32(1e-3)                                                   # an optimizer step
+        mw.refresh(model)
+        model_only = round_to(model_only + F32(1e-3), "bf16")                      # 1 + 1e-3 rounds back to 1
+    assert model["w"] is array and np.all(model["w"] == round_to(mw.master["w"], "bf16"))
+    assert np.all(model["w"] == F32(1.0078125)) and np.all(model_only == 1.0)
+
+
+# ---------------------------------------------------------------- bad arguments
+
+X = np.ones((2, 4), F32)
+BAD = [
+    (lambda: round_to(X, "fp4"),
+     r"round_to: fmt must be one of \('fp16', 'bf16', 'fp8_e4m3', 'fp8_e5m2'\), got 'fp4'"),
+    (lambda: round_to(X.astype(np.float64), "fp16"), r"round_to: x must be a float32 array, got dtype float64"),
+    (lambda: round_to([1.0], "fp16"), r"round_to: x .* got list"),
+    (lambda: round_to(X, "bf16", rng=3), r"round_to: rng"),
+    (lambda: stochastic_round_bf16(X.astype(np.float16), np.random.default_rng(0)), r"float16"),
+    (lambda: quantize(X, "fp8_e4m3", 0.0), r"quantize: scale .* got 0.0"),
+    (lambda: quantize(X, "fp8_e4m3", -2.0), r"quantize: scale .* got -2.0"),
+    (lambda: quantize(X, "fp8_e4m3", float("nan")), r"quantize: scale .* got nan"),
+    (lambda: quantize(X, "fp8_e4m3", float("inf")), r"quantize: scale .* got inf"),
+    (lambda: quantize(X, "fp8", 1.0), r"quantize: fmt"),
+    (lambda: dequantize(X, 0.0), r"dequantize: scale"),
+    (lambda: tensor_scale(np.array([np.inf], F32), "fp8_e4m3"), r"tensor_scale: x must be finite"),
+    (lambda: tile_scales(X, "fp8_e4m3", tile=0), r"tile_scales: tile"),
+    (lambda: block_scales(np.ones(4, F32), "fp8_e4m3"), r"block_scales: w must be 2-D"),
+    (lambda: quantize_tiles(np.array([[np.nan]], F32), "fp8_e4m3"), r"quantize_tiles: x must be finite"),
+    (lambda: dequantize_tiles(X, np.ones((2, 2), F32), tile=4), r"dequantize_tiles: scales must have shape \(2, 1\)"),
+    (lambda: dequantize_blocks(X, np.zeros((1, 1), F32), block=4), r"dequantize_blocks: scales .* got 0.0"),
+    (lambda: quantize_mx(X, "fp8_e4m3", block=-1), r"quantize_mx: block"),
+    (lambda: lp_matmul(X, X, "bf16"), r"lp_matmul: a has K=4 but b has K=2"),
+    (lambda: lp_matmul(X, X.T, "fp16", promote_every=128), r"lp_matmul: promote_every=128 needs accumulator_bits"),
+    (lambda: lp_matmul(X, X.T, "fp16", accumulator_bits=14, promote_every=6), r"multiple of group=4"),
+    (lambda: lp_matmul(X, X.T, "fp16", accumulator_bits=24), r"lp_matmul: accumulator_bits .* got 24"),
+    (lambda: lp_matmul(X, X.T.astype(np.float64), "fp16"), r"lp_matmul: b must be a float32"),
+    (lambda: quantize_int8_per_channel(X.astype(np.float64)), r"quantize_int8_per_channel: w"),
+    (lambda: int8_matmul(X, X.T, np.ones(2, F32)), r"int8_matmul: q must be a 2-D int8"),
+    (lambda: int8_matmul(np.ones((1, 133145), F32), np.ones((133145, 1), np.int8), np.ones(1, F32)),
+     r"int8_matmul: D=133145 could overflow"),
+    (lambda: LossScaler(init_scale=0.0), r"LossScaler: init_scale .* got 0.0"),
+    (lambda: LossScaler(init_scale=float("inf")), r"LossScaler: init_scale .* got inf"),
+    (lambda: LossScaler(init_scale=float("nan")), r"LossScaler: init_scale .* got nan"),
+    (lambda: LossScaler(init_scale=1e39), r"LossScaler: init_scale"),
+    (lambda: LossScaler(growth_factor=1.0), r"LossScaler: growth_factor .* got 1.0"),
+    (lambda: LossScaler(backoff_factor=1.0), r"LossScaler: backoff_factor .* got 1.0"),
+    (lambda: LossScaler(backoff_factor=0.0), r"LossScaler: backoff_factor .* got 0.0"),
+    (lambda: LossScaler(growth_interval=0), r"LossScaler: growth_interval .* got 0"),
+    (lambda: LossScaler(growth_interval=2.5), r"LossScaler: growth_interval .* got 2.5"),
+    (lambda: LossScaler(hysteresis=0), r"LossScaler: hysteresis .* got 0"),
+    (lambda: LossScaler().unscale([X]), r"LossScaler.unscale: grads must be a dict"),
+    (lambda: LossScaler().unscale({"w": np.ones(3, np.int32)}), r"LossScaler.unscale: grads\['w'\] .* int32"),
+    (lambda: found_inf([X]), r"found_inf: grads must be a dict"),
+    (lambda: DelayedScaling("int8"), r"DelayedScaling: fmt"),
+    (lambda: DelayedScaling("fp8_e4m3", history_len=0), r"DelayedScaling: history_len"),
+    (lambda: DelayedScaling("fp8_e4m3", margin=-1), r"DelayedScaling: margin"),
+    (lambda: DelayedScaling("fp8_e4m3").update(float("nan")), r"DelayedScaling.update: amax .* got nan"),
+    (lambda: DelayedScaling("fp8_e4m3").update(-1.0), r"DelayedScaling.update: amax .* got -1.0"),
+    (lambda: MasterWeights({"w": X.astype(np.float64)}, "bf16"), r"MasterWeights: params\['w'\] .* float64"),
+    (lambda: MasterWeights({"w": X}, "bf16").refresh({"v": X}), r"MasterWeights.refresh: model_params keys"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_arguments_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
