@@ -35,9 +35,13 @@ def balance_loss_forward(probs, ids):
     P_i = mean_n probs[n, i]. f carries no gradient (it is a count).
 
     Under this normalisation the loss is 1 at perfect balance (f_i = P_i =
-    1/E) and E under total collapse (every token's top choice and all its
-    probability on one expert). Implementations that divide by N instead of
-    N K (so sum f = K, common in Mixtral-style code) get K at perfect balance.
+    1/E) and at most E / K: a token picks an expert at most once, so
+    f_i <= 1/K and sum_i f_i P_i <= 1/K. Collapse reaches it (every token
+    picks the same K experts and puts all its probability on them): E for
+    K = 1, E / 2 for K = 2. 1 is not a lower bound; the loss dips below it
+    when the counts and the mean probabilities disagree. Dividing by N
+    instead of N K (sum f = K, as Mixtral-style code does) multiplies the
+    loss by K: K at perfect balance, E at collapse.
     cache (f, N).
     """
     validate.ndim("balance_loss_forward", "probs", probs, 2)

@@ -12,7 +12,8 @@ load_estimate (E,)). The ids are a discrete choice and carry no gradient;
 they are held fixed, which is exact except where two scores tie.
 
     softmax_topk      p = softmax(z); the K largest p, renormalized (Mixtral)
-    softmax_topk_raw  the same ids, weights p unrenormalized (GShard, Switch)
+    softmax_topk_raw  the same ids, weights p unrenormalized (DeepSeekMoE, DeepSeek-V2,
+                      Qwen2-MoE; Switch at K = 1)
     switch            softmax_topk_raw with K = 1 (Switch Transformer)
     topk_softmax      softmax over the K largest logits (= softmax_topk)
     sigmoid_bias      s = sigmoid(z); ids = topK(s + bias) within the best groups,

@@ -157,6 +157,20 @@ def test_drop_policies_pick_different_tokens_but_drop_as_many():
     assert np.array_equal(order_again, dispatch.token_order(weights, "random", rng=3))
 
 
+def test_priority_orders_second_choices_by_the_top_weight():
+    """Priority claims every rank in the order of the token's *top* weight, so with
+    renormalised top-2 weights it can drop the heavier second choice: here position drops
+    token 1's second choice (0.1), priority drops token 0's (0.4). Fails if priority ordered
+    each rank by that rank's own weight."""
+    ids = np.array([[1, 2], [0, 2]])                                 # both second choices want expert 2
+    weights = np.array([[0.6, 0.4], [0.9, 0.1]])
+    dropped = {}
+    for policy in ("position", "priority"):
+        slot, _ = plan_mod.assign_slots(ids, 3, 1, dispatch.token_order(weights, policy))
+        dropped[policy] = float(weights[slot < 0].sum())
+    assert dropped == {"position": pytest.approx(0.1), "priority": pytest.approx(0.4)}
+
+
 def test_dropless_keeps_everything(rng):
     ids = routers.top_k_indices(rng.standard_normal((20, 4)), 2)
     slot, counts = plan_mod.assign_slots(ids, 4, None, np.arange(20))
@@ -191,20 +205,72 @@ def test_plan_gather_combine_match_loops(rng):
 
 # -- balancing losses -------------------------------------------------------------------
 
-def test_balance_loss_known_answers():
-    e, n, k = 4, 8, 2
-    uniform = np.full((n, e), 1 / e)
-    balanced_ids = np.array([[i % e, (i + 1) % e] for i in range(n)])   # every expert 4 times
-    assert balance.balance_loss_forward(uniform, balanced_ids)[0] == pytest.approx(1.0)
-    collapsed = np.zeros((n, e)); collapsed[:, 0] = 1.0
-    assert balance.balance_loss_forward(collapsed, np.zeros((n, 1), int))[0] == pytest.approx(e)
-    # the Mixtral-style normalisation (f as a share of N, summing to K) gives K at balance
-    f_per_token = balance.expert_counts(balanced_ids, e) / n
-    assert e * np.sum(f_per_token * uniform.mean(0)) == pytest.approx(k)
+def _balance_per_token(probs, ids):
+    """E sum_i (c_i / N) P_i, written out: the Mixtral-style counts (they sum to K)."""
+    n, e = probs.shape
+    return e * np.sum(np.bincount(ids.ravel(), minlength=e) / n * probs.mean(axis=0))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_balance_loss_bounds_under_both_normalisations(k):
+    """Counts over N K: 1 at perfect balance, E / K at collapse; counts over N: K and E.
+    Fails if balance_loss_forward divides the counts by N (it then returns K and E) or
+    forgets the factor E (1/E and 1/K)."""
+    e, n = 8, 64
+    uniform = np.full((n, e), 1 / e)                                 # (N, E)
+    balanced_ids = (np.arange(n)[:, None] + np.arange(k)) % e        # every expert N K / E times
+    onehot = np.zeros((n, e)); onehot[:, 0] = 1.0                    # all probability on expert 0
+    collapsed_ids = np.tile(np.arange(k), (n, 1))                    # every token picks 0..K-1
+    assert balance.balance_loss_forward(uniform, balanced_ids)[0] == pytest.approx(1.0, abs=1e-14)
+    assert balance.balance_loss_forward(onehot, collapsed_ids)[0] == pytest.approx(e / k, abs=1e-14)
+    assert _balance_per_token(uniform, balanced_ids) == pytest.approx(k, abs=1e-14)
+    assert _balance_per_token(onehot, collapsed_ids) == pytest.approx(e, abs=1e-14)
+    # GShard counts first choices only: 1 and E whatever K is
+    assert balance.balance_loss_forward(onehot, collapsed_ids[:, :1])[0] == pytest.approx(e)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_balance_loss_never_exceeds_e_over_k(k, rng):
+    """f_i <= 1/K and sum_i P_i = 1 bound the loss by E / K for any routing; the per-token
+    form is exactly K times it. Fails if the counts are divided by N."""
+    for trial in range(20):
+        probs = functional.softmax_forward(4 * rng.standard_normal((50, 8)))[0]   # (N, E)
+        ids = routers.top_k_indices(probs, k)
+        value = balance.balance_loss_forward(probs, ids)[0]
+        assert value <= 8 / k + 1e-12
+        assert _balance_per_token(probs, ids) == pytest.approx(k * value, rel=1e-13)
+
+
+def test_balance_loss_can_dip_below_one():
+    """1 is the value at balance, not a lower bound: 3 tokens pick expert 0 with p = 0.51,
+    one picks expert 1 with p = 0.99. f = (3/4, 1/4), P = (0.385, 0.615), L = 2 f.P = 0.885."""
+    probs = np.array([[0.51, 0.49]] * 3 + [[0.01, 0.99]])
+    ids = probs.argmax(axis=1)[:, None]
+    assert balance.balance_loss_forward(probs, ids)[0] == pytest.approx(0.885, abs=1e-12)
 
 
 def test_z_loss_of_zero_logits_is_log_e_squared():
     assert balance.z_loss_forward(np.zeros((5, 6)))[0] == pytest.approx(np.log(6) ** 2)
+
+
+def test_z_loss_gradient_is_two_lse_times_softmax_over_n(rng):
+    """dL_z/dz[n, j] = 2 lse_n p[n, j] / N (the chapter's derivation), times the upstream
+    scalar. Fails if the factor 2, the 1/N or the lse factor is dropped."""
+    logits = 2 * rng.standard_normal((7, 5))                         # (N, E)
+    value, cache = balance.z_loss_forward(logits)
+    lse = np.log(np.exp(logits).sum(axis=1))                         # (N,)
+    p = np.exp(logits - lse[:, None])                                # (N, E)
+    assert value == pytest.approx(np.mean(lse**2), rel=1e-13)
+    expected = 0.3 * 2 * lse[:, None] * p / 7                        # (N, E)
+    assert np.allclose(balance.z_loss_backward(0.3, cache), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_z_loss_is_zero_when_the_logits_are_log_probabilities(rng):
+    """The minimum of the z-loss is lse = 0, i.e. logits = log p, not zero logits."""
+    logp = np.log(functional.softmax_forward(rng.standard_normal((6, 4)))[0])   # (N, E)
+    value, cache = balance.z_loss_forward(logp)
+    assert value < 1e-28
+    assert np.abs(balance.z_loss_backward(1.0, cache)).max() < 1e-14
 
 
 def test_cv_squared_known_answers():
@@ -269,6 +335,27 @@ def test_shared_experts_add_to_every_token(rng):
     from moe_np.experts import mlp_experts_forward
     shared = mlp_experts_forward(x, *(params["shared_" + k] for k in ("w1", "b1", "w2", "b2")))[0]
     assert np.allclose(y, y_routed + shared.sum(0))
+
+
+def test_shared_expert_gets_the_full_upstream_gradient_of_every_token(rng):
+    """Under capacity drops, the shared expert's gradients are those of the expert alone fed
+    every token's dy (weight 1, nothing dropped), and a dropped token's output is the shared
+    expert's. Fails if the shared path is scaled by the routing weights or masked by the plan."""
+    from moe_np.experts import mlp_experts_backward, mlp_experts_forward
+    config = SparseConfig(d_model=4, num_experts=3, d_hidden=5, num_shared=1, router="switch",
+                          k=1, capacity_factor=0.5)
+    params = init_sparse_params(config, rng)
+    x, dy = rng.standard_normal((12, 4)), rng.standard_normal((12, 4))
+    (y, _), cache = sparse_moe_forward(x, params, config)
+    _, grads = sparse_moe_backward((dy, 0.0), cache)
+    names = ("w1", "b1", "w2", "b2")
+    y_alone, alone_cache = mlp_experts_forward(x, *(params["shared_" + k] for k in names))
+    expected = mlp_experts_backward(dy[None], alone_cache)[1:]
+    for name, g in zip(names, expected):
+        assert np.allclose(grads["shared_" + name], g, rtol=1e-13, atol=1e-15)
+    lost = np.flatnonzero(cache.plan.token_rows[:, 0] < 0)
+    assert len(lost) > 0
+    assert np.array_equal(y[lost], y_alone[0][lost])
 
 
 def test_sparse_layer_trains_and_reports_drops(rng):
