@@ -1,11 +1,24 @@
-"""How well a learned partition (which expert wins) matches known regions."""
+"""How well a learned partition (which expert wins) matches known regions.
+
+With n[a, t] points assigned to group a whose true label is t, N points in
+all, p[a, t] = n[a, t] / N and the marginals p_a = sum_t p[a, t],
+p_t = sum_a p[a, t]:
+
+    purity = sum_a max_t n[a, t] / N
+    NMI    = I(A; T) / sqrt(H(A) H(T))          (geometric-mean normalisation)
+    I(A; T) = sum_{a,t} p[a, t] log(p[a, t] / (p_a p_t)),  H(A) = -sum_a p_a log p_a
+
+Natural logarithms; the base cancels in NMI. Both scores lie in [0, 1] and
+are 1 when the partitions agree up to renaming. Purity does not notice a
+true region split over several groups; NMI penalises splitting and merging.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 
 def contingency(assigned, truth):
-    """counts[a, t] = number of points assigned to a whose true label is t."""
+    """counts[a, t] = number of points assigned to a whose true label is t.   -> (A, T)."""
     assigned, truth = np.asarray(assigned), np.asarray(truth)
     if assigned.shape != truth.shape or assigned.ndim != 1:
         raise ValueError(f"contingency: assigned {assigned.shape} and truth {truth.shape} "
@@ -18,13 +31,18 @@ def contingency(assigned, truth):
 
 
 def purity(assigned, truth) -> float:
-    """Share of points whose group's majority true label is their own.  1 is perfect."""
+    """sum_a max_t n[a, t] / N: the share of points whose group's majority label is their own.
+
+    1 is perfect, but so is one group per point: purity cannot see splitting."""
     counts = contingency(assigned, truth)                          # (A, T)
     return float(counts.max(axis=1).sum() / counts.sum())
 
 
 def normalized_mutual_info(assigned, truth) -> float:
-    """I(A; T) / sqrt(H(A) H(T)), in [0, 1]; 1 when the partitions agree up to renaming."""
+    """I(A; T) / sqrt(H(A) H(T)), in [0, 1]; 1 when the partitions agree up to renaming.
+
+    If one partition is a single group its entropy is 0: the score is then 0,
+    or 1 when both are single groups."""
     counts = contingency(assigned, truth)                          # (A, T)
     p = counts / counts.sum()                                      # (A, T) joint
     pa, pt = p.sum(axis=1), p.sum(axis=0)                          # (A,), (T,)
