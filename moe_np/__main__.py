@@ -1,35 +1,105 @@
-"""The command line: python -m moe_np {demo, gradcheck, tutorial} ...
+"""The command line: python -m moe_np {demo, gradcheck, tutorial, train, plot, bench} ...
 
-    python -m moe_np demo                       a short tour: checks, then training
+    python -m moe_np demo [--quick] [--out DIR]    the tour: checks, a sparse MoE trained, its figures
     python -m moe_np gradcheck [--json] [--seed S] [--filter SUBSTR]
     python -m moe_np tutorial N [--update] [--quick]
+    python -m moe_np train --out RUN_DIR [--model moe|dense] [--task T] [--experts E] [--k K]
+                           [--capacity-factor F|none] [--router R] [--dispatch S]
+                           [--precision fp32|fp16|bf16|fp8] [--steps N] [--seed S] [--resume] ...
+    python -m moe_np plot RUN_DIR [RUN_DIR ...]  figures of one run (or several, overlaid)
+    python -m moe_np bench ...                   time the hot path (moe_np/bench.py)
+
+Bad input ends with one line on stderr and exit status 2; Ctrl-C during
+training saves a checkpoint that `train --out RUN_DIR --resume` continues.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import tempfile
 
+USAGE_EXIT, INTERRUPTED_EXIT, BROKEN_PIPE_EXIT = 2, 130, 141
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(USAGE_EXIT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _float(text: str, allow_zero: bool, allow_none: bool):
+    if allow_none and text.lower() in ("none", "dropless", "off"):
+        return None
+    bound = ">= 0" if allow_zero else "> 0"
+    extra = " or 'none'" if allow_none else ""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number {bound}{extra}, got {text!r}") from None
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number {bound}{extra}, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    return _float(text, allow_zero=False, allow_none=False)
+
+
+def non_negative_float(text):
+    return _float(text, allow_zero=True, allow_none=False)
+
+
+def positive_float_or_none(text):
+    return _float(text, allow_zero=False, allow_none=True)
+
+
+# ---------------------------------------------------------------- gradcheck, tutorial, demo
 
 def cmd_gradcheck(args) -> int:
     from moe_np.checks import run_checks
     from moe_np.gradcheck import format_table
     rows = run_checks(seed=args.seed, name_filter=args.filter)
+    if not rows:
+        print(f"error: gradcheck: no check matches --filter {args.filter!r}", file=sys.stderr)
+        return USAGE_EXIT
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
         print(format_table(rows))
         failed = sum(not r.passed for r in rows)
         print(f"\n{len(rows)} checks, {failed} failing (pass: rel_error < 1e-7)")
-    if not rows:
-        print(f"no check matches --filter {args.filter!r}", file=sys.stderr)
-        return 2
     return 0 if all(r.passed for r in rows) else 1
 
 
 def cmd_tutorial(args) -> int:
+    if args.update and args.quick:
+        raise ValueError("tutorial: --update and --quick cannot be combined: --update rewrites the "
+                         "chapter's output blocks, which must come from a full-size run, and "
+                         "--quick runs small sizes; drop --quick to update, or --update to try it")
+    if args.update and os.environ.get("MOE_NP_QUICK") == "1":
+        raise ValueError("tutorial: --update with MOE_NP_QUICK=1 in the environment would write "
+                         "small-size numbers into the chapter; unset MOE_NP_QUICK")
     if args.quick:
         # small sizes must not overwrite the committed full-size figures
         os.environ["MOE_NP_QUICK"] = "1"
@@ -44,36 +114,185 @@ def cmd_tutorial(args) -> int:
 
 def cmd_demo(args) -> int:
     from moe_np.demo import run_demo
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, out=args.out)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_np", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------- train and plot
+
+TRAIN_HELP = {
+    "model": "a sparse MoE, or the dense baseline", "task": "data set, generated in code",
+    "experts": "E, experts per block", "k": "K, experts per token",
+    "capacity_factor": "C = ceil(F K N / E) per expert; 'none' for dropless",
+    "router": "how tokens choose experts (chapter 4)", "dispatch": "how rows move (chapter 5)",
+    "precision": "the layers' compute format; float32 master weights",
+    "loss_scale": "auto: dynamic for fp16, static 1 for bf16/fp8, none for fp32",
+    "steps": "training steps (also the schedule's length)", "seed": "init, routing and batches",
+    "blocks": "residual blocks", "d_model": "D", "d_hidden": "H of each expert",
+    "dense_match": "dense FFN width matches the MoE's active or total parameters",
+    "balance_coef": "balance loss (softmax routers)", "z_coef": "router z-loss",
+    "bias_gamma": "loss-free bias step (router sigmoid_bias)", "lr": "peak learning rate",
+    "warmup": "linear warm-up steps, then cosine to lr/10", "weight_decay": "AdamW's",
+    "clip_norm": "global gradient-norm clip; 'none' to turn off",
+    "log_every": "a progress line and a metrics record every N steps",
+    "checkpoint_every": "a checkpoint every N steps (and at the end, and on Ctrl-C)",
+}
+
+
+def _train_options(p) -> None:
+    """One option per TrainConfig field (--capacity-factor for capacity_factor); unset
+    options stay absent, so a resume can tell what the command line asked for."""
+    from moe_np import config as cfg, data
+    from moe_np.train import LOSS_SCALES, PRECISIONS, TrainConfig
+    d = TrainConfig()
+    choices = {"model": ("moe", "dense"), "task": data.TASKS, "router": cfg.ROUTER_KINDS,
+               "dispatch": cfg.DISPATCH_STRATEGIES, "precision": tuple(PRECISIONS),
+               "loss_scale": LOSS_SCALES,
+               "expert": cfg.EXPERT_KINDS, "dense_match": ("active", "total")}
+    kinds = {"seed": non_negative_int, "data_seed": non_negative_int, "warmup": non_negative_int,
+             "capacity_factor": positive_float_or_none, "clip_norm": positive_float_or_none,
+             "lr": positive_float}
+    for name, value in d.to_dict().items():
+        flag = "--" + name.replace("_", "-")
+        if name in choices:
+            p.add_argument(flag, choices=choices[name], default=argparse.SUPPRESS,
+                           help=f"{TRAIN_HELP.get(name, '')} (default {value})".lstrip())
+            continue
+        kind = kinds.get(name, positive_int if isinstance(value, int) else non_negative_float)
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
+                       help=f"{TRAIN_HELP.get(name, '')} (default {value})".lstrip())
+
+
+def train_config(args):
+    """The TrainConfig a train command asks for: its options over the defaults, or, with
+    --resume, over the run's stored config (an option that contradicts it is an error)."""
+    from moe_np.checkpoint import read_run_config
+    from moe_np.train import TrainConfig, config_from_dict
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if not args.resume:
+        return TrainConfig(**given)
+    stored = read_run_config(args.out)
+    for k, v in given.items():
+        if stored.get(k) != v:
+            raise ValueError(f"train --resume: {args.out} was run with --{k.replace('_', '-')} "
+                             f"{stored.get(k)}, this command gives {v}; a resumed run keeps its "
+                             f"configuration")
+    return config_from_dict(stored, f"{args.out}/config.json")
+
+
+def cmd_train(args) -> int:
+    from moe_np.train import train_in_dir
+    config = train_config(args)
+    run = train_in_dir(config, args.out, resume=args.resume)
+    t = run.trainer
+    if t.history.interrupted:
+        print(f"interrupted at step {t.step} of {config.steps}; checkpoint saved in {args.out}; "
+              f"continue with: python -m moe_np train --out {args.out} --resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    if not t.history.records:
+        print(f"nothing to do: the run in {args.out} is complete ({t.step} of {config.steps} steps)")
+        return 0
+    final = t.history.records[-1]
+    score = " ".join(f"{k} {final[k]:.4f}" for k in ("test_accuracy", "test_loss") if k in final)
+    print(f"done: {t.step} steps ({t.skipped} skipped); {score}; files in {args.out}: "
+          f"config.json, metrics.jsonl, routing.jsonl, checkpoint.npz; "
+          f"figures: python -m moe_np plot {args.out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from moe_np.plots import plot_runs
+    written = plot_runs(args.run_dirs)
+    for path in written:
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------- bench, loaded only when asked for
+
+def _add_bench(sub, wanted: bool) -> None:
+    """The bench sub-command from moe_np/bench.py (configure(parser), run(args) -> int).
+
+    bench.py is imported only when the command is bench, so every other
+    command works even if it fails to import; bench then says why."""
+    p = sub.add_parser("bench", help="time the hot path (moe_np/bench.py)")
+    if not wanted:
+        return
+    try:
+        bench = importlib.import_module("moe_np.bench")
+        bench.configure(p)
+        p.set_defaults(run=bench.run)
+    except Exception as err:     # an import of a module under development can fail any way
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(run=lambda args: _bench_unavailable(reason))
+
+
+def _bench_unavailable(reason: str) -> int:
+    print(f"error: bench is unavailable: importing moe_np.bench failed ({reason})", file=sys.stderr)
+    return USAGE_EXIT
+
+
+# ---------------------------------------------------------------- main
+
+def build_parser(argv) -> Parser:
+    parser = Parser(prog="python -m moe_np", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("gradcheck", help="run every registered gradient check")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
-    p.add_argument("--seed", type=int, default=0, help="seed for inputs and upstream gradients")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed for inputs and upstream gradients")
     p.add_argument("--filter", default=None, help="only checks whose name contains SUBSTR")
     p.set_defaults(run=cmd_gradcheck)
 
     p = sub.add_parser("tutorial", help="run one chapter and write its figures")
-    p.add_argument("number", type=int, help="chapter number, e.g. 1")
+    p.add_argument("number", type=positive_int, help="chapter number, e.g. 1")
     p.add_argument("--update", action="store_true",
                    help="rewrite the chapter's output blocks with what this run printed")
     p.add_argument("--quick", action="store_true", help="small sizes (as in the tests)")
     p.set_defaults(run=cmd_tutorial)
 
-    p = sub.add_parser("demo", help="a short tour: gradient checks, then training")
-    p.add_argument("--quick", action="store_true", help="fewer training steps")
+    p = sub.add_parser("demo", help="the tour: gradient checks, a sparse MoE trained, its figures")
+    p.add_argument("--quick", action="store_true", help="a few seconds instead of about a minute")
+    p.add_argument("--out", default=None, help="run directory (default: a new temporary one)")
     p.set_defaults(run=cmd_demo)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("train", help="train a model; progress, metrics and checkpoints in RUN_DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run's directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR")
+    _train_options(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("plot", help="write a run's figures into (the first) RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(run=cmd_plot)
+
+    _add_bench(sub, wanted=bool(argv) and argv[0] == "bench")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as done:           # --help, or a usage error already printed on one line
+        return done.code if isinstance(done.code, int) else USAGE_EXIT
+    try:
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # the reader (e.g. `head`) went away: stop quietly, and keep Python's exit-time
+        # flush of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+    except (ValueError, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -3,13 +3,22 @@
 A model has `params` and `grads` (dicts name -> array, same keys),
 `forward(x) -> out` (which keeps what backward needs) and
 `backward(dout) -> dx` (which stores fresh gradients in `grads`).
+
+    MLP, Linear, Sequential      the small building blocks of chapters 1-4
+    FFN                          a dense feed-forward block, shaped as one expert
+    ResidualNet                  embed -> B blocks x + f(x) -> head (chapter 7)
+    moe_net, dense_net           a ResidualNet of SparseMoE or FFN blocks
+    dense_width                  the FFN width that matches a sparse block's parameters
 """
 from __future__ import annotations
 
 import numpy as np
 
 from moe_np import layers
+from moe_np.config import SparseConfig
+from moe_np.experts import expert_kind, init_experts
 from moe_np.module import Module
+from moe_np.sparse import SparseMoE
 
 
 def he_init(rng, fan_in: int, shape, dtype=np.float64):
@@ -114,3 +123,156 @@ class Sequential(Module):
     def aux(self) -> float:
         """The sum of the modules' auxiliary losses from the last forward."""
         return float(sum(getattr(m, "aux", 0.0) for m in self.modules))
+
+
+# ---------------------------------------------------------------------------
+# Residual networks whose feed-forward blocks are sparse MoE layers or dense FFNs.
+
+def ffn_size(kind: str, d_model: int, d_hidden: int) -> int:
+    """Parameters of one feed-forward expert: mlp 2DH + H + D, swiglu 3DH."""
+    expert_kind(kind)
+    if kind == "mlp":
+        return 2 * d_model * d_hidden + d_hidden + d_model
+    return 3 * d_model * d_hidden
+
+
+def dense_width(config: SparseConfig, match: str) -> int:
+    """Hidden width H' of a dense FFN with as many parameters as one sparse block.
+
+    match "active": router + K experts + shared experts (what one token uses);
+    match "total":  router + E experts + shared experts (what is stored).
+    H' is the width whose ffn_size comes closest (the router counts, since
+    every token runs it). Expert choice uses capacity_factor experts per token.
+    """
+    if match not in ("active", "total"):
+        raise ValueError(f"dense_width: match must be 'active' or 'total', got {match!r}")
+    one = ffn_size(config.expert, config.d_model, config.d_hidden)
+    router = config.d_model * config.num_experts * (2 if config.router == "noisy_topk" else 1)
+    per_token = config.capacity_factor if config.router == "expert_choice" else config.k
+    experts = config.num_experts if match == "total" else per_token
+    target = router + (experts + config.num_shared) * one
+    d = config.d_model
+    width = (target - d) / (2 * d + 1) if config.expert == "mlp" else target / (3 * d)
+    return max(1, int(round(width)))
+
+
+class FFN(Module):
+    """A dense feed-forward block: one expert of the same kind and initialisation.
+
+        y = relu(x W1 + b1) W2 + b2   (mlp)   or   (silu(x Wg) * (x Wu)) Wd   (swiglu)
+
+    x: (N, D) -> y: (N, D). Weights are stored with a leading expert axis of
+    1 (W1: (1, D, H)), so the dense baseline is exactly an expert, and the
+    comparison with a sparse layer differs only in the routing.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, expert: str = "mlp", seed: int = 0,
+                 dtype=np.float64):
+        super().__init__()
+        self.kind, self.dtype = expert_kind(expert), np.dtype(dtype)
+        self.params = init_experts(expert, 1, d_model, d_hidden, np.random.default_rng(seed), dtype)
+        self.init_grads()
+        self._cache, self.aux, self.stats = None, 0.0, None
+
+    def forward(self, x):
+        y, self._cache = self.kind.forward(x, *(self.params[k] for k in self.kind.names))   # (1, N, D)
+        return y[0]                                                       # (N, D)
+
+    def backward(self, dy, aux_scale: float = 1.0):
+        """dx (N, D); aux_scale is accepted for a uniform block interface (no aux loss here)."""
+        dx, *grads = self.kind.backward(dy[None], self._cache)            # (N, D)
+        self.set_grads(dict(zip(self.kind.names, grads)))
+        return dx
+
+
+class ResidualNet(Module):
+    """embed -> B residual blocks -> head, for classification (d_out = V) or regression.
+
+        h_0 = x W_in + b_in;   h_b = h_{b-1} + f_b(h_{b-1});   y = h_B W_out + b_out
+
+    x: (N, D_in) -> y: (N, D_out); h: (N, D). Each f_b is a SparseMoE or an
+    FFN; their children keys are "embed", "block0".."block{B-1}", "head", so
+    state_dict() covers every parameter, buffer and RNG stream. `params` and
+    `grads` are flat dicts "<child>.<name>" over the children's own arrays.
+    After a forward, `aux` is the sum of the blocks' auxiliary losses and
+    `routing_stats()` the sparse blocks' RoutingStats (None for a dense block).
+    backward(dy, aux_scale) passes aux_scale to every block (a loss scaler's scale).
+    """
+
+    def __init__(self, d_in: int, d_model: int, d_out: int, blocks, seed: int = 0,
+                 dtype=np.float64):
+        super().__init__()
+        self.blocks = list(blocks)
+        if not self.blocks:
+            raise ValueError("ResidualNet: give at least one block")
+        self.embed = Linear(d_in, d_model, seed=seed, dtype=dtype)
+        self.head = Linear(d_model, d_out, seed=seed + 1, dtype=dtype)
+        self.params = {f"{n}.{k}": v for n, m in self.children().items() for k, v in m.params.items()}
+        self._collect_grads()
+
+    def children(self) -> dict:
+        kids = {"embed": self.embed}
+        kids |= {f"block{i}": b for i, b in enumerate(self.blocks)}
+        return kids | {"head": self.head}
+
+    def _collect_grads(self):
+        self.grads = {f"{n}.{k}": g for n, m in self.children().items() for k, g in m.grads.items()}
+
+    def forward(self, x):
+        h = self.embed.forward(x)                                         # (N, D)
+        for block in self.blocks:
+            h = h + block.forward(h)                                      # (N, D)
+        return self.head.forward(h)                                       # (N, D_out)
+
+    def backward(self, dy, aux_scale: float = 1.0):
+        dh = self.head.backward(dy)                                       # (N, D)
+        for block in reversed(self.blocks):
+            dh = dh + block.backward(dh, aux_scale=aux_scale)             # (N, D)
+        dx = self.embed.backward(dh)                                      # (N, D_in)
+        self._collect_grads()
+        return dx
+
+    @property
+    def aux(self) -> float:
+        """Sum of the blocks' auxiliary losses from the last forward (coefficients applied)."""
+        return float(sum(b.aux for b in self.blocks))
+
+    def routing_stats(self) -> list:
+        """Each block's RoutingStats from the last forward (None for a dense block)."""
+        return [b.stats for b in self.blocks]
+
+    def active_params(self) -> int:
+        """Parameters one token uses: everything but the experts it was not routed to.
+
+        A sparse block's routed experts count K/E of their size (expert
+        choice: capacity_factor/E); router and shared experts count fully."""
+        total = self.num_params()
+        for block in self.blocks:
+            if isinstance(block, SparseMoE):
+                c = block.config
+                per_token = c.capacity_factor if c.router == "expert_choice" else c.k
+                routed = sum(block.params[k].size for k in expert_kind(c.expert).names)
+                total -= routed * (1.0 - per_token / c.num_experts)
+        return int(round(total))
+
+
+def moe_net(d_in: int, d_out: int, config: SparseConfig, num_blocks: int = 2, seed: int = 0,
+            dtype=np.float64) -> ResidualNet:
+    """ResidualNet whose B blocks are SparseMoE(config) (each with its own seed)."""
+    seeds = _block_seeds("moe_net", num_blocks, seed)
+    return ResidualNet(d_in, config.d_model, d_out,
+                       [SparseMoE(config, seed=s, dtype=dtype) for s in seeds], seed=seed, dtype=dtype)
+
+
+def dense_net(d_in: int, d_out: int, d_model: int, d_hidden: int, num_blocks: int = 2,
+              expert: str = "mlp", seed: int = 0, dtype=np.float64) -> ResidualNet:
+    """ResidualNet whose B blocks are dense FFNs of width d_hidden (the baseline)."""
+    seeds = _block_seeds("dense_net", num_blocks, seed)
+    return ResidualNet(d_in, d_model, d_out, [FFN(d_model, d_hidden, expert, seed=s, dtype=dtype)
+                                              for s in seeds], seed=seed, dtype=dtype)
+
+
+def _block_seeds(fn: str, num_blocks: int, seed: int) -> list[int]:
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"{fn}: num_blocks must be an integer >= 1, got {num_blocks!r}")
+    return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 2, num_blocks)]

@@ -5,6 +5,7 @@ Figure functions draw on axes they are given (a chapter arranges them);
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -138,12 +139,13 @@ def load_over_training(ax, steps, loads, title: str):
     return [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
 
 
-def metric_curves(ax, curves: dict, ylabel: str, ideal: float | None = None, log: bool = False):
+def metric_curves(ax, curves: dict, ylabel: str, ideal: float | None = None, log: bool = False,
+                  ideal_label: str = "ideal"):
     """One line per name: curves[name] = (steps (T,), values (T,)); a grey line at `ideal`."""
     for name, (steps, values) in curves.items():
         ax.plot(steps, values, label=name, lw=1.5)
     if ideal is not None:
-        ax.axhline(ideal, color="0.5", lw=1, ls="--", label=f"ideal {ideal:g}")
+        ax.axhline(ideal, color="0.5", lw=1, ls="--", label=f"{ideal_label} {ideal:.3g}")
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel); ax.set_xlabel("step"); ax.grid(alpha=0.3)
@@ -266,7 +268,8 @@ def routing_figures(run: RunRecords, out: Path) -> list:
     _, drops = _routing_series(run, "drop_rate")                    # (T, B)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     metric_curves(axes[0], {f"block {b}": (steps, entropy[:, b]) for b in range(blocks)},
-                  "gate entropy (nats)", ideal=float(np.log(experts)))
+                  "gate entropy (nats)", ideal=float(np.log(experts)),
+                  ideal_label="uniform: log E =")
     metric_curves(axes[1], {f"block {b}": (steps, drops[:, b]) for b in range(blocks)},
                   "share of assignments dropped", ideal=0.0)
     written.append(_save(fig, out / "entropy-drops.png"))
@@ -280,8 +283,9 @@ def scale_figure(run: RunRecords, path: Path) -> Path:
     skipped = steps[np.diff(totals, prepend=0) > 0]                 # logged steps after a skip
     fig, ax = plt.subplots(figsize=(6, 3))
     loss_scale_trace(ax, steps, scales, skipped)
-    ax.set_title(f"Loss scale, {run.config['precision']} ({int(totals[-1])} steps skipped)",
-                 fontsize=10)
+    skipped_steps = int(totals[-1])
+    ax.set_title(f"Loss scale, {run.config['precision']} ({skipped_steps} "
+                 f"step{'' if skipped_steps == 1 else 's'} skipped)", fontsize=10)
     return _save(fig, path)
 
 
@@ -298,10 +302,15 @@ def compare_figure(runs: list, path: Path) -> Path:
 
 
 def load_trained(run: RunRecords):
-    """The run rebuilt from its config, with checkpoint.npz loaded, in eval mode."""
+    """The run rebuilt from its config, with checkpoint.npz loaded, in eval mode.
+
+    It routes with the "numpy" dispatch whatever the run trained with: every strategy
+    computes the same numbers, and the einsum one's (N, E, C) one-hot tensors would not
+    fit a 22,500-point routing map in memory."""
     from moe_np import checkpoint as ckpt
     from moe_np.train import build_run, config_from_dict
-    built = build_run(config_from_dict(run.config, f"{run.path}/config.json"))
+    config = config_from_dict(run.config, f"{run.path}/config.json")
+    built = build_run(replace(config, dispatch="numpy"))
     ckpt.load_checkpoint(run.path / ckpt.CHECKPOINT_FILE, built.model, built.optimizer,
                          built.scaler, built.trainer)
     built.model.eval()
@@ -378,7 +387,7 @@ def plot_runs(run_dirs) -> list:
     written = [curves_figure(runs[:1], out / "loss.png")]
     if _has_routing(first):
         written += routing_figures(first, out)
-    if first.config["precision"] != "fp32":
+    if first.metrics[0].get("loss_scale") is not None:
         written.append(scale_figure(first, out / "loss-scale.png"))
     if first.config["model"] == "moe":
         written += probe_figures(first, out)

@@ -199,6 +199,22 @@ def _amax_to_scale(amax, qmax: float) -> np.ndarray:
     return np.where(a == 0, np.float32(1.0), s).astype(np.float32)
 
 
+def amax_scale(amax, fmt: str) -> np.ndarray:
+    """scale = amax / max_finite(fmt) in float32, 1 where amax is 0: the rule of tensor_scale,
+    tile_scales and block_scales, for amaxes computed elsewhere.   amax: any shape -> same shape."""
+    return _amax_to_scale(amax, _check_fmt("amax_scale", fmt).max_finite)
+
+
+def mx_scale(amax, fmt: str) -> np.ndarray:
+    """s = 2**(floor(log2 amax) - emax(fmt)), an E8M0 power of two (exponent clamped to
+    [-127, 127]); 1 where amax is 0. quantize_mx's rule.   amax: any shape -> float32, same shape."""
+    info = _check_fmt("mx_scale", fmt)
+    amax = np.asarray(amax, dtype=np.float32)                        # same shape as amax
+    floor_log2 = np.frexp(amax)[1] - 1                               # amax = f * 2**e, f in [0.5, 1)
+    exponent = np.clip(floor_log2 - info.emax, -127, 127)            # same shape, an E8M0 exponent
+    return np.where(amax == 0, 1.0, np.ldexp(1.0, exponent)).astype(np.float32)
+
+
 def _saturating_round(y: np.ndarray, info: FormatInfo) -> np.ndarray:
     """round_to(clip(y, +-max_finite)): a scaled cast saturates, so a stale scale never makes inf."""
     return round_to(np.clip(y, -info.max_finite, info.max_finite), info.name)
@@ -339,10 +355,7 @@ def quantize_mx(x: np.ndarray, fmt: str, block: int = 32):
     _check_int("quantize_mx", "block", block, 1)
     if not np.all(np.isfinite(x)):
         raise ValueError("quantize_mx: x must be finite to be scaled")
-    amax = _grid_amax(x, 1, block)                                   # (N, T)
-    floor_log2 = np.frexp(amax)[1] - 1                               # (N, T); amax = f * 2**e, f in [0.5, 1)
-    exponent = np.clip(floor_log2 - info.emax, -127, 127)            # (N, T), an E8M0 exponent
-    scales = np.where(amax == 0, 1.0, np.ldexp(1.0, exponent)).astype(np.float32)   # (N, T)
+    scales = mx_scale(_grid_amax(x, 1, block), fmt)                  # (N, T)
     q = _saturating_round(x / _grid_expand(scales, 1, block, x.shape), info)         # (N, D)
     return q, scales
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from moe_np import functional, layers, losses
-from moe_np.gradcheck import check_pair, compare, numerical_grad, rel_error
+from moe_np import gradcheck
+from moe_np.gradcheck import TOLERANCE, check_error, check_gradient, check_pair, compare, \
+    finite_difference, numerical_grad, rel_error, rounding_floor
 from moe_np.models import MLP
 from moe_np.optim import SGD, Adam
 from moe_np.train import fit
@@ -55,15 +57,86 @@ def test_numerical_grad_restores_x_even_when_the_guard_raises(rng):
     assert np.array_equal(x, before)
 
 
+def test_check_error_known_values():
+    floor = 1e-12                                                  # floor / TOLERANCE = 1e-5
+    assert check_error([1.0, 2.0], [1.0, 2.0], floor) == 0.0
+    assert check_error([1.0], [3.0], floor) == pytest.approx(0.5)  # large: |a-n| / (|a|+|n|)
+    assert check_error([1e-7], [1e-7 + 1e-13], floor) == pytest.approx(1e-8)   # tiny: 1e-13 / 1e-5
+    # per-entry floors: an error of twice its floor reads 2 * TOLERANCE, whatever the entry's size
+    assert check_error([0.0, 5.0], [2e-12, 5.0], [1e-12, 1e-9]) == pytest.approx(2 * TOLERANCE)
+    with pytest.raises(ValueError, match="shapes differ"):
+        check_error(np.zeros(2), np.zeros(3), floor)
+    with pytest.raises(ValueError, match="floor must be > 0"):
+        check_error(np.zeros(2), np.zeros(2), 0.0)
+
+
+def test_rounding_floor_is_6_6_c_eps_s_over_h():
+    out, dout = np.array([2.0, -3.0]), np.array([1.0, 2.0])       # S = |2*1| + |-3*2| = 8
+    assert gradcheck.ROUNDING_GAIN == pytest.approx(6.6)           # (16 * 6 + 3) / 15
+    expected = 6.6 * gradcheck.ROUNDING_C * gradcheck.EPS * 8 / 1e-3
+    assert rounding_floor(out, dout, 1e-3) == pytest.approx(expected)
+    assert rounding_floor((out, out), (dout, dout), 1e-3) == pytest.approx(2 * expected)
+
+
+def test_truncation_bar_measures_the_h4_error_and_covers_what_is_left():
+    """With a large step, truncation dominates rounding. For sin, R(h/2)'s error is
+    h^4 cos(x) / 7680; the bar |R(h) - R(h/2)| / 15 must measure it, and the
+    estimate, which subtracts it, must be far closer than the bar."""
+    x = np.array([0.3, 1.0, -2.0])
+    fd = finite_difference(lambda: np.sin(x), x, np.ones(3), h=0.2)
+    assert np.allclose(fd.truncation, 0.2**4 * np.abs(np.cos(x)) / 7680, rtol=0.02)
+    assert np.all(np.abs(fd.grad - np.cos(x)) < fd.truncation / 100)
+
+
+def _confident_cross_entropy(seed=3):
+    """Logits of scale 3: some classes get p ~ 1e-5, so their gradient entries p / N are ~1e-6."""
+    rng = np.random.default_rng(seed)
+    z, labels = 3 * rng.standard_normal((5, 7)), rng.integers(0, 7, 5)   # (N, V), (N,)
+    _, cache = losses.cross_entropy_forward(z, labels)
+    return z, labels, cache
+
+
+def test_check_error_has_no_false_alarm_where_rel_error_has_one():
+    z, labels, cache = _confident_cross_entropy()
+    row = check_gradient(lambda: losses.cross_entropy_forward(z, labels)[0], z, 1.0,
+                         losses.cross_entropy_backward(1.0, cache))
+    assert row.rel_error > TOLERANCE                               # rel_error cries wolf
+    assert row.passed and row.check_error < TOLERANCE              # check_error does not
+    assert row.abs_error < row.floor
+
+
+def test_floor_does_not_depend_on_the_gradient_being_judged():
+    z, labels, cache = _confident_cross_entropy()
+    f = lambda: losses.cross_entropy_forward(z, labels)[0]
+    right = losses.cross_entropy_backward(1.0, cache)
+    assert check_gradient(f, z, 1.0, right).floor == check_gradient(f, z, 1.0, 2 * right).floor
+
+
+# -- wrong backwards must fail, by orders of magnitude ------------------------------
+# Each was run against the checker and fails with check_error >= 0.1; the bar
+# below is 1000 times the pass mark.
+
+CLEAR_FAIL = 1e3 * TOLERANCE
+
+
+def test_checker_reports_a_bug_confined_to_the_tiny_entries():
+    """A 0.1% error on only the entries below 1e-5 (the ones the floor is for) still fails."""
+    z, labels, cache = _confident_cross_entropy()
+    right = losses.cross_entropy_backward(1.0, cache)              # (N, V)
+    wrong = np.where(np.abs(right) < 1e-5, 1.001 * right, right)   # (N, V)
+    row = check_gradient(lambda: losses.cross_entropy_forward(z, labels)[0], z, 1.0, wrong)
+    assert not row.passed and row.check_error > 10 * TOLERANCE
+
+
 def _softmax_backward_without_sum_term(dp, cache):
     p, axis, temperature = cache
     return p * dp / temperature                                    # bug: drops - sum(dp * p)
 
 
-def test_checker_reports_a_softmax_backward_that_ignores_the_sum_term(rng):
+def test_checker_reports_a_softmax_backward_without_the_subtraction(rng):
     rows = check_pair("broken softmax", functional.softmax_forward,
                       _softmax_backward_without_sum_term, {"z": rng.standard_normal((5, 7))})
-    assert not rows[0].passed and rows[0].rel_error > 1e-2
+    assert not rows[0].passed and rows[0].check_error > CLEAR_FAIL
 
 
 def test_checker_reports_a_transposed_weight_gradient(rng):
@@ -77,7 +150,40 @@ def test_checker_reports_a_transposed_weight_gradient(rng):
                        "b": rng.standard_normal(4)})
     by_wrt = {r.wrt: r for r in rows}
     assert by_wrt["x"].passed and by_wrt["b"].passed
-    assert not by_wrt["w"].passed and by_wrt["w"].rel_error > 1e-2
+    assert not by_wrt["w"].passed and by_wrt["w"].check_error > CLEAR_FAIL
+
+
+def test_checker_reports_a_cross_entropy_backward_missing_1_over_n(rng):
+    def backward_without_mean(dloss, cache):
+        return losses.cross_entropy_backward(dloss, cache) * len(cache[1])   # bug: sum, not mean
+    rows = check_pair("broken cross_entropy", losses.cross_entropy_forward, backward_without_mean,
+                      {"logits": rng.standard_normal((5, 7))},
+                      static={"labels": rng.integers(0, 7, 5)})
+    assert not rows[0].passed and rows[0].check_error > CLEAR_FAIL
+
+
+def _two_layer_forward(x, w1, b1, w2, b2):
+    a, c1 = layers.linear_forward(x, w1, b1)                       # (N, H)
+    h, c2 = layers.relu_forward(a)                                 # (N, H)
+    y, c3 = layers.linear_forward(h, w2, b2)                       # (N, V)
+    return y, (c1, c2, c3)
+
+
+def test_checker_reports_a_dropped_relu_mask(rng):
+    def backward_without_mask(dy, cache):
+        c1, _, c3 = cache
+        dh, dw2, db2 = layers.linear_backward(dy, c3)              # (N, H), (H, V), (V,)
+        dx, dw1, db1 = layers.linear_backward(dh, c1)              # bug: dh, not dh * [a > 0]
+        return dx, dw1, db1, dw2, db2
+    inputs = {"x": rng.standard_normal((5, 4)), "w1": rng.standard_normal((4, 6)),
+              "b1": rng.standard_normal(6), "w2": rng.standard_normal((6, 3)),
+              "b2": rng.standard_normal(3)}
+    pattern = lambda x, w1, b1, **_: x @ w1 + b1 > 0
+    rows = {r.wrt: r for r in check_pair("broken two-layer", _two_layer_forward,
+                                         backward_without_mask, inputs, selection=pattern)}
+    assert rows["w2"].passed and rows["b2"].passed                 # above the ReLU: right
+    for key in ("x", "w1", "b1"):                                  # below it: wrong
+        assert not rows[key].passed and rows[key].check_error > CLEAR_FAIL, key
 
 
 def _softmax_backward_plain_mean(dp, cache):
@@ -201,9 +307,10 @@ def test_cli_gradcheck_json_lists_every_layer_and_loss():
     run = _cli("gradcheck", "--json")
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)
-    assert {"name", "wrt", "rel_error", "passed"} <= set(rows[0])
+    assert {"name", "wrt", "check_error", "rel_error", "abs_error", "floor", "passed"} \
+        <= set(rows[0])
     assert set(CHAPTER_1) <= {r["name"] for r in rows}
-    assert all(r["passed"] and r["rel_error"] < 1e-7 for r in rows)
+    assert all(r["passed"] and r["check_error"] < TOLERANCE for r in rows)
 
 
 def test_cli_gradcheck_filter_without_match_fails():

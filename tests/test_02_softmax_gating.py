@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from moe_np import functional, gates, losses
-from moe_np.gradcheck import numerical_grad, rel_error
+from moe_np import functional, gates, layers, losses
+from moe_np.gradcheck import check_gradient, numerical_grad, rel_error
 
 from conftest import assert_check_passes, checks_of
 
@@ -94,3 +94,75 @@ def test_softmax_gate_backward_by_hand(rng):
 def test_bad_gate_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# -- the four plausible softmax-backward mistakes of the chapter ----------------------
+
+T = 0.5
+SOFTMAX_BACKWARDS = {
+    "correct": lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True)) / T,
+    "forgot_temperature": lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True)),
+    "plain_mean": lambda dp, p: p * (dp - dp.mean(-1, keepdims=True)) / T,
+    "no_sum_term": lambda dp, p: p * dp / T,
+    "log_softmax_rule": lambda dp, p: (dp - p * dp.sum(-1, keepdims=True)) / T,
+}
+
+
+@pytest.mark.parametrize("name", SOFTMAX_BACKWARDS)
+def test_softmax_backward_mistakes_fail_with_a_random_upstream(name, rng):
+    z = rng.standard_normal((6, 4))                                # (N, E)
+    p = functional.softmax_forward(z, temperature=T)[0]            # (N, E)
+    f = lambda: functional.softmax_forward(z, temperature=T)[0]
+    dp = rng.standard_normal(z.shape)                              # (N, E)
+    row = check_gradient(f, z, dp, SOFTMAX_BACKWARDS[name](dp, p))
+    if name == "correct":
+        assert row.passed
+    else:
+        assert not row.passed and row.check_error > 1e-2           # 1e5 times the pass mark
+
+
+@pytest.mark.parametrize("name, fooled", [("forgot_temperature", True), ("plain_mean", True),
+                                          ("no_sum_term", False), ("log_softmax_rule", False)])
+def test_all_ones_upstream_hides_exactly_the_missing_factor_and_the_wrong_mean(name, fooled, rng):
+    z = rng.standard_normal((6, 4))                                # (N, E)
+    p = functional.softmax_forward(z, temperature=T)[0]            # (N, E)
+    ones = np.ones_like(z)
+    row = check_gradient(lambda: functional.softmax_forward(z, temperature=T)[0], z, ones,
+                         SOFTMAX_BACKWARDS[name](ones, p))
+    assert row.passed == fooled
+
+
+# -- the per-dimension gate -------------------------------------------------------------
+
+def test_per_dim_gate_weight_columns_are_expert_major(rng):
+    """Column e*D + d of W gives the logit of expert e for output dimension d."""
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 12)), rng.standard_normal(12)
+    g, _ = gates.per_dim_gate_forward(x, w, b, num_experts=3)       # (N, E, D)
+    logits = (x @ w + b).reshape(5, 3, 4)                          # (N, E, D)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.allclose(g, expected, rtol=1e-12, atol=0)
+
+
+def test_per_dim_gate_backward_by_hand(rng):
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 12)), rng.standard_normal(12)
+    g, cache = gates.per_dim_gate_forward(x, w, b, num_experts=3, temperature=1.3)   # (N, E, D)
+    dg = rng.standard_normal(g.shape)                              # (N, E, D)
+    dlogits = (g * (dg - (dg * g).sum(axis=1, keepdims=True)) / 1.3).reshape(5, 12)  # (N, E*D)
+    dx, dw, db = gates.per_dim_gate_backward(dg, cache)
+    assert dw.shape == (4, 12)
+    for mine, ref in ((dx, dlogits @ w.T), (dw, x.T @ dlogits), (db, dlogits.sum(axis=0))):
+        assert np.allclose(mine, ref, rtol=1e-12, atol=1e-14)
+
+
+# -- gate dropout: sums to one in expectation only ------------------------------------------
+
+def test_gate_dropout_sums_to_one_only_in_expectation():
+    rho, g = 0.3, np.array([0.6, 0.3, 0.1])                        # rate, (E,)
+    draws = layers.dropout_forward(np.tile(g, (40000, 1)), rho, seed=11)[0]   # (40000, E)
+    sums = draws.sum(axis=1)                                       # (40000,)
+    std = np.sqrt(rho / (1 - rho) * np.sum(g**2))                  # 0.444
+    assert abs(sums.mean() - 1) < 4 * std / np.sqrt(len(sums))     # unbiased
+    assert abs(sums.std() - std) < 0.01
+    assert sums.max() == pytest.approx(1 / (1 - rho))              # nothing dropped
+    assert abs(np.mean(sums == 0) - rho**3) < 0.005                # everything dropped
+    assert np.allclose(draws.mean(axis=0), g, atol=0.01)           # each weight unbiased

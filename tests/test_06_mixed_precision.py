@@ -1,4 +1,5 @@
-"""Chapter 6: low-precision formats, fp8 scaling, limited accumulation, int8, loss scaling.
+"""Chapter 6: low-precision formats, fp8 scaling, limited accumulation, int8, loss scaling,
+and the layer's low-precision mode (lowp) inside the real training step.
 
 Rounding is checked bit for bit against independent casts: NumPy's float16
 and ml_dtypes' bfloat16 / float8_e4m3fn / float8_e5m2 (always fed float32,
@@ -7,10 +8,17 @@ ml_dtypes' E4M3 cast turns anything past 464 into NaN where round_to
 saturates to 448 (compared only within |x| <= 464, saturation tested alone);
 ml_dtypes' E5M2 overflows to inf like IEEE, as round_to does (compared everywhere).
 """
+from dataclasses import replace
+
 import ml_dtypes
 import numpy as np
 import pytest
 
+from moe_np import SparseConfig, SparseMoE, balance, losses, lowp
+from moe_np.config import PrecisionConfig
+from moe_np.models import moe_net
+from moe_np.optim import AdamW
+from moe_np.train import Trainer
 from moe_np.precision import (FORMATS, DelayedScaling, LossScaler, MasterWeights, block_scales,
                               dequantize, dequantize_blocks, dequantize_mx, dequantize_tiles,
                               found_inf, int8_matmul, lp_matmul, quantize, quantize_blocks,
@@ -549,3 +557,276 @@ BAD = [
 def test_bad_arguments_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------- the layer's rounding (lowp)
+
+@pytest.fixture(params=[True, False], ids=["kernels", "twins"])
+def kernels(request, monkeypatch):
+    """Run a test through lowp's compiled loops and again through their NumPy twins."""
+    monkeypatch.setattr(lowp, "USE_KERNELS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_round_fast_is_round_to_bit_for_bit(fmt, kernels):
+    rng = np.random.default_rng(20)
+    x = np.concatenate([edge_values(fmt), random_values(rng, fmt, n=2**17)])
+    if fmt == "fp16":
+        x = np.concatenate([x, np.arange(2**16, dtype=np.uint16).view(np.float16).astype(F32)])
+    assert_bits_equal(x, lowp.round_fast(x, fmt), round_to(x, fmt))
+    m = x[: x.size // 512 * 512].reshape(-1, 512)                                     # (R, 512)
+    for view in (m.T, m[:, ::3]):                                                    # F order, strided
+        assert_bits_equal(view.ravel(), lowp.round_fast(view, fmt).ravel(),
+                          round_to(np.ascontiguousarray(view), fmt).ravel())
+    want = round_to(m, fmt)
+    assert lowp.round_fast(m, fmt, out=m) is m                                       # in place
+    assert_bits_equal(m.ravel(), m.ravel(), want.ravel())
+
+
+@pytest.mark.parametrize("fmt", FP8)
+@pytest.mark.parametrize("shape", [(64, 300), (130, 257), (5, 4)])
+def test_scaled_round_is_the_scaled_cast_of_precision(fmt, shape, kernels):
+    """Tiles, blocks, one tensor scale and MX, with partial tiles and a transposed input."""
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal(shape) * np.exp(rng.uniform(-8, 8, shape))).astype(F32)
+    s = tensor_scale(x, fmt)
+    cases = [((1, 128, False), dequantize_tiles(*quantize_tiles(x, fmt))),
+             ((128, 128, False), dequantize_blocks(*quantize_blocks(x, fmt))),
+             ((shape[0], shape[1], False), dequantize(quantize(x, fmt, s), s)),
+             ((1, 32, True), dequantize_mx(*quantize_mx(x, fmt)))]
+    for (rows, cols, pow2), want in cases:
+        assert np.array_equal(lowp.scaled_round(x, fmt, rows, cols, pow2), want), (rows, cols)
+    xt = np.ascontiguousarray(x.T)
+    assert np.array_equal(lowp.scaled_round(xt.T, fmt, 32, 1, True), dequantize_mx(*quantize_mx(xt, fmt)).T)
+
+
+def test_scaled_round_loses_only_the_tile_that_holds_inf_or_nan(kernels):
+    x = np.ones((4, 256), F32)
+    x[1, 3], x[2, 200] = np.inf, np.nan
+    bad = ~np.isfinite(x)                                                             # (4, 256)
+    for rows, cols, pow2 in ((1, 128, False), (1, 32, True), (4, 64, False)):
+        tile_bad = bad.reshape(4 // rows, rows, 256 // cols, cols).any(axis=(1, 3))   # (R, T)
+        lost = np.repeat(np.repeat(tile_bad, rows, 0), cols, 1)                       # (4, 256)
+        y = lowp.scaled_round(x, "fp8_e4m3", rows, cols, pow2)
+        assert np.array_equal(np.isnan(y), lost) and np.all(y[~lost] == 1.0), (rows, cols)
+
+
+@pytest.mark.parametrize("compute, scaling", [("fp16", "tile"), ("bf16", "tile"), ("fp8_e4m3", "tile"),
+                                              ("fp8_e5m2", "mx"), ("fp8_e4m3", "tensor")])
+def test_gemm_rounds_operands_and_output(compute, scaling):
+    rng = np.random.default_rng(22)
+    config = PrecisionConfig(compute=compute, fp8_scaling=scaling)
+    gemm = lowp.gemm_for(config)
+    a = rng.standard_normal((40, 300)).astype(F32)                                    # (N, K)
+    b = np.ascontiguousarray(rng.standard_normal((130, 300)).astype(F32)).T          # (K, M), F order
+    want = lowp.round_output(lowp.round_operand(a, config, True) @ lowp.round_operand(b, config, False),
+                             config)
+    out = np.empty((40, 130), F32)
+    assert np.array_equal(gemm(a, b), want) and gemm(a, b, out=out) is out
+    assert np.array_equal(out, want) and np.array_equal(gemm(a, b), want)           # scratch reused
+    assert lowp.gemm_for(PrecisionConfig()) is np.matmul
+
+
+# ---------------------------------------------------------------- the low-precision SparseMoE
+
+EPS = {"fp16": 2.0**-10, "bf16": 2.0**-7, "fp8_e4m3": 2.0**-3, "fp8_e5m2": 2.0**-2}
+
+
+def layer_pair(compute, seed, **extra):
+    """A float32 layer computing in `compute` and the float64 layer with the same weights."""
+    config = SparseConfig(d_model=32, num_experts=4, d_hidden=48, k=2, balance_coef=0.01,
+                          z_coef=1e-3, **extra)
+    low = SparseMoE(replace(config, precision=PrecisionConfig(compute=compute)), seed=seed, dtype=F32)
+    ref = SparseMoE(config, seed=seed, dtype=np.float64)
+    for k in ref.params:
+        ref.params[k][...] = low.params[k]
+    return low, ref
+
+
+@pytest.mark.parametrize("compute", tuple(EPS))
+def test_low_precision_gradients_match_float64_within_the_format(compute):
+    """|low - ref| <= 8 eps (|ref| + rms(ref)) for the output, dx and every gradient, eps = 2**-m
+    of the format (the worst of six seeds measured 4.7 eps). SwiGLU experts: a ReLU kink crossed
+    by rounding would be a different function, not a rounding error; the router runs in float32
+    and its choices are asserted identical. dy is standard normal, far above fp16's subnormals,
+    so no loss scale is needed; the error is also required to be there (the layer does round)."""
+    for seed in (0, 1):
+        low, ref = layer_pair(compute, seed, expert="swiglu")
+        rng = np.random.default_rng(seed)
+        x, dy = rng.standard_normal((2, 64, 32)).astype(F32)                          # (N, D) each
+        y, y64 = low.forward(x), ref.forward(x.astype(np.float64))
+        assert np.array_equal(low.stats.ids, ref.stats.ids)
+        dx, dx64 = low.backward(dy), ref.backward(dy.astype(np.float64))
+        pairs = {"y": (y, y64), "dx": (dx, dx64)} | {k: (low.grads[k], ref.grads[k]) for k in ref.grads}
+        for name, (got, want) in pairs.items():
+            assert got.dtype == F32, name
+            rms = np.sqrt(np.mean(want**2))
+            assert np.all(np.abs(got - want) <= 8 * EPS[compute] * (np.abs(want) + rms)), (seed, name)
+        assert np.abs(y - y64).max() > 0.05 * EPS[compute] * np.sqrt(np.mean(y64**2))
+
+
+@pytest.mark.parametrize("compute", ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("router, dispatch_name", [("fp32", "numpy"), ("compute", "numba")])
+def test_low_precision_layer_is_float32_throughout(compute, router, dispatch_name):
+    config = SparseConfig(d_model=16, num_experts=4, d_hidden=24, k=2, num_shared=1, balance_coef=0.01,
+                          dispatch=dispatch_name, precision=PrecisionConfig(compute=compute, router=router))
+    layer = SparseMoE(config, seed=0, dtype=F32)
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(F32)
+    y = layer.forward(x)
+    dx = layer.backward(np.ones_like(y) * F32(0.01))
+    assert y.dtype == dx.dtype == F32 and all(g.dtype == F32 for g in layer.grads.values())
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+
+
+def test_einsum_dispatch_refuses_low_precision():
+    for compute in ("fp16", "bf16", "fp8_e4m3"):
+        with pytest.raises(ValueError, match=r"precision.compute=.* use dispatch 'numpy' or 'numba', not 'einsum'"):
+            SparseConfig(d_model=8, num_experts=4, d_hidden=8, dispatch="einsum",
+                         precision=PrecisionConfig(compute=compute))
+
+
+def test_low_precision_router_flips_what_the_float32_router_keeps():
+    """Two experts whose router columns differ by 1e-4 relative: their logits nearly tie, and
+    the better one is expert 1 wherever expert 0's logit is positive. bf16 (8 significant
+    bits) rounds the two columns to the same values, so a bf16 router sees exact ties and
+    flips about half the choices; the float32 router of a bf16 layer flips none (it is the
+    float32 layer's router exactly: selective precision)."""
+    config = SparseConfig(d_model=16, num_experts=2, d_hidden=8, k=1, router="switch")
+    x = np.random.default_rng(23).standard_normal((256, 16)).astype(F32)              # (N, D)
+    ids = {}
+    for name, prec in (("fp32", PrecisionConfig()),
+                       ("bf16, fp32 router", PrecisionConfig(compute="bf16", router="fp32")),
+                       ("bf16 router", PrecisionConfig(compute="bf16", router="compute"))):
+        layer = SparseMoE(replace(config, precision=prec), seed=0, dtype=F32)
+        w = layer.params["w_router"]                                                   # (D, E)
+        w[:, 1] = w[:, 0] * F32(1 + 1e-4)
+        layer.forward(x)
+        ids[name] = layer.stats.ids[:, 0]                                              # (N,)
+    assert 0.3 < np.mean(ids["fp32"] == 1) < 0.7
+    assert np.array_equal(ids["bf16, fp32 router"], ids["fp32"])
+    assert np.mean(ids["bf16 router"] != ids["fp32"]) > 0.3
+
+
+# ---------------------------------------------------------------- the real training step
+
+def tiny_trainer(compute="fp16", scaler=None, **extra):
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((128, 6)).astype(F32)                                      # (N, D_in)
+    y = rng.integers(0, 3, 128)                                                        # (N,)
+    config = SparseConfig(d_model=8, num_experts=4, d_hidden=12, k=2, balance_coef=0.01, z_coef=1e-3,
+                          precision=PrecisionConfig(compute=compute), **extra)
+    model = moe_net(6, 3, config, num_blocks=2, seed=0, dtype=F32)
+    opt = AdamW(model.params, lr=1e-2)
+    scaler = LossScaler(init_scale=2.0**10, growth_interval=1000) if scaler is None else scaler
+    return Trainer(model, opt, losses.cross_entropy_forward, losses.cross_entropy_backward, x, y,
+                   batch_size=32, seed=0, scaler=scaler, clip_norm=1.0)
+
+
+def snapshot(trainer):
+    """Every array the optimizer step may touch, as raw bytes (NaN-safe, sign of zero kept)."""
+    arrays = {f"param {k}": v for k, v in trainer.model.params.items()}
+    arrays |= {f"optim {k}": np.asarray(v) for k, v in trainer.optimizer.state_dict().items()}
+    return {k: np.array(v).tobytes() for k, v in arrays.items()}
+
+
+def assert_skipped_untouched(trainer, record, before, scale):
+    assert record["skipped"] and trainer.skipped >= 1
+    assert snapshot(trainer) == before                                                # bit-identical
+    assert trainer.scaler.scale == scale / 2                                          # backed off
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_one_bad_gradient_entry_anywhere_skips_the_step(bad, monkeypatch):
+    """Each parameter in turn (embedding, both blocks' router and experts, head) gets one entry
+    replaced after the real backward pass; the trainer's step must skip and change nothing."""
+    trainer = tiny_trainer()
+    trainer.train_step()                                                               # moments nonzero
+    model, rng = trainer.model, np.random.default_rng(25)
+    backward = model.backward
+    for name in model.params:
+        def poisoned(dout, aux_scale=1.0, name=name):
+            dx = backward(dout, aux_scale=aux_scale)
+            g = model.grads[name]
+            g.flat[rng.integers(g.size)] = bad
+            return dx
+        monkeypatch.setattr(model, "backward", poisoned)
+        before, scale = snapshot(trainer), trainer.scaler.scale
+        assert_skipped_untouched(trainer, trainer.train_step(), before, scale)
+    monkeypatch.setattr(model, "backward", backward)
+    assert not trainer.train_step()["skipped"]                                        # and it recovers
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_a_bad_aux_loss_gradient_skips_the_step(bad, monkeypatch):
+    """One entry of the auxiliary losses' gradient to the logits, in the last block's backward
+    (it then flows through the real router backward into w_router and dx)."""
+    trainer = tiny_trainer()
+    trainer.train_step()
+    aux_backward = balance.aux_backward
+
+    def poisoned(daux, cache):
+        grads = aux_backward(daux, cache)
+        dlogits = grads[0].copy()
+        dlogits[3, 1] = bad
+        return grads._replace(**{grads._fields[0]: dlogits})
+    monkeypatch.setattr(balance, "aux_backward", poisoned)
+    before, scale = snapshot(trainer), trainer.scaler.scale
+    assert_skipped_untouched(trainer, trainer.train_step(), before, scale)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_real_fp16_overflow_skips_the_step_and_backs_off():
+    """No injection: a loss scale of 2**40 makes the fp16 expert gradients overflow."""
+    trainer = tiny_trainer(scaler=LossScaler(init_scale=2.0**40, growth_interval=1000))
+    before = snapshot(trainer)
+    assert_skipped_untouched(trainer, trainer.train_step(), before, 2.0**40)
+    steps = [trainer.train_step()["skipped"] for _ in range(40)]
+    assert not steps[-1] and trainer.scaler.scale < 2.0**30
+
+
+def test_aux_gradient_is_scaled_and_unscaled_with_the_task_gradient(monkeypatch):
+    """fp32 compute: a power-of-two loss scale, undone once, must give the same gradients bit
+    for bit as no scaling, the balance and z-loss gradients included (the router's)."""
+    seen = []
+    for scaler in (None, LossScaler(init_scale=2.0**12, dynamic=False)):
+        trainer = tiny_trainer("fp32", scaler=scaler)
+        step = trainer.optimizer.step
+        monkeypatch.setattr(trainer.optimizer, "step",
+                            lambda grads, step=step: (seen.append({k: g.copy() for k, g in grads.items()}),
+                                                      step(grads))[1])
+        trainer.train_step()
+        assert trainer.model.aux > 0
+    assert seen[0].keys() == seen[1].keys()
+    for k in seen[0]:
+        assert np.array_equal(seen[0][k], seen[1][k]), k
+
+
+# ---------------------------------------------------------------- bad arguments and the timing helper
+
+def test_lowp_bad_arguments():
+    with pytest.raises(ValueError, match=r"round_fast: fmt must be one of .* got 'fp4'"):
+        lowp.round_fast(np.ones(3, F32), "fp4")
+    with pytest.raises(ValueError, match=r"round_fast: fmt must be one of .* got \['fp16'\]"):
+        lowp.round_fast(np.ones(3, F32), ["fp16"])
+    with pytest.raises(ValueError, match=r"round_fast: x must be a float32 array, got float64"):
+        lowp.round_fast(np.ones(3), "fp16")
+    with pytest.raises(ValueError, match=r"scaled_round: fmt must be one of .* got 'bf16'"):
+        lowp.scaled_round(np.ones((2, 2), F32), "bf16", 1, 128)
+    with pytest.raises(ValueError, match=r"scaled_round: x must be a 2-D float32 array, got float64"):
+        lowp.scaled_round(np.ones((2, 2)), "fp8_e4m3", 1, 128)
+    with pytest.raises(ValueError, match=r"scaled_round: rows and cols must be integers >= 1, got 0, 128"):
+        lowp.scaled_round(np.ones((2, 2), F32), "fp8_e4m3", 0, 128)
+    with pytest.raises(ValueError, match=r"step_time_ratios: repeats must be an integer >= 1, got 0"):
+        lowp.step_time_ratios(lambda c: None, None, None, repeats=0)
+
+
+def test_step_time_ratios_runs_on_a_tiny_layer():
+    base = SparseConfig(d_model=8, num_experts=4, d_hidden=16, k=2)
+    make = lambda c: SparseMoE(replace(base, precision=PrecisionConfig(compute=c)), seed=0, dtype=F32)
+    rng = np.random.default_rng(26)
+    x, dy = rng.standard_normal((2, 64, 8)).astype(F32)
+    r = lowp.step_time_ratios(make, x, dy / F32(64), repeats=1)                     # a mean loss's dy
+    assert set(r) == {"fp16_step_ratio", "fp8_step_ratio", "fp32_step_s", "fp16_step_s", "fp8_step_s"}
+    assert all(v > 0 for v in r.values())

@@ -1,0 +1,198 @@
+"""The hot path's loops: Numba kernels for the plan, gather and combine, with NumPy twins.
+
+    plan_kernel        ids (N, K)            -> Plan arrays   one stable counting sort
+    gather_rows        x (N, D)              -> out (M, D)    x_sorted[m] = x[rows_token[m]]
+    combine_rows       y_sorted (M, D), w    -> out (N, D)    y[n] = sum_j w_j y_sorted[row_j]
+    combine_grad_rows  dy (N, D)             -> (M, D), (W,)  dy_sorted, dweights
+    sum_rows           dx_sorted (M, D)      -> out (N, D)    dx[n] = sum_j dx_sorted[row_j]
+
+Each kernel is a plain loop, compiled by `@njit(cache=True)`; the loops
+marked `prange` run in parallel over outputs that no other iteration
+writes (a token's output row, a buffer row), so there are no races and no
+atomics. A token's rows are summed in the fixed order j = 0..R-1, in the
+data's dtype, so every run gives the same bits. Each kernel has a twin
+written with NumPy array operations *in the same order of floating-point
+operations*: the tests require kernel and twin to agree bit for bit.
+
+The (rows, D) outputs are passed in, allocated by NumPy: an array
+allocated inside compiled code comes from Numba's allocator, without the
+transparent huge pages NumPy asks Linux for, and its first touch costs a
+page fault per 4 KiB; measured, that made the 32 MiB gather several times
+slower than a plain copy. These functions trust their inputs: the strategy
+in `jit.py` validates everything first. With NUMBA_DISABLE_JIT=1 they run
+as ordinary Python (`prange` is then `range`), so a debugger can step
+through every line.
+Shape letters: N tokens, K choices, E experts, M rows (kept assignments),
+D width, R the most rows a token owns (K, or E for expert choice), W the
+number of routing weights (N*K, or E*C for expert choice).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+# -- the plan: one stable counting sort by expert id ---------------------------------
+
+@njit(cache=True)
+def plan_kernel(ids, num_experts, cap, order):
+    """Plan arrays for token-choice routing, exactly as plan.plan_token_choice builds them.
+
+    ids (N, K) int64, order (N,) int64 permutation, cap < 0 for dropless.
+    Pass 1 visits the assignments rank-major (tokens in `order` within a
+    rank) and hands expert e's j-th visitor slot j (dropped if j >= cap).
+    Pass 2 turns slots into rows: row = offsets[e] + slot.
+    -> rows_token (M,), rows_weight (M,), offsets (E+1,), token_rows (N, K), num_dropped.
+    The twin is plan.plan_token_choice (NumPy sorts, same arrays).
+    """
+    n, k = ids.shape
+    token_rows = np.empty((n, k), dtype=np.int64)      # (N, K) holds the slot until pass 2
+    seen = np.zeros(num_experts, dtype=np.int64)       # (E,) visitors so far per expert
+    for r in range(k):                                 # every first choice before any second
+        for i in range(n):
+            t = order[i]                               # the drop policy's claiming order
+            e = ids[t, r]
+            slot = seen[e]
+            seen[e] = slot + 1
+            token_rows[t, r] = slot if (cap < 0 or slot < cap) else -1
+    offsets = np.zeros(num_experts + 1, dtype=np.int64)   # (E+1,)
+    for e in range(num_experts):
+        kept = seen[e] if cap < 0 else min(seen[e], cap)
+        offsets[e + 1] = offsets[e] + kept
+    m = offsets[num_experts]
+    rows_token = np.empty(m, dtype=np.int64)           # (M,)
+    rows_weight = np.empty(m, dtype=np.int64)          # (M,)
+    for t in range(n):
+        for r in range(k):
+            slot = token_rows[t, r]
+            if slot >= 0:
+                row = offsets[ids[t, r]] + slot
+                token_rows[t, r] = row
+                rows_token[row] = t
+                rows_weight[row] = t * k + r           # flat index into weights (N, K)
+    return rows_token, rows_weight, offsets, token_rows, n * k - m
+
+
+# -- gather: rows into the expert-contiguous buffer ------------------------------------
+
+@njit(cache=True, parallel=True)
+def gather_rows(x, rows_token, out):
+    """out[m] = x[rows_token[m]].   x (N, D), rows_token (M,), out (M, D) -> out.
+
+    Parallel over buffer rows: each iteration writes only its own row."""
+    m = rows_token.shape[0]
+    d = x.shape[1]
+    for i in prange(m):
+        src = rows_token[i]
+        for c in range(d):
+            out[i, c] = x[src, c]
+    return out
+
+
+def gather_rows_twin(x, rows_token):
+    """NumPy twin of gather_rows: fancy indexing."""
+    return x[rows_token]                               # (M, D)
+
+
+# -- combine: the weighted sum of each token's rows ---------------------------------------
+
+@njit(cache=True, parallel=True)
+def combine_rows(y_sorted, w_flat, rows_weight, token_rows, y):
+    """y[n] = sum over j = 0..R-1 with row = token_rows[n, j] >= 0 of w_flat[rows_weight[row]] * y_sorted[row].
+
+    y_sorted (M, D), w_flat (W,), rows_weight (M,), token_rows (N, R), y (N, D) -> y.
+    Parallel over tokens: token n reads its own rows and writes only y[n].
+    A token with no row (all its assignments dropped) gets exactly 0."""
+    n, r = token_rows.shape
+    d = y_sorted.shape[1]
+    for t in prange(n):
+        for c in range(d):
+            y[t, c] = 0
+        for j in range(r):                             # fixed order: deterministic sums
+            row = token_rows[t, j]
+            if row >= 0:
+                w = w_flat[rows_weight[row]]           # a scalar of the data's dtype
+                for c in range(d):
+                    y[t, c] += w * y_sorted[row, c]
+    return y
+
+
+def combine_rows_twin(y_sorted, w_flat, rows_weight, token_rows):
+    """NumPy twin of combine_rows: the same products, added in the same order j = 0..R-1."""
+    y = np.zeros((token_rows.shape[0], y_sorted.shape[1]), dtype=y_sorted.dtype)   # (N, D)
+    for j in range(token_rows.shape[1]):
+        rows = token_rows[:, j]                        # (N,) token n's j-th row, -1 if none
+        has = rows >= 0                                # (N,)
+        w = w_flat[rows_weight[rows[has]]]             # (N_j,)
+        y[has] += w[:, None] * y_sorted[rows[has]]     # (N_j, D)
+    return y
+
+
+# -- combine backward: two gradients from one pass over the rows --------------------------
+
+@njit(cache=True, parallel=True)
+def combine_grad_rows(dy, y_sorted, w_flat, rows_token, rows_weight, dy_sorted, dweights):
+    """dy_sorted[m] = w_m dy[t_m];  dweights[rows_weight[m]] = sum_c dy[t_m, c] y_sorted[m, c].
+
+    dy (N, D), y_sorted (M, D), w_flat (W,), dy_sorted (M, D), dweights (W,) -> both filled.
+    Parallel over rows: row m writes its own dy_sorted row and its own
+    weight entry (rows_weight has distinct entries). Weights with no row
+    (dropped assignments) get gradient exactly 0."""
+    m, d = y_sorted.shape
+    for f in range(dweights.shape[0]):
+        dweights[f] = 0
+    for i in prange(m):
+        t = rows_token[i]
+        f = rows_weight[i]
+        w = w_flat[f]
+        for c in range(d):
+            dy_sorted[i, c] = w * dy[t, c]
+        total = dweights[f]                            # 0, in the data's dtype
+        for c in range(d):                             # the dot product, c = 0..D-1 in order
+            total += dy[t, c] * y_sorted[i, c]
+        dweights[f] = total
+    return dy_sorted, dweights
+
+
+def combine_grad_rows_twin(dy, y_sorted, w_flat, rows_token, rows_weight):
+    """NumPy twin of combine_grad_rows: the dot product summed column by column, c = 0..D-1."""
+    dy_rows = dy[rows_token]                           # (M, D)
+    w_rows = w_flat[rows_weight]                       # (M,)
+    products = dy_rows * y_sorted                      # (M, D)
+    dots = np.zeros(len(y_sorted), dtype=y_sorted.dtype)   # (M,)
+    for c in range(y_sorted.shape[1]):
+        dots += products[:, c]
+    dweights = np.zeros(len(w_flat), dtype=y_sorted.dtype)   # (W,)
+    dweights[rows_weight] = dots
+    return w_rows[:, None] * dy_rows, dweights         # (M, D), (W,)
+
+
+# -- gather backward: each token sums the gradients of its own rows -------------------------
+
+@njit(cache=True, parallel=True)
+def sum_rows(dx_sorted, token_rows, dx):
+    """dx[n] = sum over j = 0..R-1 with row = token_rows[n, j] >= 0 of dx_sorted[row].
+
+    dx_sorted (M, D), token_rows (N, R), dx (N, D) -> dx. Parallel over
+    tokens, race-free: no np.add.at, no atomics."""
+    n, r = token_rows.shape
+    d = dx_sorted.shape[1]
+    for t in prange(n):
+        for c in range(d):
+            dx[t, c] = 0
+        for j in range(r):
+            row = token_rows[t, j]
+            if row >= 0:
+                for c in range(d):
+                    dx[t, c] += dx_sorted[row, c]
+    return dx
+
+
+def sum_rows_twin(dx_sorted, token_rows):
+    """NumPy twin of sum_rows: the rows added in the same order j = 0..R-1."""
+    dx = np.zeros((token_rows.shape[0], dx_sorted.shape[1]), dtype=dx_sorted.dtype)   # (N, D)
+    for j in range(token_rows.shape[1]):
+        rows = token_rows[:, j]                        # (N,)
+        has = rows >= 0                                # (N,)
+        dx[has] += dx_sorted[rows[has]]                # (N_j, D)
+    return dx

@@ -1,0 +1,368 @@
+"""Chapter 5: the hot path. Kernels equal their NumPy twins, the three dispatch strategies
+agree, the numba layer passes a gradient check, the kernels run as plain Python, and bad
+input is rejected before any compiled code runs."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_np import SparseConfig, SparseMoE, bench, dispatch, experts
+from moe_np.dispatch import jit, kernels, onehot, plan as spec, reference
+from moe_np.gradcheck import check_pair
+from moe_np.sparse import init_sparse_params, sparse_moe_backward, sparse_moe_forward, \
+    sparse_moe_selection
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUTERS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax", "sigmoid_bias",
+           "noisy_topk", "expert_choice")
+
+
+def draw_ids(rng, n, e, k, kind):
+    """ids (n, k), distinct per row. random | one_expert: every token's first choice is
+    expert 0 | idle: only k of the e experts are ever chosen, the others get no token."""
+    if kind == "idle":
+        subset = rng.choice(e, size=k, replace=False)
+        return np.stack([rng.permutation(subset) for _ in range(n)]).astype(np.int64)
+    ids = np.stack([rng.permutation(e)[:k] for _ in range(n)]).astype(np.int64)   # (n, k)
+    if kind == "one_expert":
+        ids = np.stack([np.concatenate([[0], rng.permutation(np.arange(1, e))[:k - 1]])
+                        for _ in range(n)]).astype(np.int64)
+    return ids
+
+
+def routing_cases(seed=5):
+    """(ids, num_experts, cap, order) over sizes (N=1, K=E, ...), id patterns, capacities and
+    every drop policy's claiming order."""
+    rng = np.random.default_rng(seed)
+    for n, e, k in [(1, 1, 1), (1, 4, 2), (7, 3, 3), (40, 8, 2), (33, 5, 1), (64, 16, 4), (12, 2, 2)]:
+        for kind in ("random", "one_expert", "idle"):
+            ids = draw_ids(rng, n, e, k, kind)
+            for cap in (None, 0, 1, 3, 2 * n):
+                for policy in spec.POLICIES:
+                    order = spec.token_order(rng.random((n, k)), policy, rng)   # (n,)
+                    yield ids, e, cap, order
+
+
+def test_routing_cases_cover_the_corners():
+    cases = list(routing_cases())
+    assert any(len(ids) == 1 for ids, *_ in cases)                         # N = 1
+    assert any(ids.shape[1] == e for ids, e, *_ in cases)                  # K = E
+    assert any(np.all(ids[:, 0] == 0) and len(ids) > 1 for ids, *_ in cases)   # one expert
+    assert any(len(np.unique(ids)) < e for ids, e, *_ in cases)            # idle experts
+    assert any(spec.plan_token_choice(ids, e, cap, o).num_dropped > 0 for ids, e, cap, o in cases)
+
+
+def test_plan_kernel_reproduces_the_spec():
+    for ids, e, cap, order in routing_cases():
+        want = spec.plan_token_choice(ids, e, cap, order)
+        got = jit.plan_token_choice(ids, e, cap, order)
+        for name in ("rows_token", "rows_weight", "offsets", "token_rows"):
+            a, b = getattr(want, name), getattr(got, name)
+            assert b.dtype == np.int64 and np.array_equal(a, b), (name, ids.shape, e, cap)
+        assert (got.capacity, got.num_dropped) == (want.capacity, want.num_dropped)
+
+
+def all_plans(seed=6):
+    """(plan, weights shape): every token-choice case, (N, K) weights, then expert-choice
+    plans, (E, C) weights, whose token_rows is (N, E): a token may own up to E rows."""
+    for ids, e, cap, order in routing_cases():
+        yield spec.plan_token_choice(ids, e, cap, order), ids.shape
+    rng = np.random.default_rng(seed)
+    for n, e, c in [(1, 3, 1), (9, 4, 3), (20, 2, 20)]:
+        yield spec.plan_expert_choice(np.stack([rng.permutation(n)[:c] for _ in range(e)]), n), (e, c)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kernels_equal_their_twins_bit_for_bit(dtype):
+    """Same floating-point operations in the same order: identical bits, in both dtypes."""
+    rng = np.random.default_rng(7)
+    for plan, weights_shape in all_plans():
+        (n, r), m, d = plan.token_rows.shape, len(plan.rows_token), 5
+        num_w = int(np.prod(weights_shape))
+        x, dy = rng.standard_normal((2, n, d)).astype(dtype)           # (N, D) each
+        rows = rng.standard_normal((m, d)).astype(dtype)               # (M, D)
+        w_flat = rng.random(num_w).astype(dtype)                       # (W,)
+        got = kernels.gather_rows(x, plan.rows_token, np.empty((m, d), dtype))
+        assert np.array_equal(got, kernels.gather_rows_twin(x, plan.rows_token))
+        got = kernels.combine_rows(rows, w_flat, plan.rows_weight, plan.token_rows,
+                                   np.full((n, d), np.nan, dtype))     # stale values must go
+        assert got.dtype == dtype and np.array_equal(
+            got, kernels.combine_rows_twin(rows, w_flat, plan.rows_weight, plan.token_rows))
+        got = kernels.combine_grad_rows(dy, rows, w_flat, plan.rows_token, plan.rows_weight,
+                                        np.empty((m, d), dtype), np.full(num_w, np.nan, dtype))
+        want = kernels.combine_grad_rows_twin(dy, rows, w_flat, plan.rows_token, plan.rows_weight)
+        assert all(a.dtype == dtype and np.array_equal(a, b) for a, b in zip(got, want))
+        got = kernels.sum_rows(rows, plan.token_rows, np.full((n, d), np.nan, dtype))
+        assert np.array_equal(got, kernels.sum_rows_twin(rows, plan.token_rows))
+
+
+def run_strategy(name, x, weights, params, kind, plan, dy):
+    """Forward and backward through one strategy's interface.   -> y, dx, dweights, grads, selection."""
+    s = dispatch.get_strategy(name)
+    x_disp, g_cache = s.gather_forward(x, plan)
+    y_disp, e_cache = s.experts_forward(x_disp, params, kind, plan)
+    y, c_cache = s.combine_forward(y_disp, weights, plan)
+    dy_disp, dweights = s.combine_backward(dy, c_cache)
+    dx_disp, grads = s.experts_backward(dy_disp, e_cache)
+    return y, s.gather_backward(dx_disp, g_cache), dweights, grads, s.experts_selection(e_cache)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_strategies_agree_at_the_dispatch_seam(dtype, kind):
+    """numba vs numpy: y and dx bit-equal when a token owns <= 2 rows (a + b == b + a);
+    dweights differ only in summation order (sequential vs NumPy's pairwise). einsum: close."""
+    rng = np.random.default_rng(8)
+    tol = {np.float64: dict(rtol=1e-12, atol=1e-13), np.float32: dict(rtol=2e-5, atol=2e-6)}[dtype]
+    for i, (plan, weights_shape) in enumerate(list(all_plans())[::7]):
+        n, r = plan.token_rows.shape
+        e, d = len(plan.offsets) - 1, 6
+        x, dy = rng.standard_normal((2, n, d)).astype(dtype)           # (N, D) each
+        weights = rng.random(weights_shape).astype(dtype)              # (N, K) or (E, C)
+        params = {k: v + 0.1 for k, v in experts.init_experts(kind, e, d, 4, rng, dtype).items()}
+        out = {s: run_strategy(s, x, weights, params, kind, plan, dy) for s in dispatch.STRATEGIES}
+        ref = out["numpy"]
+        for s in ("numba", "einsum"):
+            for a, b in zip(ref[:3], out[s][:3]):
+                assert a.dtype == b.dtype == dtype and np.allclose(a, b, **tol), (s, i)
+            assert all(np.allclose(ref[3][k], out[s][3][k], **tol) for k in ref[3]), (s, i)
+            assert all(np.array_equal(a, b) for a, b in zip(ref[4], out[s][4])), (s, i)
+        if r <= 2:
+            assert np.array_equal(ref[0], out["numba"][0]) and np.array_equal(ref[1], out["numba"][1])
+
+
+def layer_config(router, **changes):
+    k = 1 if router == "switch" else 2
+    cap = 1.0 if router in ("expert_choice", "softmax_topk", "sigmoid_bias") else None
+    policy = {"softmax_topk": "priority", "sigmoid_bias": "random"}.get(router, "position")
+    base = SparseConfig(d_model=6, num_experts=4, d_hidden=5, k=k, router=router, capacity_factor=cap,
+                        drop_policy=policy, num_shared=int(router == "topk_softmax"),
+                        expert="swiglu" if router == "softmax_topk_raw" else "mlp")
+    return replace(base, **changes)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_three_strategies_agree_through_the_layer(router):
+    rng = np.random.default_rng(9)
+    x, dy = rng.standard_normal((2, 24, 6))                           # (N, D) each
+    out = {}
+    for s in dispatch.STRATEGIES:
+        layer = SparseMoE(layer_config(router, dispatch=s), seed=3, dtype=np.float64)
+        layer.train()
+        out[s] = (layer.forward(x), layer.backward(dy), dict(layer.grads), layer.stats)
+    ref = out["numpy"]
+    for s in ("numba", "einsum"):
+        y, dx, grads, stats = out[s]
+        assert np.allclose(y, ref[0], rtol=1e-12, atol=1e-13), s
+        assert np.allclose(dx, ref[1], rtol=1e-11, atol=1e-13), s
+        assert all(np.allclose(grads[k], ref[2][k], rtol=1e-11, atol=1e-13) for k in ref[2]), s
+        assert np.array_equal(stats.counts, ref[3].counts) and stats.num_dropped == ref[3].num_dropped
+    if router != "expert_choice":                                      # a token owns <= K = 2 rows
+        assert np.array_equal(out["numba"][0], ref[0])
+
+
+def test_float32_layer_strategies_agree():
+    rng = np.random.default_rng(10)
+    x, dy = rng.standard_normal((2, 40, 6)).astype(np.float32)        # (N, D) each
+    out = {}
+    for s in dispatch.STRATEGIES:
+        layer = SparseMoE(layer_config("softmax_topk", dispatch=s), seed=4, dtype=np.float32)
+        out[s] = (layer.forward(x), layer.backward(dy), dict(layer.grads))
+    for s in ("numba", "einsum"):
+        assert all(a.dtype == np.float32 for a in out[s][:2])
+        assert np.allclose(out[s][0], out["numpy"][0], rtol=1e-5, atol=1e-6)
+        assert np.allclose(out[s][1], out["numpy"][1], rtol=1e-4, atol=1e-5)
+        assert all(np.allclose(out[s][2][k], out["numpy"][2][k], rtol=1e-4, atol=1e-5)
+                   for k in out[s][2])
+
+
+@pytest.mark.parametrize("router,policy", [("softmax_topk", "priority"), ("expert_choice", "position")])
+def test_numba_layer_gradient_check(router, policy):
+    """Finite differences through the numba strategy, with drops, guarded at every kink."""
+    config = SparseConfig(d_model=4, num_experts=3, d_hidden=6, k=2, router=router,
+                          capacity_factor=0.75 if router != "expert_choice" else 0.6,
+                          drop_policy=policy, router_scale=1.0, dispatch="numba")
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        params = {k: v + 0.2 * rng.standard_normal(v.shape)
+                  for k, v in init_sparse_params(config, rng).items()}
+        x = rng.standard_normal((5, 4))                                # (N, D)
+        if np.diff(np.sort(x @ params["w_router"], axis=1), axis=1).min() < 0.05:
+            continue
+        forward = lambda x, **p: sparse_moe_forward(x, p, config)
+        backward = lambda dout, cache: (lambda dx, g: {"x": dx} | g)(*sparse_moe_backward(dout, cache))
+        pick = lambda x, **p: sparse_moe_selection(forward(x, **p)[1])
+        try:
+            rows = check_pair(f"numba[{router}]", forward, backward, {"x": x} | params, selection=pick)
+        except ValueError as err:
+            if "selection changed" in str(err):
+                continue
+            raise
+        plan = forward(x, **params)[1].plan
+        assert plan.num_dropped > 0 or np.all(plan.token_rows < 0, axis=1).any()   # drops in place
+        assert rows and all(r.passed for r in rows), [(r.wrt, r.rel_error) for r in rows if not r.passed]
+        return
+    pytest.fail("no draw kept its selection")
+
+
+PLAIN_PYTHON = """
+import numpy as np
+from moe_np.dispatch import jit, kernels, plan as spec, reference
+assert not hasattr(kernels.combine_rows, "py_func"), "the kernels are still compiled"
+rng = np.random.default_rng(0)
+for n, e, k, cap in [(1, 2, 1, None), (9, 4, 2, 3), (16, 3, 3, None)]:
+    ids = np.stack([rng.permutation(e)[:k] for _ in range(n)])
+    order = rng.permutation(n)
+    want, got = spec.plan_token_choice(ids, e, cap, order), jit.plan_token_choice(ids, e, cap, order)
+    assert all(np.array_equal(a, b) for a, b in zip(want[:4], got[:4]))
+    x = rng.standard_normal((n, 3)); w = rng.random((n, k))
+    xs, gc = jit.gather_forward(x, got); y, cc = jit.combine_forward(xs, w, got)
+    ds, dw = jit.combine_backward(y, cc); dx = jit.gather_backward(ds, gc)
+    rx, rg = reference.gather_forward(x, want); ry, rc = reference.combine_forward(rx, w, want)
+    rds, rdw = reference.combine_backward(y, rc)
+    assert np.array_equal(xs, rx) and np.allclose(y, ry) and np.allclose(dw, rdw)
+    assert np.allclose(dx, reference.gather_backward(rds, rg))
+print("plain python ok")
+"""
+
+
+def test_kernels_run_as_plain_python():
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", PLAIN_PYTHON], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "plain python ok" in done.stdout
+
+
+# -- bad input: a ValueError naming the function, before any kernel runs -----------------------
+
+def small_case(dtype=np.float64):
+    ids = np.array([[0, 1], [1, 2], [2, 0], [1, 0]])                   # (N=4, K=2), E=3
+    plan = jit.plan_token_choice(ids, 3, None, np.arange(4))
+    x = np.arange(12, dtype=dtype).reshape(4, 3)                       # (N, D)
+    return ids, plan, x, np.full((4, 2), 0.5, dtype=dtype)
+
+
+@pytest.mark.parametrize("bad_ids,match", [
+    (np.array([[0, 3]]), r"plan_token_choice: expert ids must lie in \[0, 3\)"),
+    (np.array([[-1, 0]]), r"plan_token_choice: expert ids must lie in \[0, 3\)"),
+    (np.array([[0.0, 1.0]]), r"plan_token_choice: ids must be integers"),
+    (np.array([0, 1]), r"plan_token_choice: ids must have 2 dimensions")])
+def test_bad_ids_rejected(bad_ids, match):
+    with pytest.raises(ValueError, match=match):
+        jit.plan_token_choice(bad_ids, 3, None)
+
+
+def test_bad_order_and_capacity_rejected():
+    ids = small_case()[0]
+    with pytest.raises(ValueError, match="plan_token_choice: order must be a permutation"):
+        jit.plan_token_choice(ids, 3, None, np.array([0, 0, 1, 2]))
+    with pytest.raises(ValueError, match="plan_token_choice: cap must be None or an integer >= 0"):
+        jit.plan_token_choice(ids, 3, -1)
+
+
+def test_bad_buffers_rejected():
+    ids, plan, x, w = small_case()
+    with pytest.raises(ValueError, match="gather_forward: x must be float32 or float64.*float16"):
+        jit.gather_forward(x.astype(np.float16), plan)
+    with pytest.raises(ValueError, match="gather_forward: x must be float16, float32 or float64"):
+        jit.gather_forward(x.astype(np.int64), plan)
+    with pytest.raises(ValueError, match="gather_forward: x must be C-contiguous"):
+        jit.gather_forward(np.asfortranarray(x), plan)
+    with pytest.raises(ValueError, match="gather_forward: x has 3 rows but the plan needs 4"):
+        jit.gather_forward(x[:3], plan)                                # a plan from another batch
+    x_sorted, g_cache = jit.gather_forward(x, plan)
+    with pytest.raises(ValueError, match="combine_forward: y_sorted must be C-contiguous"):
+        jit.combine_forward(np.repeat(x_sorted, 2, axis=1)[:, ::2], w, plan)
+    with pytest.raises(ValueError, match="combine_forward: weights are float32 but the data is float64"):
+        jit.combine_forward(x_sorted, w.astype(np.float32), plan)
+    with pytest.raises(ValueError, match="combine_forward: weights of shape \\(5, 2\\) do not match"):
+        jit.combine_forward(x_sorted, np.ones((5, 2)), plan)
+    with pytest.raises(ValueError, match="combine_forward: the plan indexes weight 7 but weights has only 4"):
+        jit.combine_forward(x_sorted, np.ones((4, 1)), plan)           # mis-shaped weights
+    y, c_cache = jit.combine_forward(x_sorted, w, plan)
+    with pytest.raises(ValueError, match="combine_backward: dy has D=2 but the combined rows had D=3"):
+        jit.combine_backward(np.ones((4, 2)), c_cache)
+    with pytest.raises(ValueError, match="combine_backward: dy is float32 but the data is float64"):
+        jit.combine_backward(y.astype(np.float32), c_cache)
+    with pytest.raises(ValueError, match="gather_backward: dx_sorted has 7 rows but the plan needs 8"):
+        jit.gather_backward(x_sorted[:7], g_cache)
+
+
+@pytest.mark.parametrize("field,change,match", [
+    ("token_rows", lambda a: a.__setitem__((0, 0), 8), r"plan.token_rows must lie in \[-1, M=8\)"),
+    ("token_rows", lambda a: a.__setitem__((0, 0), a[1, 0]), "plan.token_rows and plan.rows_token disagree"),
+    ("rows_token", lambda a: a.__setitem__(0, 9), r"plan.rows_token must lie in \[0, N=4\)"),
+    ("rows_weight", lambda a: a.__setitem__(0, -2), "rows_weight be >= 0"),
+    ("offsets", lambda a: a.__setitem__(1, 9), "the plan is inconsistent")])
+def test_corrupt_plan_rejected(field, change, match):
+    ids, plan, x, w = small_case()
+    x_sorted, _ = jit.gather_forward(x, plan)
+    bad = plan._replace(**{field: getattr(plan, field).copy()})
+    change(getattr(bad, field))
+    with pytest.raises(ValueError, match=match):
+        jit.combine_forward(x_sorted, w, bad)
+    with pytest.raises(ValueError, match=match):
+        jit.gather_forward(x, bad)
+
+
+def test_plan_index_arrays_must_be_int64():
+    ids, plan, x, w = small_case()
+    with pytest.raises(ValueError, match="gather_forward: plan.rows_token must be a C-contiguous 1-D int64"):
+        jit.gather_forward(x, plan._replace(rows_token=plan.rows_token.astype(np.int32)))
+
+
+def test_einsum_rejects_mis_shaped_padded_buffers():
+    ids, plan, x, w = small_case()
+    x_disp, _ = onehot.gather_forward(x, plan)                         # (E, C, D)
+    params = experts.init_experts("mlp", 3, 3, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"experts_forward: x_disp must have shape \(E, C, D\)"):
+        onehot.experts_forward(x_disp[:, :-1], params, "mlp", plan)
+    with pytest.raises(ValueError, match="combine_forward: weights are float32"):
+        onehot.combine_forward(x_disp, w.astype(np.float32), plan)
+    y, c_cache = onehot.combine_forward(x_disp, w, plan)
+    with pytest.raises(ValueError, match="combine_backward: dy is float64 with D=2 but"):
+        onehot.combine_backward(np.ones((4, 2)), c_cache)
+
+
+def test_layer_rejects_a_non_contiguous_input_before_the_kernels():
+    layer = SparseMoE(layer_config("softmax_topk_raw", dispatch="numba", expert="mlp"), seed=0)
+    x = np.random.default_rng(0).standard_normal((8, 12))[:, ::2]      # (N, D) strided view
+    with pytest.raises(ValueError, match="gather_forward: x must be C-contiguous"):
+        layer.forward(x)
+
+
+def test_einsum_selection_ignores_padding_rows():
+    """Padding rows of the (E, C) layout run through the experts too; the selection
+    must report the real rows only, the same pattern as the ragged strategies."""
+    ids = np.array([[0, 1], [0, 2], [0, 1], [2, 0]])                   # expert 0: 4 rows, C = 4
+    plan = jit.plan_token_choice(ids, 3, None, np.arange(4))
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 3))                                    # (N, D)
+    params = experts.init_experts("mlp", 3, 3, 5, rng) | {"b1": np.full((3, 5), 5.0)}
+    selection = {}
+    for s in ("numpy", "einsum"):
+        strategy = dispatch.get_strategy(s)
+        x_disp, _ = strategy.gather_forward(x, plan)
+        selection[s] = strategy.experts_selection(strategy.experts_forward(x_disp, params, "mlp", plan)[1])
+    assert selection["einsum"][0].shape == (len(plan.rows_token), 5)  # (M, H), no padding rows
+    assert np.array_equal(selection["einsum"][0], selection["numpy"][0])
+
+
+# -- the benchmark, at quick sizes --------------------------------------------------------
+
+def test_bench_quick_reports_every_key():
+    results = bench.measure(quick=True, repeats=1, use_torch=False)
+    for key in ("moe_fwd_bwd_s", "gemm_floor_s", "gather_gbps", "memcpy_gbps", "combine_numba_s",
+                "combine_add_at_s", "jit_compile_s", "jit_cached_s", "peak_mem_mib", "scaling"):
+        assert key in results and results[key], key
+    assert {(r["E"], r["strategy"]) for r in results["scaling"]} >= {(8, "numba"), (64, "einsum")}
+    assert set(results["strategies"]) == set(dispatch.STRATEGIES)
+    json.loads(json.dumps(results))
+    assert "fwd+bwd / GEMM floor" in bench.format_report(results)
