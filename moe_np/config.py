@@ -111,7 +111,7 @@ class SparseConfig:
     z_coef: float = 0.0                   # router z-loss
     cv_coef: float = 0.0                  # importance + load-estimate CV^2 (noisy_topk)
     bias_gamma: float = 0.0               # loss-free selection-bias step (sigmoid_bias)
-    dispatch: str = "numpy"               # numpy | numba | einsum
+    dispatch: str = "numba"               # numba (the hot path) | numpy (reference) | einsum
     router_scale: float = 0.1             # std of the initial router weights
     precision: PrecisionConfig = PrecisionConfig()   # fp32 unless asked
     # DeepSeek-V3 (sigmoid_bias router)

@@ -25,6 +25,7 @@ import numpy as np
 
 from moe_np import experts
 from moe_np.dispatch import kernels
+from moe_np.dispatch.plan import plan_token_choice as reference_plan
 from moe_np.dispatch.plan import Plan, check_buffer, check_routing, check_weights
 
 LAYOUT = "ragged"
@@ -112,8 +113,12 @@ def run_kernel(kernel, work: int, *args):
 
 # -- the strategy ------------------------------------------------------------------------
 
-def plan_token_choice(ids, num_experts: int, cap: int | None, order=None) -> Plan:
-    """The plan of plan.plan_token_choice, by one counting sort.   ids (N, K), order (N,)."""
+def plan_token_choice(ids, num_experts: int, cap: int | None, order=None, eligible=None) -> Plan:
+    """The plan of plan.plan_token_choice, by one counting sort.   ids (N, K), order (N,).
+    With an eligibility mask (padding, capacity per sequence) the reference plan is used."""
+    if eligible is not None:
+        order = np.arange(len(ids)) if order is None else order
+        return reference_plan(ids, num_experts, cap, order, eligible)
     check_routing("plan_token_choice", ids, num_experts, order)
     if cap is not None and (not isinstance(cap, (int, np.integer)) or cap < 0):
         raise ValueError(f"plan_token_choice: cap must be None or an integer >= 0, got {cap!r}")
