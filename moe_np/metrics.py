@@ -25,7 +25,7 @@ def contingency(assigned, truth):
                          "must be equal-length 1-D arrays")
     a_ids, a_idx = np.unique(assigned, return_inverse=True)
     t_ids, t_idx = np.unique(truth, return_inverse=True)
-    counts = np.zeros((len(a_ids), len(t_ids)))                    # (A, T)
+    counts = np.zeros((len(a_ids), len(t_ids)), dtype=np.float64)                 # (A, T)
     np.add.at(counts, (a_idx, t_idx), 1)
     return counts
 
