@@ -172,7 +172,7 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.m
     Only what backward cannot cheaply recompute is kept: the hidden
     activations (M, H); the ReLU mask is recovered as h > 0. gemm(a, b, out=)
     computes every matrix product, forward and backward: np.matmul, or a
-    simulated low-precision product (precision.lowp_gemm).
+    simulated low-precision product (lowp.gemm_for).
     """
     weights = tuple(params[k] for k in expert_kind(kind).names)
     validate.ndim("ragged_experts_forward", "x_sorted", x_sorted, 2)

@@ -98,6 +98,14 @@ class Module:
         """Evaluation mode: deterministic, and no forward changes any state."""
         return self.train(False)
 
+    def check_backward(self, dy) -> None:
+        """Before a backward: a forward has run, and dy has the layer's dtype (self.dtype)."""
+        name = type(self).__name__
+        if getattr(self, "_cache", None) is None:
+            raise ValueError(f"{name}.backward: call forward first")
+        if dy.dtype != self.dtype:
+            raise ValueError(f"{name}.backward: dy is {dy.dtype} but the layer is {self.dtype}")
+
     def num_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))
 

@@ -235,10 +235,7 @@ class ReMoE(Module):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); the L1 gradient enters times aux_scale (a loss scaler passes its scale)."""
-        if self._cache is None:
-            raise ValueError("ReMoE.backward: call forward first")
-        if dy.dtype != self.dtype:
-            raise ValueError(f"ReMoE.backward: dy is {dy.dtype} but the layer is {self.dtype}")
+        self.check_backward(dy)
         dx, grads = remoe_backward((dy, aux_scale), self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

@@ -168,10 +168,7 @@ class SoftMoE(Module):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); aux_scale is accepted for a uniform block interface (no aux loss here)."""
-        if self._cache is None:
-            raise ValueError("SoftMoE.backward: call forward first")
-        if dy.dtype != self.dtype:
-            raise ValueError(f"SoftMoE.backward: dy is {dy.dtype} but the layer is {self.dtype}")
+        self.check_backward(dy)
         dx, grads = soft_moe_backward(dy, self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

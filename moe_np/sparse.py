@@ -279,10 +279,7 @@ class SparseMoE(Module):
         return y                                                       # (N, D)
 
     def backward(self, dy, aux_scale: float = 1.0):
-        if self._cache is None:
-            raise ValueError("SparseMoE.backward: call forward first")
-        if dy.dtype != self.dtype:
-            raise ValueError(f"SparseMoE.backward: dy is {dy.dtype} but the layer is {self.dtype}")
+        self.check_backward(dy)
         dx, grads = sparse_moe_backward((dy, aux_scale), self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

@@ -23,9 +23,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from moe_np import experts
 from moe_np.dispatch import kernels
 from moe_np.dispatch.plan import plan_token_choice as reference_plan
+# the experts run on the same ragged layout as the reference strategy's
+from moe_np.dispatch.reference import experts_backward, experts_forward, experts_selection  # noqa: F401
 from moe_np.dispatch.plan import Plan, check_buffer, check_routing, check_weights
 
 LAYOUT = "ragged"
@@ -179,19 +180,6 @@ def combine_backward(dy, cache: CombineCache):
     run_kernel(kernels.combine_grad_rows, y_sorted.size, dy, y_sorted, cache.w_flat,
                plan.rows_token, plan.rows_weight, dy_sorted, dweights)
     return dy_sorted, dweights.reshape(cache.weights_shape)
-
-
-def experts_forward(x_sorted, params: dict, kind: str, plan: Plan):
-    """Each expert on its own contiguous rows (see experts.ragged_experts_forward)."""
-    return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets)
-
-
-def experts_backward(dy_sorted, cache):
-    return experts.ragged_experts_backward(dy_sorted, cache)
-
-
-def experts_selection(cache):
-    return experts.ragged_experts_selection(cache)
 
 
 def warm_up(dtype=np.float32) -> None:
