@@ -1,0 +1,55 @@
+"""Layer: the one protocol every layer and model of moe_np follows.
+
+    y  = layer.forward(x)                    x: (N, D_in) -> y: (N, D_out)
+    dx = layer.backward(dy, aux_scale=1.0)   fills layer.grads; the auxiliary
+                                             loss's gradient enters times aux_scale
+    layer.aux                                the last forward's auxiliary loss
+                                             (coefficients applied; 0.0 if none)
+    layer.routing_stats()                    [(name, RoutingStats)] of every routed
+                                             layer inside, in forward order
+
+A backward before any forward raises ValueError, and so does a dy whose
+dtype is not the layer's. A trainer, a loss scaler or a container asks
+nothing else of what it holds: no type tests, no `getattr(..., "aux", 0)`.
+
+Containers (Sequential, ResidualNet, the language model) list their parts
+in `children()`; `aux` and `routing_stats()` then sum and collect over them
+without any code of their own. A routed leaf sets `self._aux` and
+`self.stats` in its forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .module import Module
+
+
+class Layer(Module):
+    """Base class of the layer protocol (see the module docstring)."""
+
+    def __init__(self, dtype=np.float64):
+        super().__init__()
+        self.dtype = np.dtype(dtype)
+        self._cache = None        # what backward needs; None until a forward has run
+        self._aux = 0.0           # this layer's own auxiliary loss from the last forward
+        self.stats = None         # this layer's own RoutingStats (routed layers only)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, dy, aux_scale: float = 1.0):
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    @property
+    def aux(self) -> float:
+        """Own auxiliary loss plus every child layer's, from the last forward."""
+        kids = [c.aux for c in self.children().values() if isinstance(c, Layer)]
+        return float(self._aux + sum(kids))
+
+    def routing_stats(self) -> list:
+        """[(name, RoutingStats)] for this layer and every routed layer inside it."""
+        found = [("", self.stats)] if self.stats is not None else []
+        for name, child in self.children().items():
+            if isinstance(child, Layer):
+                found += [(f"{name}.{k}" if k else name, s) for k, s in child.routing_stats()]
+        return found
