@@ -1,8 +1,9 @@
-"""The command line: python -m moe_np {demo, gradcheck, tutorial, train, plot, bench} ...
+"""The command line: python -m moe_np {demo, gradcheck, tutorial, notebook, train, plot, bench} ...
 
     python -m moe_np demo [--quick] [--out DIR]    the tour: checks, a sparse MoE trained, its figures
     python -m moe_np gradcheck [--json] [--seed S] [--filter SUBSTR]
-    python -m moe_np tutorial N [--update] [--quick]
+    python -m moe_np tutorial N [--update | --quick | --check]
+    python -m moe_np notebook N [N ...] [--out DIR]   chapters as Jupyter notebooks
     python -m moe_np train --out RUN_DIR [--model moe|dense] [--task T] [--experts E] [--k K]
                            [--capacity-factor F|none] [--router R] [--dispatch S]
                            [--precision fp32|fp16|bf16|fp8] [--steps N] [--seed S] [--resume] ...
@@ -78,7 +79,7 @@ def positive_float_or_none(text):
 
 def cmd_gradcheck(args) -> int:
     from moe_np.checks import run_checks
-    from moe_np.gradcheck import format_table
+    from moe_np.gradcheck import TOLERANCE, format_table
     rows = run_checks(seed=args.seed, name_filter=args.filter)
     if not rows:
         print(f"error: gradcheck: no check matches --filter {args.filter!r}", file=sys.stderr)
@@ -88,27 +89,52 @@ def cmd_gradcheck(args) -> int:
     else:
         print(format_table(rows))
         failed = sum(not r.passed for r in rows)
-        print(f"\n{len(rows)} checks, {failed} failing (pass: rel_error < 1e-7)")
+        print(f"\n{len(rows)} checks, {failed} failing (pass: check_error < {TOLERANCE:.0e})")
     return 0 if all(r.passed for r in rows) else 1
 
 
 def cmd_tutorial(args) -> int:
+    if args.check and (args.update or args.quick):
+        raise ValueError("tutorial: --check reruns the chapter at full size and compares its "
+                         "output blocks; it cannot be combined with --update or --quick")
     if args.update and args.quick:
         raise ValueError("tutorial: --update and --quick cannot be combined: --update rewrites the "
                          "chapter's output blocks, which must come from a full-size run, and "
                          "--quick runs small sizes; drop --quick to update, or --update to try it")
-    if args.update and os.environ.get("MOE_NP_QUICK") == "1":
-        raise ValueError("tutorial: --update with MOE_NP_QUICK=1 in the environment would write "
-                         "small-size numbers into the chapter; unset MOE_NP_QUICK")
+    if (args.update or args.check) and os.environ.get("MOE_NP_QUICK") == "1":
+        raise ValueError(f"tutorial: --{'update' if args.update else 'check'} with MOE_NP_QUICK=1 "
+                         "in the environment would run small sizes; unset MOE_NP_QUICK")
     if args.quick:
-        # small sizes must not overwrite the committed full-size figures
         os.environ["MOE_NP_QUICK"] = "1"
+    if args.quick or args.check:
+        # small sizes, or a check, must not overwrite the committed full-size figures
         os.environ.setdefault("MOE_NP_FIGURES", tempfile.mkdtemp(prefix="moe_np_figures_"))
-    from moe_np.tutorial import chapter_path, figure_path, run_chapter
+    from moe_np.tutorial import check_outputs, chapter_path, figure_path, run_chapter, FIGURES
     path = chapter_path(args.number)
     where = figure_path("").resolve()
-    print(f"# running {path.name}{' (quick sizes)' if args.quick else ''}; figures go to {where}\n")
-    run_chapter(path, update=args.update)
+    if where == FIGURES.resolve():
+        note = "figures go to figures/, rewriting the tracked figures"
+    else:
+        note = f"figures go to {where} (a temporary folder: figures/ is left as it is)"
+    mode = " (quick sizes)" if args.quick else " (full size, checking its output)" if args.check else ""
+    print(f"# running {path.name}{mode}; {note}\n", flush=True)
+    outputs = run_chapter(path, update=args.update, echo=not args.check)
+    if not args.check:
+        return 0
+    diff = check_outputs(path, outputs)
+    if diff:
+        print(diff, end="")
+        print(f"{path.name}: the output differs from the committed blocks (diff above); "
+              f"if the change is meant, run `python -m moe_np tutorial {args.number} --update`")
+        return 1
+    print(f"{path.name}: all {len(outputs)} output blocks match (wall-clock lines masked)")
+    return 0
+
+
+def cmd_notebook(args) -> int:
+    from moe_np.notebook import write_notebook
+    for number in args.numbers:
+        print(write_notebook(number, args.out))
     return 0
 
 
@@ -249,8 +275,16 @@ def build_parser(argv) -> Parser:
     p.add_argument("number", type=positive_int, help="chapter number, e.g. 1")
     p.add_argument("--update", action="store_true",
                    help="rewrite the chapter's output blocks with what this run printed")
-    p.add_argument("--quick", action="store_true", help="small sizes (as in the tests)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (as in the tests); figures go to a temporary folder")
+    p.add_argument("--check", action="store_true",
+                   help="rerun at full size; exit 1 with a diff if any output block differs")
     p.set_defaults(run=cmd_tutorial)
+
+    p = sub.add_parser("notebook", help="write chapters as Jupyter notebooks (NN-slug.ipynb)")
+    p.add_argument("numbers", type=positive_int, nargs="+", metavar="N", help="chapter number(s)")
+    p.add_argument("--out", default=".", metavar="DIR", help="folder to write into (default: .)")
+    p.set_defaults(run=cmd_notebook)
 
     p = sub.add_parser("demo", help="the tour: gradient checks, a sparse MoE trained, its figures")
     p.add_argument("--quick", action="store_true", help="a few seconds instead of about a minute")

@@ -2,25 +2,35 @@
 
     python -m moe_np tutorial 1            run chapter 1, write its figures
     python -m moe_np tutorial 1 --update   ... and rewrite its output blocks
+    python -m moe_np tutorial 1 --check    ... and compare them with the committed ones
 
 A python fence may be followed by a ```text fence: that is the output the
 fence printed, written by `--update` from a real run, never by hand.
 Chapter code reads `quick()` to pick small sizes (the test suite sets
-MOE_NP_QUICK=1) and saves figures through `figure_path(name)`.
+MOE_NP_QUICK=1; sizes are all it changes), draws random numbers from its own
+`stream(name)` per cell, saves figures through `figure_path(name)` and prints
+wall-clock times through `print_timing(...)`: those lines end in TIMING_MARK,
+and `check_outputs` compares them by position only, every other line byte for byte.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
+import hashlib
 import io
 import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "tutorials"
 FIGURES = ROOT / "figures"
 
-FENCE = re.compile(r"```python\n(.*?)```\n(?:\n*```text\n.*?```\n)?", re.S)
+FENCE = re.compile(r"```python\n(.*?)```\n(?:\n*```text\n(.*?)```\n)?", re.S)
+TIMING_MARK = "  [wall-clock]"      # ends every line print_timing writes
+TIMING_MASKED = "<a wall-clock timing line>"
 
 
 def quick() -> bool:
@@ -33,6 +43,29 @@ def figure_path(name: str) -> Path:
     folder = Path(os.environ.get("MOE_NP_FIGURES", FIGURES))
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
+
+
+def stream(name: str) -> np.random.Generator:
+    """A random stream of its own for one cell: seeded by `name` alone.
+
+    A cell that draws from stream("z-loss example") prints the same numbers
+    whatever the cells before it drew, and so in quick and full-size runs."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed)
+
+
+def print_timing(*args, **kwargs) -> None:
+    """print(...) for a line that reports wall-clock time: the line ends in TIMING_MARK.
+
+    `tutorial N --check` compares such lines by position only, since no two
+    runs take the same time; every other line must match byte for byte."""
+    sep = kwargs.pop("sep", " ")
+    if "end" in kwargs:
+        raise ValueError("print_timing: end= is not supported; a timing line is one whole line")
+    text = sep.join(str(a) for a in args)
+    if "\n" in text:
+        raise ValueError(f"print_timing: one line at a time, got {text!r}")
+    print(text + TIMING_MARK, **kwargs)
 
 
 def chapter_path(number: int) -> Path:
@@ -52,6 +85,35 @@ def code_blocks(markdown: str) -> list[str]:
 def has_output_block(markdown: str) -> list[bool]:
     """For each python fence: is it followed by a ```text output block?"""
     return ["```text\n" in m.group(0) for m in FENCE.finditer(markdown)]
+
+
+def output_blocks(markdown: str) -> list[str]:
+    """For each python fence, its committed ```text output ("" when it has none)."""
+    return [m.group(2) or "" for m in FENCE.finditer(markdown)]
+
+
+def mask_timings(text: str) -> list[str]:
+    """The lines of `text`, each line that ends in TIMING_MARK replaced by TIMING_MASKED."""
+    return [TIMING_MASKED if line.endswith(TIMING_MARK) else line for line in text.splitlines()]
+
+
+def check_outputs(path: Path, outputs: list[str]) -> str:
+    """A unified diff of the committed output blocks against `outputs`; "" when they agree.
+
+    Byte for byte, except lines written by print_timing (masked on both sides)."""
+    name = Path(path).name
+    committed = output_blocks(Path(path).read_text())
+    if len(committed) != len(outputs):
+        return (f"{name}: the chapter has {len(committed)} python fences, "
+                f"the run printed {len(outputs)} outputs\n")
+    diffs = []
+    for i, (old, new) in enumerate(zip(committed, outputs)):
+        a, b = mask_timings(old), mask_timings(new)
+        if a != b:
+            diffs.extend(difflib.unified_diff(
+                a, b, f"{name} fence {i + 1} (committed)", f"{name} fence {i + 1} (this run)",
+                lineterm=""))
+    return "\n".join(diffs) + "\n" if diffs else ""
 
 
 def run_chapter(path: Path, update: bool = False, echo: bool = True) -> list[str]:

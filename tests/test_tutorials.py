@@ -46,3 +46,87 @@ def test_readme_python_examples_run():
     assert blocks, "the README has no python example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+# -- tutorial N --check: byte for byte, wall-clock lines masked ------------------------
+
+SYNTHETIC = '''# 1. A synthetic chapter
+
+```python
+import numpy as np
+from moe_np.tutorial import print_timing, stream
+print("sum", int(stream("cell one").integers(0, 100, 5).sum()))
+print_timing(f"took {np.random.default_rng().random():.6f} s")
+print("last line")
+```
+
+Prose between fences.
+
+```python
+x = 2 + 2
+```
+'''
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    """A two-fence chapter 1 in a temporary tutorials/ folder, its output block written by a run."""
+    import moe_np.tutorial as tutorial
+    folder = tmp_path / "tutorials"
+    folder.mkdir()
+    path = folder / "01-synthetic.md"
+    path.write_text(SYNTHETIC)
+    monkeypatch.delenv("MOE_NP_QUICK", raising=False)
+    monkeypatch.setenv("MOE_NP_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setattr(tutorial, "TUTORIALS", folder)
+    run_chapter(path, update=True, echo=False)
+    return path
+
+
+def test_check_passes_on_a_fresh_run_though_the_timing_differs(synthetic):
+    from moe_np.tutorial import TIMING_MARK, check_outputs, output_blocks
+    block = output_blocks(synthetic.read_text())[0]
+    assert block.splitlines()[1].endswith(TIMING_MARK)          # the timing line is marked
+    outputs = run_chapter(synthetic, echo=False)
+    assert outputs[0] != block                                   # a new time was printed ...
+    assert check_outputs(synthetic, outputs) == ""               # ... and masked
+
+
+def test_check_fails_with_a_diff_when_an_output_line_changes(synthetic, capsys):
+    from moe_np.__main__ import main
+    from moe_np.tutorial import check_outputs
+    assert main(["tutorial", "1", "--check"]) == 0
+    synthetic.write_text(synthetic.read_text().replace("\nlast line\n", "\nlast lime\n"))
+    diff = check_outputs(synthetic, run_chapter(synthetic, echo=False))
+    assert "-last lime" in diff and "+last line" in diff and "fence 1 (committed)" in diff
+    capsys.readouterr()
+    assert main(["tutorial", "1", "--check"]) == 1
+    assert "-last lime" in capsys.readouterr().out
+
+
+def test_check_fails_when_a_timing_line_becomes_an_ordinary_one(synthetic):
+    """Masking is by the marker only: drop it from the committed line and the line must match."""
+    from moe_np.tutorial import TIMING_MARK, check_outputs
+    synthetic.write_text(synthetic.read_text().replace(TIMING_MARK, ""))
+    assert check_outputs(synthetic, run_chapter(synthetic, echo=False)) != ""
+
+
+def test_check_refuses_quick_and_update(synthetic, capsys):
+    from moe_np.__main__ import main
+    assert main(["tutorial", "1", "--check", "--quick"]) == 2
+    assert main(["tutorial", "1", "--check", "--update"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "cannot be combined" in err
+
+
+def test_print_timing_is_one_marked_line(capsys):
+    from moe_np.tutorial import TIMING_MARK, print_timing
+    print_timing("a", 1.5, "s")
+    assert capsys.readouterr().out == f"a 1.5 s{TIMING_MARK}\n"
+    with pytest.raises(ValueError, match="one line"):
+        print_timing("two\nlines")
+
+
+def test_stream_depends_on_its_name_only():
+    from moe_np.tutorial import stream
+    assert stream("a").random() == stream("a").random() != stream("b").random()
