@@ -21,16 +21,17 @@ never round: a layer rounds only when its SparseConfig.precision says so.
 
 Speed. The roundings give the same bits as precision.round_to and the
 scaled casts of precision.py, which stay the readable specification; the
-tests compare them bit for bit. The hot path is two small Numba loops:
-round_kernel, one sweep rounding the float32 bit patterns with integer
-arithmetic, and scaled_kernel, which takes a band of rows at a time, finds
-its tile maxima, then divides by each tile's scale, saturates, rounds and
-multiplies back while the band is still in the cache. Each has a NumPy
-twin (round_twin, scaled_twin), used when Numba's JIT is disabled
-(NUMBA_DISABLE_JIT=1) and in the tests; a twin makes several passes over
-memory, which is what the kernels exist to avoid. The rounded operands of a
-product land in reused buffers (Scratch). `step_time_ratios` measures what
-the whole mode costs.
+tests compare them bit for bit. The hot path is two small Numba loops in
+lowp_kernels.py: round_kernel, one sweep rounding the float32 bit patterns
+with integer arithmetic, and scaled_kernel, which takes a band of rows at a
+time, finds its tile maxima, then divides by each tile's scale, saturates,
+rounds and multiplies back while the band is still in the cache. Each has a
+NumPy twin here (round_twin, scaled_twin), used when numba is absent or its
+JIT disabled (NUMBA_DISABLE_JIT=1) and in the tests; a twin makes several
+passes over memory, which is what the kernels exist to avoid. numba is
+loaded on the first rounding (`kernels()`), never by `import moe_np`. The
+rounded operands of a product land in reused buffers (Scratch).
+`bench.step_time_ratios` measures what the whole mode costs.
 
 A non-finite entry is not an error here: fp16 overflow gives inf, and an fp8
 tile (or tensor, or MX block) holding an inf or NaN comes back as NaN, so
@@ -39,13 +40,9 @@ the loss scaler's found_inf sees it and skips the step.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import NamedTuple
 
-import numba
 import numpy as np
-from numba import njit
 
 from moe_np import precision
 
@@ -53,7 +50,28 @@ FP8 = ("fp8_e4m3", "fp8_e5m2")
 TILE = 128          # DeepSeek-V3's 1 x 128 activation tiles and 128 x 128 weight blocks
 MX_BLOCK = 32       # OCP MX: 32 elements share one power-of-two scale
 CHUNK = 1 << 15     # entries per pass of round_twin: its few work arrays stay in a 1 MiB L2
-USE_KERNELS = not numba.config.DISABLE_JIT   # compiled loops, or their NumPy twins
+USE_KERNELS = None  # True: compiled loops; False: their NumPy twins; None: decided on first use
+
+
+def kernels():
+    """The compiled loops (moe_np.lowp_kernels), or None when the NumPy twins run.
+
+    Numba is imported here, on the first rounding, so `import moe_np` and a
+    float32 layer never load it. Without numba, or with NUMBA_DISABLE_JIT=1,
+    USE_KERNELS becomes False and the twins give the same bits, more slowly.
+    """
+    global USE_KERNELS
+    if USE_KERNELS is None:
+        try:
+            from moe_np import lowp_kernels
+        except ImportError:                  # numba is not installed
+            USE_KERNELS = False
+        else:
+            USE_KERNELS = lowp_kernels.JIT
+    if not USE_KERNELS:
+        return None
+    from moe_np import lowp_kernels
+    return lowp_kernels
 
 
 # ---------------------------------------------------------------- scratch buffers
@@ -121,40 +139,6 @@ def rounding(fmt: str, fn: str = "rounding") -> Rounding:
     return ROUNDINGS[fmt]
 
 
-@njit(cache=True)
-def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
-    """v (a float32) rounded to the format, as a float32.
-
-    Normal range: add 2**(drop-1) - 1 plus the last kept bit to |v|'s bit
-    pattern and clear the `drop` low bits. The sum carries into the kept bits
-    exactly when the dropped part exceeds half a step, or equals it and the
-    kept part is odd (ties to even); a carry out of the fraction steps the
-    exponent, and one past max_finite becomes limit_bits (inf, or E4M3's
-    448, which is also where E4M3 sends inf). Zero takes this path too (it
-    stays zero), so the branch below is rare and well predicted even when
-    half the entries are ReLU zeros. Below min_normal the step is fixed:
-    |v| * sub_scale is exact in float64, rint rounds it ties to even, and
-    dividing back is exact. NaN is returned as it is.
-    """
-    b = np.float32(v).view(np.uint32)                   # the bit pattern, no memory involved
-    a = b & 0x7FFFFFFF                                  # |v| as bits
-    if a > 0x7F800000:                                  # NaN
-        return np.float32(v)
-    if ((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1:   # 0 < |v| < min_normal: a fixed step
-        return np.float32(math.copysign(np.rint(abs(np.float64(v)) * sub_scale) / sub_scale, v))
-    r = (a + ((1 << (drop - 1)) - 1) + ((a >> drop) & 1)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
-    if r > max_bits:
-        r = limit_bits
-    return np.uint32((b & 0x80000000) | r).view(np.float32)
-
-
-@njit(cache=True)
-def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
-    """out[k] = x[k] rounded to the format, one sweep.   x, out: (S,) float32 (may be the same)."""
-    for k in range(x.size):
-        out[k] = round_value(x[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
-
-
 def round_twin(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits) -> None:
     """round_kernel in NumPy passes, CHUNK entries at a time (so that the passes after the
     first read hit the cache).   x, out: (S,) float32 (may be the same)."""
@@ -188,7 +172,8 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
     result = np.empty(x.shape, np.float32, order=order) if out is None else out
     in_order = result.flags.f_contiguous if order == "F" else result.flags.c_contiguous
     target = result if in_order else np.empty(x.shape, np.float32, order=order)
-    run = round_kernel if USE_KERNELS else round_twin
+    compiled = kernels()
+    run = round_twin if compiled is None else compiled.round_kernel
     run(x.ravel(order=order), target.ravel(order=order), *params)     # (S,) views in memory order
     if target is not result:
         result[...] = target
@@ -204,72 +189,6 @@ class Scaling(NamedTuple):
     power_of_two: bool    # MX's E8M0 scales, else amax / max_finite
     qmax: float           # max_finite of the format
     emax: int             # its largest exponent (MX puts amax in that binade)
-
-
-@njit(cache=True)
-def tile_scale(amax, sc):
-    """One tile's scale from its amax, as precision.amax_scale / precision.mx_scale compute it;
-    NaN for a tile holding inf or NaN (the whole tile is then lost)."""
-    if amax != amax or amax == np.inf:
-        return np.float32(np.nan)
-    if amax == 0:
-        return np.float32(1.0)
-    if sc.power_of_two:
-        exponent = min(max(math.frexp(np.float64(amax))[1] - 1 - sc.emax, -127), 127)
-        return np.float32(2.0 ** exponent)
-    s = amax / np.float32(sc.qmax)                      # float32 division, as amax_scale
-    return s if s >= np.float32(2.0**-149) else np.float32(2.0**-149)
-
-
-@njit(cache=True)
-def band_maxima(x, i0, i1, cols, amax):
-    """amax[t] = max(amax[t], |x[i, j]|) over rows i0:i1 and tile t's columns; a NaN stays.
-    x: (N, D); amax: (T,). A tile one column wide gets a loop of its own (no inner loop)."""
-    d = x.shape[1]
-    for i in range(i0, i1):
-        if cols == 1:
-            for j in range(d):
-                a = abs(x[i, j])
-                if a > amax[j] or a != a:
-                    amax[j] = a
-            continue
-        for t in range(amax.size):
-            best = amax[t]
-            for j in range(t * cols, min(t * cols + cols, d)):
-                a = abs(x[i, j])
-                if a > best or a != a:
-                    best = a
-            amax[t] = best
-
-
-@njit(cache=True)
-def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
-    """out = round(clip(x / s, +-qmax)) * s in float32, s = tile_scale(amax of the tile).
-
-    x: (N, D) C-contiguous; out: (N, D) (may be x). One band of sc.rows rows
-    at a time: its tile maxima in one sweep, then the rounding in a second
-    sweep while the band is still in the cache. A trailing partial tile uses
-    its own entries only.
-    """
-    n, d = x.shape
-    tile_of = np.arange(d) // sc.cols                   # (D,) each column's tile
-    limit = np.float32(sc.qmax)
-    scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's tile maxima, then scales
-    for band in range(-(-n // sc.rows)):
-        i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
-        scale[:] = 0.0
-        band_maxima(x, i0, i1, sc.cols, scale)
-        for t in range(scale.size):
-            scale[t] = tile_scale(scale[t], sc)
-        for i in range(i0, i1):
-            for j in range(d):
-                s = scale[tile_of[j]]
-                q = x[i, j] / s
-                if q > limit:                           # a scaled cast saturates; NaN passes
-                    q = limit
-                elif q < -limit:
-                    q = -limit
-                out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
 
 
 def scaled_twin(x, sc: Scaling, out, fmt: str) -> None:
@@ -317,10 +236,11 @@ def scaled_round(x: np.ndarray, fmt: str, rows: int, cols: int, power_of_two: bo
     info = precision.FORMATS[fmt]
     sc = Scaling(int(rows), int(cols), bool(power_of_two), float(info.max_finite), int(info.emax))
     out = _buffer(scratch, name, x.shape, np.float32)                  # (N, D)
-    if USE_KERNELS:
-        scaled_kernel(np.ascontiguousarray(x), sc, out, *rounding(fmt))
-    else:
+    compiled = kernels()
+    if compiled is None:
         scaled_twin(x, sc, out, fmt)
+    else:
+        compiled.scaled_kernel(np.ascontiguousarray(x), sc, out, *rounding(fmt))
     return out
 
 
@@ -373,55 +293,3 @@ def gemm_for(config):
         c = np.matmul(a_low, b_low, out=out)                           # (rows, cols), float32 sums
         return round_output(c, config, out=c)                          # rounded where it lies
     return gemm
-
-
-# ---------------------------------------------------------------- what it costs
-
-def _timed_step(layer, x, dy, scaler) -> float:
-    """Seconds of one training step of the layer: forward, backward of the (scaled) upstream
-    gradient and, with a scaler, its unscale and inf check. The optimizer is left out: it is
-    the same float32 update in every precision."""
-    start = time.perf_counter()
-    layer.forward(x)
-    if scaler is None:
-        layer.backward(dy)
-    else:
-        layer.backward(dy * np.float32(scaler.scale), aux_scale=scaler.scale)
-        _, found = scaler.unscale(layer.grads)
-        scaler.update(found)
-    return time.perf_counter() - start
-
-
-def step_time_ratios(make_layer, x: np.ndarray, dy: np.ndarray, repeats: int = 5) -> dict:
-    """Time of a SparseMoE training step in simulated fp16 and in fp8, each over the fp32 step.
-
-    make_layer(compute) -> a float32 layer computing in "fp32", "fp16" or
-    "fp8_e4m3" (lowp cannot build a SparseMoE itself: sparse.py imports lowp).
-    The benchmark's layer, at N=8192, D=512, H=1024, E=8, K=2:
-
-        base = SparseConfig(d_model=512, num_experts=8, d_hidden=1024, k=2, capacity_factor=None)
-        make_layer = lambda c: SparseMoE(replace(base, precision=PrecisionConfig(compute=c)),
-                                         seed=0, dtype=np.float32)
-
-    x, dy: (N, D) float32 input and upstream gradient (a mean loss's scale,
-    e.g. standard normal / N). fp16 runs with a loss scale of 2**16, fp8
-    with 1 (static: the step is timed, not trained). Medians of `repeats`
-    steps after one warm-up, the precisions taking turns within each repeat
-    so that a busy moment of a shared machine hits them alike.
-    -> {"fp16_step_ratio", "fp8_step_ratio", "fp32_step_s", "fp16_step_s", "fp8_step_s"}.
-    """
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"step_time_ratios: repeats must be an integer >= 1, got {repeats!r}")
-    runs = {name: (make_layer(compute), None if init is None else
-                   precision.LossScaler(init_scale=init, dynamic=False))
-            for name, compute, init in (("fp32", "fp32", None), ("fp16", "fp16", 2.0**16),
-                                        ("fp8", "fp8_e4m3", 1.0))}
-    times = {name: [] for name in runs}
-    for r in range(repeats + 1):
-        for name, (layer, scaler) in runs.items():
-            seconds = _timed_step(layer, x, dy, scaler)
-            if r:                                                      # repeat 0 warms up
-                times[name].append(seconds)
-    med = {name: float(np.median(t)) for name, t in times.items()}
-    return {"fp16_step_ratio": med["fp16"] / med["fp32"], "fp8_step_ratio": med["fp8"] / med["fp32"],
-            **{f"{name}_step_s": t for name, t in med.items()}}

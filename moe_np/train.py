@@ -117,7 +117,7 @@ class Trainer:
 
     model       params, grads, forward(x), backward(dout[, aux_scale]); optional aux
     optimizer   step(grads), state_dict(); its `t` drives an lr schedule
-    scaler      None (plain: no scaling, no skipping) or a precision.LossScaler
+    scaler      None (plain: no scaling, no skipping) or a scaling.LossScaler
     sampler     the Generator that draws each batch's rows (seeded by `seed`)
     step        steps taken so far (skipped ones included)
     eval_data   (x, target) evaluated at every logged step in eval mode
@@ -304,7 +304,7 @@ def fit(model, x, target, loss_forward, loss_backward, optimizer, steps: int,
     list of per-step task losses, with `.records` for the logged steps
     (routing statistics of every sparse layer included). log_every > 0
     prints a progress line that often through `log` and records that step.
-    scaler: a precision.LossScaler (the model's backward must take
+    scaler: a scaling.LossScaler (the model's backward must take
     aux_scale); clip_norm: clip the global gradient norm; eval_data:
     (x_test, target_test) scored at every logged step.
     """
@@ -475,7 +475,7 @@ class Run(NamedTuple):
     task: object            # data.Task
     model: object           # models.ResidualNet
     optimizer: object       # optim.AdamW with a WarmupCosine schedule
-    scaler: object          # precision.LossScaler or None
+    scaler: object          # scaling.LossScaler or None
     trainer: Trainer
 
 
@@ -496,7 +496,7 @@ def make_scaler(precision: str, loss_scale: str = "auto"):
     x2 after 2000 clean steps, x0.5 on an overflow); "static": a fixed scale of 1, which
     still skips a step with an inf or NaN. "auto": dynamic for fp16, static for bf16 and
     fp8, none for fp32."""
-    from moe_np.precision import LossScaler
+    from moe_np.scaling import LossScaler
     if loss_scale == "auto":
         loss_scale = {"fp32": "none", "fp16": "dynamic"}.get(precision, "static")
     if loss_scale == "none":

@@ -8,22 +8,26 @@ ml_dtypes' E4M3 cast turns anything past 464 into NaN where round_to
 saturates to 448 (compared only within |x| <= 464, saturation tested alone);
 ml_dtypes' E5M2 overflows to inf like IEEE, as round_to does (compared everywhere).
 """
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from moe_np import SparseConfig, SparseMoE, balance, losses, lowp
+from moe_np import SparseConfig, SparseMoE, balance, bench, losses, lowp
 from moe_np.config import PrecisionConfig
 from moe_np.models import moe_net
 from moe_np.optim import AdamW
 from moe_np.train import Trainer
-from moe_np.precision import (FORMATS, DelayedScaling, LossScaler, MasterWeights, block_scales,
-                              dequantize, dequantize_blocks, dequantize_mx, dequantize_tiles,
-                              found_inf, int8_matmul, lp_matmul, quantize, quantize_blocks,
+from moe_np.precision import (FORMATS, block_scales, dequantize, dequantize_blocks, dequantize_mx,
+                              dequantize_tiles, int8_matmul, lp_matmul, quantize, quantize_blocks,
                               quantize_int8_per_channel, quantize_mx, quantize_tiles, round_to,
                               stochastic_round_bf16, tensor_scale, tile_scales)
+from moe_np.scaling import DelayedScaling, LossScaler, MasterWeights, found_inf
 
 F32 = np.float32
 ORACLE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16,
@@ -819,7 +823,7 @@ def test_lowp_bad_arguments():
     with pytest.raises(ValueError, match=r"scaled_round: rows and cols must be integers >= 1, got 0, 128"):
         lowp.scaled_round(np.ones((2, 2), F32), "fp8_e4m3", 0, 128)
     with pytest.raises(ValueError, match=r"step_time_ratios: repeats must be an integer >= 1, got 0"):
-        lowp.step_time_ratios(lambda c: None, None, None, repeats=0)
+        bench.step_time_ratios(lambda c: None, None, None, repeats=0)
 
 
 def test_step_time_ratios_runs_on_a_tiny_layer():
@@ -827,6 +831,62 @@ def test_step_time_ratios_runs_on_a_tiny_layer():
     make = lambda c: SparseMoE(replace(base, precision=PrecisionConfig(compute=c)), seed=0, dtype=F32)
     rng = np.random.default_rng(26)
     x, dy = rng.standard_normal((2, 64, 8)).astype(F32)
-    r = lowp.step_time_ratios(make, x, dy / F32(64), repeats=1)                     # a mean loss's dy
+    r = bench.step_time_ratios(make, x, dy / F32(64), repeats=1)                     # a mean loss's dy
     assert set(r) == {"fp16_step_ratio", "fp8_step_ratio", "fp32_step_s", "fp16_step_s", "fp8_step_s"}
     assert all(v > 0 for v in r.values())
+
+
+# ---------------------------------------------------------------- without numba
+
+WITHOUT_NUMBA = """
+import sys
+sys.modules["numba"] = None                      # import numba now raises ImportError
+import numpy as np
+from moe_np import SparseConfig, SparseMoE
+from moe_np.config import PrecisionConfig
+from moe_np.optim import AdamW
+rng = np.random.default_rng(0)
+x = rng.standard_normal((12, 6))                 # (N, D)
+dy = rng.standard_normal((12, 6))                # (N, D)
+for precision in (PrecisionConfig(), PrecisionConfig(compute="fp16")):
+    dtype = np.float64 if precision.compute == "fp32" else np.float32
+    layer = SparseMoE(SparseConfig(d_model=6, num_experts=4, d_hidden=8, k=2, balance_coef=0.01,
+                                   dispatch="numpy", precision=precision), seed=0, dtype=dtype)
+    before = {k: v.copy() for k, v in layer.params.items()}
+    layer.forward(x.astype(dtype))
+    dx = layer.backward(dy.astype(dtype))
+    AdamW(layer.params, lr=1e-2).step(layer.grads)
+    assert dx.shape == x.shape and np.all(np.isfinite(dx)) and layer.aux > 0
+    assert all(not np.array_equal(before[k], layer.params[k]) for k in ("w_router", "w1", "w2"))
+try:
+    SparseMoE(SparseConfig(d_model=6, num_experts=4, d_hidden=8, dispatch="numba")).forward(x)
+except ImportError as err:
+    print("refused:", err)
+print("numpy layer trained without numba;", "numba" in sys.modules and sys.modules["numba"] is not None)
+"""
+
+
+def test_a_numpy_dispatch_layer_trains_without_numba():
+    """numba blocked: the numpy strategy (and the fp16 mode, through its NumPy twins) runs a
+    forward, a backward and an optimizer step; the numba strategy says what is missing."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    done = subprocess.run([sys.executable, "-c", WITHOUT_NUMBA], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "numpy layer trained without numba; False" in done.stdout
+    assert "refused: dispatch: strategy 'numba' needs the numba package" in done.stdout
+    assert "dispatch='numpy' computes the same numbers" in done.stdout
+
+
+def test_import_moe_np_does_not_load_numba():
+    """A float32 layer on the numpy strategy, the configs, routers and the checks of chapters 1-4
+    never import numba (the numba strategy and the low-precision kernels load it on first use)."""
+    code = ("import sys; import moe_np, moe_np.checks, moe_np.presets, moe_np.interop; "
+            "from moe_np import SparseConfig, SparseMoE; import numpy as np; "
+            "SparseMoE(SparseConfig(d_model=4, num_experts=3, d_hidden=5, dispatch='numpy'))"
+            ".forward(np.ones((2, 4))); print(sorted(m for m in sys.modules if m.startswith('numba'))[:3])")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

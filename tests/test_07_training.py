@@ -235,7 +235,7 @@ def test_a_power_of_two_loss_scale_changes_no_bit():
 
     Breaks if the auxiliary gradient is not scaled (backward(dy, aux_scale=S)) or if the
     gradients are unscaled twice or not at all."""
-    from moe_np.precision import LossScaler
+    from moe_np.scaling import LossScaler
     config = TrainConfig(balance_coef=0.5, z_coef=0.1, **TINY)
     plain, scaled = build_run(config), build_run(config)
     scaled.trainer.scaler = LossScaler(init_scale=2.0**10, dynamic=False)

@@ -33,4 +33,11 @@ def get_strategy(name: str):
     """The module implementing dispatch strategy `name`."""
     if name not in STRATEGY_MODULES:
         raise ValueError(f"dispatch: strategy must be one of {STRATEGIES}, got {name!r}")
-    return importlib.import_module(STRATEGY_MODULES[name])
+    try:   # imported on first use: only the "numba" strategy loads numba
+        return importlib.import_module(STRATEGY_MODULES[name])
+    except ImportError as err:
+        if err.name != "numba":
+            raise
+        raise ImportError(f"dispatch: strategy {name!r} needs the numba package, which is not "
+                          f"installed (pip install numba); dispatch='numpy' computes the same "
+                          f"numbers without it") from err

@@ -1,0 +1,122 @@
+"""The compiled loops of the low-precision compute mode (lowp.py): Numba kernels.
+
+    round_value    one float32 rounded to a format on its bit pattern
+    round_kernel   a sweep of round_value over a flat array
+    tile_scale     one fp8 tile's scale from its amax
+    band_maxima    the tile maxima of a band of rows
+    scaled_kernel  scale, saturate, round and scale back, one band of rows at a time
+
+lowp.py imports this module on its first rounding, never at `import moe_np`,
+and each kernel has a NumPy twin there (round_twin, scaled_twin) giving the
+same bits; the twins run without numba or with NUMBA_DISABLE_JIT=1. The
+integers a kernel takes are lowp.Rounding's fields; `sc` is a lowp.Scaling.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit
+
+JIT = not numba.config.DISABLE_JIT   # False: the kernels would run as slow Python; use the twins
+
+
+@njit(cache=True)
+def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
+    """v (a float32) rounded to the format, as a float32.
+
+    Normal range: add 2**(drop-1) - 1 plus the last kept bit to |v|'s bit
+    pattern and clear the `drop` low bits. The sum carries into the kept bits
+    exactly when the dropped part exceeds half a step, or equals it and the
+    kept part is odd (ties to even); a carry out of the fraction steps the
+    exponent, and one past max_finite becomes limit_bits (inf, or E4M3's
+    448, which is also where E4M3 sends inf). Zero takes this path too (it
+    stays zero), so the branch below is rare and well predicted even when
+    half the entries are ReLU zeros. Below min_normal the step is fixed:
+    |v| * sub_scale is exact in float64, rint rounds it ties to even, and
+    dividing back is exact. NaN is returned as it is.
+    """
+    b = np.float32(v).view(np.uint32)                   # the bit pattern, no memory involved
+    a = b & 0x7FFFFFFF                                  # |v| as bits
+    if a > 0x7F800000:                                  # NaN
+        return np.float32(v)
+    if ((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1:   # 0 < |v| < min_normal: a fixed step
+        return np.float32(math.copysign(np.rint(abs(np.float64(v)) * sub_scale) / sub_scale, v))
+    r = (a + ((1 << (drop - 1)) - 1) + ((a >> drop) & 1)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
+    if r > max_bits:
+        r = limit_bits
+    return np.uint32((b & 0x80000000) | r).view(np.float32)
+
+
+@njit(cache=True)
+def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
+    """out[k] = x[k] rounded to the format, one sweep.   x, out: (S,) float32 (may be the same)."""
+    for k in range(x.size):
+        out[k] = round_value(x[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+
+
+@njit(cache=True)
+def tile_scale(amax, sc):
+    """One tile's scale from its amax, as precision.amax_scale / precision.mx_scale compute it;
+    NaN for a tile holding inf or NaN (the whole tile is then lost)."""
+    if amax != amax or amax == np.inf:
+        return np.float32(np.nan)
+    if amax == 0:
+        return np.float32(1.0)
+    if sc.power_of_two:
+        exponent = min(max(math.frexp(np.float64(amax))[1] - 1 - sc.emax, -127), 127)
+        return np.float32(2.0 ** exponent)
+    s = amax / np.float32(sc.qmax)                      # float32 division, as amax_scale
+    return s if s >= np.float32(2.0**-149) else np.float32(2.0**-149)
+
+
+@njit(cache=True)
+def band_maxima(x, i0, i1, cols, amax):
+    """amax[t] = max(amax[t], |x[i, j]|) over rows i0:i1 and tile t's columns; a NaN stays.
+    x: (N, D); amax: (T,). A tile one column wide gets a loop of its own (no inner loop)."""
+    d = x.shape[1]
+    for i in range(i0, i1):
+        if cols == 1:
+            for j in range(d):
+                a = abs(x[i, j])
+                if a > amax[j] or a != a:
+                    amax[j] = a
+            continue
+        for t in range(amax.size):
+            best = amax[t]
+            for j in range(t * cols, min(t * cols + cols, d)):
+                a = abs(x[i, j])
+                if a > best or a != a:
+                    best = a
+            amax[t] = best
+
+
+@njit(cache=True)
+def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
+    """out = round(clip(x / s, +-qmax)) * s in float32, s = tile_scale(amax of the tile).
+
+    x: (N, D) C-contiguous; out: (N, D) (may be x). One band of sc.rows rows
+    at a time: its tile maxima in one sweep, then the rounding in a second
+    sweep while the band is still in the cache. A trailing partial tile uses
+    its own entries only.
+    """
+    n, d = x.shape
+    tile_of = np.arange(d) // sc.cols                   # (D,) each column's tile
+    limit = np.float32(sc.qmax)
+    scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's tile maxima, then scales
+    for band in range(-(-n // sc.rows)):
+        i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
+        scale[:] = 0.0
+        band_maxima(x, i0, i1, sc.cols, scale)
+        for t in range(scale.size):
+            scale[t] = tile_scale(scale[t], sc)
+        for i in range(i0, i1):
+            for j in range(d):
+                s = scale[tile_of[j]]
+                q = x[i, j] / s
+                if q > limit:                           # a scaled cast saturates; NaN passes
+                    q = limit
+                elif q < -limit:
+                    q = -limit
+                out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
