@@ -1,0 +1,214 @@
+"""The specialisation atlas: which experts take which kinds of Python token, against chance.
+
+    label_bytes(source) -> (n_bytes,)          each byte's syntactic class from Python's
+                                               own `tokenize` module (CLASSES)
+    token_classes(tok, source) -> ids, classes the tokens of source and each one's class
+    first_choices(model, windows) -> {block: (N,)}   each MoE block's first-choice expert
+    atlas(experts, classes, num_experts, context)    the measures and their shuffled baseline
+
+Classes (J of them): a NAME is a `keyword` (hard or soft), a `builtin` (a name in
+`builtins`) or an `identifier`; OP is `operator`; NUMBER, STRING (docstrings and
+f-strings included), COMMENT as named; NEWLINE and NL are `newline`; INDENT and the
+bytes between tokens are `whitespace`. A byte that tokenize does not reach (a file it
+rejects) is `other`.
+
+A BPE token takes the class of its first byte that is not a space or a tab (a token of
+spaces and tabs only takes `whitespace`): " def" is a keyword, "\\n    " a newline.
+With top-K routing the atlas uses each token's first choice (its largest weight).
+
+The baseline: the same first choices, randomly permuted among the tokens. Every
+expert keeps exactly its load; any link between expert and class, or between
+neighbours, is destroyed. Each measure is recomputed on R such shuffles, and the
+2.5th and 97.5th percentiles give the chance interval a real measure is compared with.
+Shape letters: N tokens, E experts, J classes, R shuffles.
+"""
+from __future__ import annotations
+
+import builtins
+import io
+import keyword
+import token as token_module
+import tokenize
+from typing import NamedTuple
+
+import numpy as np
+
+CLASSES = ("keyword", "builtin", "identifier", "operator", "number", "string", "comment",
+           "newline", "whitespace", "other")
+CLASS_ID = {name: j for j, name in enumerate(CLASSES)}
+BUILTINS = frozenset(dir(builtins))
+TOKEN_CLASS = {token_module.OP: "operator", token_module.NUMBER: "number",
+               token_module.STRING: "string", token_module.COMMENT: "comment",
+               token_module.NEWLINE: "newline", token_module.NL: "newline",
+               token_module.INDENT: "whitespace"}
+for _name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END"):      # Python >= 3.12
+    if hasattr(token_module, _name):
+        TOKEN_CLASS[getattr(token_module, _name)] = "string"
+
+
+# ---------------------------------------------------------------- labels
+
+def name_class(name: str) -> str:
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return "keyword"
+    return "builtin" if name in BUILTINS else "identifier"
+
+
+def label_chars(text: str) -> np.ndarray:
+    """Each character's class id; characters no token covers are whitespace.   -> (n_chars,)"""
+    labels = np.full(len(text), CLASS_ID["whitespace"], dtype=np.int8)   # (n_chars,)
+    starts = [0]
+    for line in text.split("\n")[:-1]:
+        starts.append(starts[-1] + len(line) + 1)
+    try:
+        for tk in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tk.type == token_module.NAME:
+                cls = name_class(tk.string)
+            else:
+                cls = TOKEN_CLASS.get(tk.type)
+            if cls is None or tk.start == tk.end:
+                continue
+            a = starts[tk.start[0] - 1] + tk.start[1] if tk.start[0] <= len(starts) else len(text)
+            b = starts[tk.end[0] - 1] + tk.end[1] if tk.end[0] <= len(starts) else len(text)
+            labels[a:b] = CLASS_ID[cls]
+    except (tokenize.TokenError, SyntaxError):
+        labels[:] = CLASS_ID["other"]
+    return labels
+
+
+def label_bytes(source: bytes) -> np.ndarray:
+    """Each byte's class id (a character's bytes share its class).   -> (n_bytes,) int8"""
+    try:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError:
+        return np.full(len(source), CLASS_ID["other"], dtype=np.int8)    # (n_bytes,)
+    chars = label_chars(text)                                            # (n_chars,)
+    if text.isascii():
+        return chars
+    widths = np.array([len(c.encode("utf-8")) for c in text], dtype=np.int64)  # (n_chars,)
+    return np.repeat(chars, widths)                                      # (n_bytes,)
+
+
+def token_classes(tok, source: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of source and each token's class (its first byte that is not a space or a
+    tab; whitespace for a blank token).   -> ids (N,), classes (N,)"""
+    ids = tok.encode(source)                                             # (N,)
+    byte_labels = label_bytes(source)                                    # (n_bytes,)
+    lengths = np.array([len(b) for b in tok.token_bytes()])[ids]         # (N,)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (N,)
+    raw = np.frombuffer(source, dtype=np.uint8)                          # (n_bytes,)
+    blank = (raw == ord(" ")) | (raw == ord("\t"))                       # (n_bytes,)
+    idx = np.where(blank, len(raw), np.arange(len(raw)))                 # (n_bytes,)
+    next_solid = np.minimum.accumulate(idx[::-1])[::-1]                  # (n_bytes,)
+    first = next_solid[starts] if len(ids) else starts                   # (N,)
+    first = np.where(first < starts + lengths, first, starts)            # (N,)
+    return ids, byte_labels[first].astype(np.int64)                      # (N,), (N,)
+
+
+def stream_classes(tok, texts) -> tuple[np.ndarray, np.ndarray]:
+    """token_classes over several files, end to end (as text.encode_stream joins them)."""
+    pairs = [token_classes(tok, t) for t in texts]
+    return (np.concatenate([p[0] for p in pairs]),                       # (N,)
+            np.concatenate([p[1] for p in pairs]))                       # (N,)
+
+
+# ---------------------------------------------------------------- routing of a model
+
+def first_choices(model, windows, batch: int = 16) -> dict:
+    """Each routed block's first-choice expert for every position of windows (eval mode).
+
+    windows: (W, T) token ids; returns {block name: (W T,)} in row-major order."""
+    found: dict[str, list] = {}
+    model.eval()
+    try:
+        for i in range(0, len(windows), batch):
+            model.forward(windows[i:i + batch])                          # (b, T, V)
+            for name, stats in model.routing_stats():
+                if stats.ids is None:
+                    raise ValueError(f"first_choices: block {name} does not report ids "
+                                     f"(tokens do not choose experts)")
+                found.setdefault(name, []).append(stats.ids[:, 0])       # (b T,)
+    finally:
+        model.train()
+    return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+# ---------------------------------------------------------------- the measures
+
+class Measures(NamedTuple):
+    share: np.ndarray          # (E, J) P(class j | expert e) / P(class j): 1 = no preference
+    entropy: np.ndarray        # (E,) H(class | expert e) in bits: lower = more selective
+    mutual_info: float         # I(expert; class) in bits
+    repeat: float              # share of neighbouring positions with the same first choice
+
+
+def measures(experts, classes, num_experts: int, num_classes: int, context: int) -> Measures:
+    """The atlas's measures of one assignment.   experts, classes: (N,), N a multiple of context."""
+    counts = np.bincount(experts * num_classes + classes,
+                         minlength=num_experts * num_classes).reshape(num_experts, num_classes)  # (E, J)
+    counts = counts.astype(np.float64)
+    n = counts.sum()
+    p_e, p_j = counts.sum(1) / n, counts.sum(0) / n                      # (E,), (J,)
+    cond = counts / np.maximum(counts.sum(1, keepdims=True), 1)          # (E, J)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(p_j > 0, cond / p_j, np.nan)                    # (E, J)
+        logs = np.where(cond > 0, np.log2(np.where(cond > 0, cond, 1)), 0.0)     # (E, J)
+        joint = counts / n                                               # (E, J)
+        ratio = np.where(joint > 0, joint / np.outer(p_e, p_j), 1.0)     # (E, J)
+    entropy = -(cond * logs).sum(1)                                      # (E,)
+    mutual = float((joint * np.log2(ratio)).sum())
+    rows = experts.reshape(-1, context)                                  # (W, T)
+    repeat = float(np.mean(rows[:, 1:] == rows[:, :-1]))
+    return Measures(share, entropy, mutual, repeat)
+
+
+class Atlas(NamedTuple):
+    real: Measures
+    low: Measures              # 2.5th percentile of each measure over the shuffles
+    high: Measures             # 97.5th percentile
+    counts: np.ndarray         # (E, J) tokens of class j whose first choice is e
+    shuffles: int
+
+
+def atlas(experts, classes, num_experts: int, context: int, shuffles: int = 200,
+          seed: int = 0) -> Atlas:
+    """The measures of the real routing and their chance interval under shuffled routing."""
+    experts, classes = np.asarray(experts, dtype=np.int64), np.asarray(classes, dtype=np.int64)
+    if experts.shape != classes.shape or experts.ndim != 1:
+        raise ValueError(f"atlas: experts {experts.shape} and classes {classes.shape} must be "
+                         f"equal 1-D shapes")
+    if experts.size % context or experts.size == 0:
+        raise ValueError(f"atlas: {experts.size} tokens are not whole windows of context {context}")
+    if experts.min() < 0 or experts.max() >= num_experts:
+        raise ValueError(f"atlas: expert ids must lie in [0, {num_experts}), got {experts.max()}")
+    if not isinstance(shuffles, int) or shuffles < 2:
+        raise ValueError(f"atlas: shuffles must be an integer >= 2, got {shuffles!r}")
+    j = len(CLASSES)
+    real = measures(experts, classes, num_experts, j, context)
+    rng = np.random.default_rng(seed)
+    runs = [measures(rng.permutation(experts), classes, num_experts, j, context)
+            for _ in range(shuffles)]
+    low, high = (Measures(*[np.percentile(np.array(field), q, axis=0) for field in zip(*runs)])
+                 for q in (2.5, 97.5))
+    counts = np.bincount(experts * j + classes, minlength=num_experts * j).reshape(num_experts, j)
+    return Atlas(real, low, high, counts, shuffles)
+
+
+def outside(at: Atlas) -> np.ndarray:
+    """(E, J) True where the real share lies outside the shuffled 95% interval."""
+    return (at.real.share < at.low.share) | (at.real.share > at.high.share)
+
+
+def summary(at: Atlas, name: str = "") -> str:
+    """Lines a chapter prints: mutual information, repeats, and selectivity against chance."""
+    r, lo, hi = at.real, at.low, at.high
+    sig = outside(at) & (at.counts.sum(0) > 0)[None, :]
+    lines = [f"{name}: I(expert; class) {r.mutual_info:.3f} bits "
+             f"(shuffled 95%: {lo.mutual_info:.3f}-{hi.mutual_info:.3f}); "
+             f"same expert as the previous token {r.repeat:.1%} "
+             f"(shuffled {lo.repeat:.1%}-{hi.repeat:.1%})",
+             f"   class entropy per expert (bits) {np.array2string(r.entropy, precision=2)}; "
+             f"shuffled about {np.median(lo.entropy):.2f}-{np.median(hi.entropy):.2f}; "
+             f"{int(sig.sum())} of {int(np.isfinite(r.share).sum())} expert-class shares "
+             f"outside chance"]
+    return "\n".join(lines)
