@@ -18,7 +18,7 @@ from moe_np import layers, validate
 from moe_np.config import DenseConfig
 from moe_np.experts import expert_kind, experts_selection, init_experts
 from moe_np.gates import gate_kind, gate_selection, init_gate
-from moe_np.module import Module
+from moe_np.layer import Layer
 
 
 class DenseCache(NamedTuple):
@@ -110,22 +110,24 @@ def init_dense_params(config: DenseConfig, rng, dtype=np.float64) -> dict:
         init_experts(config.expert, config.num_experts, config.d_model, config.d_hidden, rng, dtype)
 
 
-class DenseMoE(Module):
+class DenseMoE(Layer):
     """A dense mixture of E experts with a learned gate.   x: (N, D) -> y: (N, D).
 
     Gate dropout is applied in `forward` while training, with masks drawn
-    from the layer's own seeded stream; evaluation is deterministic.
+    from the layer's own seeded stream; evaluation is deterministic. No
+    auxiliary loss (`aux` is 0.0) and no routing statistics: every token
+    uses every expert.
     """
 
-    def __init__(self, config: DenseConfig, seed: int = 0, dtype=np.float64):
-        super().__init__()
+    def __init__(self, config: DenseConfig, *, seed: int = 0, dtype=np.float64):
+        super().__init__(dtype)
         if not isinstance(config, DenseConfig):
             raise ValueError(f"DenseMoE: config must be a DenseConfig, got {type(config).__name__}")
-        self.config, self.dtype = config, np.dtype(dtype)
+        validate.integer("DenseMoE", "seed", seed, minimum=0)
+        self.config = config
         self.params = init_dense_params(config, np.random.default_rng(seed), self.dtype)
         self.init_grads()
         self.rngs["dropout"] = np.random.default_rng(seed + 1)
-        self._cache = None
 
     def forward(self, x):
         rng = self.rngs["dropout"] if self.training else None
@@ -136,17 +138,22 @@ class DenseMoE(Module):
         """The gate's mixing weights for x, without dropout.   (N, E) or (N, E, D)."""
         return gate_forward(x, self.params, self.config)[0]
 
-    def backward(self, dy):
+    def backward(self, dy, aux_scale: float = 1.0):
+        """dx (N, D); aux_scale is accepted by every layer (this one has no aux loss)."""
+        self.check_backward(dy)
         dx, grads = dense_moe_backward(dy, self._cache)
         self.set_grads(grads)
-        return dx
+        return dx                                                      # (N, D)
 
     def parts(self):
         """The last forward's gate weights (N, E) and expert outputs (E, N, D)."""
+        if self._cache is None:
+            raise ValueError("DenseMoE.parts: call forward first")
         return self._cache.g, self._cache.y_experts
 
     def backward_parts(self, dg, dy_experts):
         """Backward from gradients on the gate weights and the expert outputs."""
+        self.check_backward(dy_experts)
         dx, grads = dense_moe_parts_backward(dg, dy_experts, self._cache)
         self.set_grads(grads)
         return dx

@@ -12,16 +12,33 @@ A backward before any forward raises ValueError, and so does a dy whose
 dtype is not the layer's. A trainer, a loss scaler or a container asks
 nothing else of what it holds: no type tests, no `getattr(..., "aux", 0)`.
 
+Constructors take the sizes (or a config) positionally and `seed=` and
+`dtype=` by keyword only, and refuse a dtype that is not floating point.
+
 Containers (Sequential, ResidualNet, the language model) list their parts
 in `children()`; `aux` and `routing_stats()` then sum and collect over them
-without any code of their own. A routed leaf sets `self._aux` and
-`self.stats` in its forward.
+without any code of their own. A leaf sets `self._aux` and `self.stats` (its
+own statistics type) in its forward; a routed leaf's `own_routing_stats()`
+gives them as a RoutingStats (SparseMoE's stats are one already; ReMoE
+converts; Soft MoE routes no token, so it has none).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from .module import Module
+from moe_np import validate
+from moe_np.module import Module
+
+
+class RoutingStats(NamedTuple):
+    """What one forward's routing did (the shape every routed layer reports)."""
+    ids: np.ndarray | None    # (N, K) chosen experts; None when tokens do not pick K (expert choice, ReMoE)
+    weights: np.ndarray       # (N, K) routing weights; expert choice (E, C); ReMoE (N, E)
+    counts: np.ndarray        # (E,) kept assignments per expert
+    num_dropped: int          # assignments that found no slot
+    logits: np.ndarray        # (N, E) router logits
 
 
 class Layer(Module):
@@ -29,7 +46,7 @@ class Layer(Module):
 
     def __init__(self, dtype=np.float64):
         super().__init__()
-        self.dtype = np.dtype(dtype)
+        self.dtype = validate.float_dtype(type(self).__name__, dtype)
         self._cache = None        # what backward needs; None until a forward has run
         self._aux = 0.0           # this layer's own auxiliary loss from the last forward
         self.stats = None         # this layer's own RoutingStats (routed layers only)
@@ -46,9 +63,17 @@ class Layer(Module):
         kids = [c.aux for c in self.children().values() if isinstance(c, Layer)]
         return float(self._aux + sum(kids))
 
+    def own_routing_stats(self) -> RoutingStats | None:
+        """This layer's own RoutingStats from the last forward; None if it routes nothing."""
+        return self.stats if isinstance(self.stats, RoutingStats) else None
+
     def routing_stats(self) -> list:
-        """[(name, RoutingStats)] for this layer and every routed layer inside it."""
-        found = [("", self.stats)] if self.stats is not None else []
+        """[(name, RoutingStats)] for this layer and every routed layer inside it.
+
+        Names are the children's keys joined by "." ("block0", "1", "layer2.moe");
+        a routed leaf reports itself as ""."""
+        own = self.own_routing_stats()
+        found = [("", own)] if own is not None else []
         for name, child in self.children().items():
             if isinstance(child, Layer):
                 found += [(f"{name}.{k}" if k else name, s) for k, s in child.routing_stats()]

@@ -1,8 +1,10 @@
-"""Models built from the layer pairs, as Modules (see module.py).
+"""Models built from the layer pairs, each a Layer (the protocol of layer.py).
 
-A model has `params` and `grads` (dicts name -> array, same keys),
-`forward(x) -> out` (which keeps what backward needs) and
-`backward(dout) -> dx` (which stores fresh gradients in `grads`).
+Every model has `params` and `grads` (dicts name -> array, same keys),
+`forward(x) -> y` (which keeps what backward needs), `backward(dy,
+aux_scale=1.0) -> dx` (which stores fresh gradients in `grads`), `aux` and
+`routing_stats()`. The containers (Sequential, ResidualNet) get `aux` and
+`routing_stats()` from their children through the base class.
 
     MLP, Linear, Sequential      the small building blocks of chapters 1-4
     FFN                          a dense feed-forward block, shaped as one expert
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_np import layers
+from moe_np import layers, validate
 from moe_np.config import SparseConfig
 from moe_np.experts import expert_kind, init_experts
-from moe_np.module import Module
+from moe_np.layer import Layer
 from moe_np.sparse import SparseMoE
 
 
@@ -26,17 +28,17 @@ def he_init(rng, fan_in: int, shape, dtype=np.float64):
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
 
 
-class MLP(Module):
+class MLP(Layer):
     """Two-layer network: y = relu(x W1 + b1) W2 + b2.
 
     x: (N, D)  W1: (D, H)  b1: (H,)  W2: (H, V)  b2: (V,)  ->  y: (N, V)
     """
 
-    def __init__(self, d_in: int, hidden: int, d_out: int, seed: int = 0, dtype=np.float64):
-        super().__init__()
-        if min(d_in, hidden, d_out) < 1:
-            raise ValueError(f"MLP: widths must be >= 1, got {d_in}, {hidden}, {d_out}")
-        rng = np.random.default_rng(seed)
+    def __init__(self, d_in: int, hidden: int, d_out: int, *, seed: int = 0, dtype=np.float64):
+        super().__init__(dtype)
+        validate.sizes("MLP", d_in=d_in, hidden=hidden, d_out=d_out)
+        validate.integer("MLP", "seed", seed, minimum=0)
+        dtype, rng = self.dtype, np.random.default_rng(seed)
         self.params = {
             "w1": he_init(rng, d_in, (d_in, hidden), dtype),     # (D, H)
             "b1": np.zeros(hidden, dtype=dtype),                 # (H,)
@@ -44,7 +46,6 @@ class MLP(Module):
             "b2": np.zeros(d_out, dtype=dtype),                  # (V,)
         }
         self.init_grads()
-        self._cache = None
 
     def forward(self, x):
         p = self.params
@@ -52,9 +53,11 @@ class MLP(Module):
         h, c2 = layers.relu_forward(a)                       # (N, H)
         y, c3 = layers.linear_forward(h, p["w2"], p["b2"])   # (N, V)
         self._cache = (c1, c2, c3)
-        return y
+        return y                                             # (N, V)
 
-    def backward(self, dy):
+    def backward(self, dy, aux_scale: float = 1.0):
+        """dx (N, D); aux_scale is accepted by every layer (this one has no aux loss)."""
+        self.check_backward(dy)
         c1, c2, c3 = self._cache
         dh, dw2, db2 = layers.linear_backward(dy, c3)        # (N, H), (H, V), (V,)
         da = layers.relu_backward(dh, c2)                    # (N, H)
@@ -63,42 +66,55 @@ class MLP(Module):
         return dx
 
 
-class Linear(Module):
-    """y = x W + b as a module.   x: (N, D_in) -> y: (N, D_out)."""
+class Linear(Layer):
+    """y = x W + b as a layer.   x: (N, D_in) -> y: (N, D_out);  W ~ Normal(0, 1 / D_in)."""
 
-    def __init__(self, d_in: int, d_out: int, seed: int = 0, dtype=np.float64):
-        super().__init__()
-        if min(d_in, d_out) < 1:
-            raise ValueError(f"Linear: widths must be >= 1, got {d_in}, {d_out}")
-        rng = np.random.default_rng(seed)
+    def __init__(self, d_in: int, d_out: int, *, seed: int = 0, dtype=np.float64):
+        super().__init__(dtype)
+        validate.sizes("Linear", d_in=d_in, d_out=d_out)
+        validate.integer("Linear", "seed", seed, minimum=0)
+        dtype, rng = self.dtype, np.random.default_rng(seed)
         self.params = {"w": (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(dtype),
                        "b": np.zeros(d_out, dtype=dtype)}                # (D_in, D_out), (D_out,)
         self.init_grads()
-        self._cache = None
 
     def forward(self, x):
         y, self._cache = layers.linear_forward(x, self.params["w"], self.params["b"])
         return y                                                   # (N, D_out)
 
-    def backward(self, dy):
+    def backward(self, dy, aux_scale: float = 1.0):
+        """dx (N, D_in); aux_scale is accepted by every layer (this one has no aux loss)."""
+        self.check_backward(dy)
         dx, dw, db = layers.linear_backward(dy, self._cache)
         self.set_grads({"w": dw, "b": db})
         return dx
 
 
-class Sequential(Module):
-    """Modules applied in order; backward runs them in reverse.
+def _check_parts(owner: str, parts, dtype) -> None:
+    """Every part is a Layer of the container's dtype (a mix would fail only at the first forward)."""
+    for name, part in parts.items():
+        if not isinstance(part, Layer):
+            raise ValueError(f"{owner}: part {name} must be a Layer, got {type(part).__name__}")
+        if part.dtype != dtype:
+            raise ValueError(f"{owner}: part {name} ({type(part).__name__}) is {part.dtype} "
+                             f"but the container is {np.dtype(dtype)}")
+
+
+class Sequential(Layer):
+    """Layers applied in order; backward runs them in reverse.
 
     params and grads are flat dicts named "<index>.<name>", the very arrays
-    of each module, so an optimizer over `params` updates the modules;
-    train()/eval() reach every module.
+    of each layer, so an optimizer over `params` updates the layers;
+    train()/eval() reach every layer. Every layer has one dtype, the
+    container's; `aux` and `routing_stats()` come from the layers (names "0", "1", ...).
     """
 
     def __init__(self, *modules):
-        super().__init__()
         if not modules:
-            raise ValueError("Sequential: give at least one module")
+            raise ValueError("Sequential: give at least one layer")
+        super().__init__(getattr(modules[0], "dtype", np.float64))
         self.modules = modules
+        _check_parts("Sequential", self.children(), self.dtype)
         self.params = {f"{i}.{k}": v for i, m in enumerate(modules) for k, v in m.params.items()}
         self._collect_grads()
 
@@ -111,18 +127,17 @@ class Sequential(Module):
     def forward(self, x):
         for m in self.modules:
             x = m.forward(x)
+        self._cache = x.shape                        # the output's shape: backward checks dy against it
         return x
 
-    def backward(self, dy):
+    def backward(self, dy, aux_scale: float = 1.0):
+        """dx; aux_scale reaches every layer (a loss scaler's scale on the auxiliary losses)."""
+        self.check_backward(dy)
+        validate.shape("Sequential.backward", "dy", dy, self._cache)
         for m in reversed(self.modules):
-            dy = m.backward(dy)
+            dy = m.backward(dy, aux_scale=aux_scale)
         self._collect_grads()
         return dy
-
-    @property
-    def aux(self) -> float:
-        """The sum of the modules' auxiliary losses from the last forward."""
-        return float(sum(getattr(m, "aux", 0.0) for m in self.modules))
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +151,9 @@ def ffn_size(kind: str, d_model: int, d_hidden: int) -> int:
     return 3 * d_model * d_hidden
 
 
+DENSE_MATCHES = ("active", "total")
+
+
 def dense_width(config: SparseConfig, match: str) -> int:
     """Hidden width H' of a dense FFN with as many parameters as one sparse block.
 
@@ -144,8 +162,7 @@ def dense_width(config: SparseConfig, match: str) -> int:
     H' is the width whose ffn_size comes closest (the router counts, since
     every token runs it). Expert choice uses capacity_factor experts per token.
     """
-    if match not in ("active", "total"):
-        raise ValueError(f"dense_width: match must be 'active' or 'total', got {match!r}")
+    validate.one_of("dense_width", "match", match, DENSE_MATCHES)
     one = ffn_size(config.expert, config.d_model, config.d_hidden)
     router = config.d_model * config.num_experts * (2 if config.router == "noisy_topk" else 1)
     per_token = config.capacity_factor if config.router == "expert_choice" else config.k
@@ -156,7 +173,7 @@ def dense_width(config: SparseConfig, match: str) -> int:
     return max(1, int(round(width)))
 
 
-class FFN(Module):
+class FFN(Layer):
     """A dense feed-forward block: one expert of the same kind and initialisation.
 
         y = relu(x W1 + b1) W2 + b2   (mlp)   or   (silu(x Wg) * (x Wu)) Wd   (swiglu)
@@ -166,26 +183,29 @@ class FFN(Module):
     comparison with a sparse layer differs only in the routing.
     """
 
-    def __init__(self, d_model: int, d_hidden: int, expert: str = "mlp", seed: int = 0,
+    def __init__(self, d_model: int, d_hidden: int, expert: str = "mlp", *, seed: int = 0,
                  dtype=np.float64):
-        super().__init__()
-        self.kind, self.dtype = expert_kind(expert), np.dtype(dtype)
-        self.params = init_experts(expert, 1, d_model, d_hidden, np.random.default_rng(seed), dtype)
+        super().__init__(dtype)
+        validate.sizes("FFN", d_model=d_model, d_hidden=d_hidden)
+        validate.integer("FFN", "seed", seed, minimum=0)
+        self.kind = expert_kind(expert)
+        self.params = init_experts(expert, 1, d_model, d_hidden, np.random.default_rng(seed),
+                                   self.dtype)
         self.init_grads()
-        self._cache, self.aux, self.stats = None, 0.0, None
 
     def forward(self, x):
         y, self._cache = self.kind.forward(x, *(self.params[k] for k in self.kind.names))   # (1, N, D)
         return y[0]                                                       # (N, D)
 
     def backward(self, dy, aux_scale: float = 1.0):
-        """dx (N, D); aux_scale is accepted for a uniform block interface (no aux loss here)."""
+        """dx (N, D); aux_scale is accepted by every layer (this one has no aux loss)."""
+        self.check_backward(dy)
         dx, *grads = self.kind.backward(dy[None], self._cache)            # (N, D)
         self.set_grads(dict(zip(self.kind.names, grads)))
         return dx
 
 
-class ResidualNet(Module):
+class ResidualNet(Layer):
     """embed -> B residual blocks -> head, for classification (d_out = V) or regression.
 
         h_0 = x W_in + b_in;   h_b = h_{b-1} + f_b(h_{b-1});   y = h_B W_out + b_out
@@ -195,18 +215,20 @@ class ResidualNet(Module):
     state_dict() covers every parameter, buffer and RNG stream. `params` and
     `grads` are flat dicts "<child>.<name>" over the children's own arrays.
     After a forward, `aux` is the sum of the blocks' auxiliary losses and
-    `routing_stats()` the sparse blocks' RoutingStats (None for a dense block).
-    backward(dy, aux_scale) passes aux_scale to every block (a loss scaler's scale).
+    `routing_stats()` lists [("block<b>", RoutingStats)] of the routed blocks
+    (both from the base class). backward(dy, aux_scale) passes aux_scale to
+    every block (a loss scaler's scale). Every block has the net's dtype.
     """
 
-    def __init__(self, d_in: int, d_model: int, d_out: int, blocks, seed: int = 0,
+    def __init__(self, d_in: int, d_model: int, d_out: int, blocks, *, seed: int = 0,
                  dtype=np.float64):
-        super().__init__()
+        super().__init__(dtype)
         self.blocks = list(blocks)
         if not self.blocks:
             raise ValueError("ResidualNet: give at least one block")
-        self.embed = Linear(d_in, d_model, seed=seed, dtype=dtype)
-        self.head = Linear(d_model, d_out, seed=seed + 1, dtype=dtype)
+        self.embed = Linear(d_in, d_model, seed=seed, dtype=self.dtype)
+        self.head = Linear(d_model, d_out, seed=seed + 1, dtype=self.dtype)
+        _check_parts("ResidualNet", self.children(), self.dtype)
         self.params = {f"{n}.{k}": v for n, m in self.children().items() for k, v in m.params.items()}
         self._collect_grads()
 
@@ -222,24 +244,19 @@ class ResidualNet(Module):
         h = self.embed.forward(x)                                         # (N, D)
         for block in self.blocks:
             h = h + block.forward(h)                                      # (N, D)
-        return self.head.forward(h)                                       # (N, D_out)
+        y = self.head.forward(h)                                          # (N, D_out)
+        self._cache = y.shape                        # the output's shape: backward checks dy against it
+        return y
 
     def backward(self, dy, aux_scale: float = 1.0):
+        self.check_backward(dy)
+        validate.shape("ResidualNet.backward", "dy", dy, self._cache)
         dh = self.head.backward(dy)                                       # (N, D)
         for block in reversed(self.blocks):
             dh = dh + block.backward(dh, aux_scale=aux_scale)             # (N, D)
         dx = self.embed.backward(dh)                                      # (N, D_in)
         self._collect_grads()
         return dx
-
-    @property
-    def aux(self) -> float:
-        """Sum of the blocks' auxiliary losses from the last forward (coefficients applied)."""
-        return float(sum(b.aux for b in self.blocks))
-
-    def routing_stats(self) -> list:
-        """Each block's RoutingStats from the last forward (None for a dense block)."""
-        return [b.stats for b in self.blocks]
 
     def active_params(self) -> int:
         """Parameters one token uses: everything but the experts it was not routed to.
@@ -273,6 +290,5 @@ def dense_net(d_in: int, d_out: int, d_model: int, d_hidden: int, num_blocks: in
 
 
 def _block_seeds(fn: str, num_blocks: int, seed: int) -> list[int]:
-    if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"{fn}: num_blocks must be an integer >= 1, got {num_blocks!r}")
+    validate.integer(fn, "num_blocks", num_blocks)
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 2, num_blocks)]

@@ -325,10 +325,10 @@ def first_choices(model):
 
     def forward(points):
         if "points" not in seen or not np.array_equal(seen["points"], points):
-            model.forward(points.astype(model.embed.params["w"].dtype))
+            model.forward(points.astype(model.dtype))
             seen["points"] = points
             seen["winners"] = [s.logits.argmax(axis=1) if s.ids is None else s.ids[:, 0]
-                               for s in model.routing_stats()]                  # B x (P,)
+                               for _, s in model.routing_stats()]               # B x (P,)
         return seen["winners"]
 
     return lambda block: (lambda points: forward(points)[block])
@@ -353,7 +353,7 @@ def probe_figures(run: RunRecords, out: Path, probe_size: int = 256) -> list:
     model.forward(task.x_test[:probe_size])
     experts, blocks = run.config["experts"], len(model.blocks)
     fig, axes = plt.subplots(1, blocks, figsize=(4 * blocks, 4.2), squeeze=False)
-    for b, stats in enumerate(model.routing_stats()):
+    for b, (_, stats) in enumerate(model.routing_stats()):
         assignment_heatmap(axes[0, b], dense_weights(stats, experts), groups[:probe_size],
                            f"block {b}")
     fig.suptitle(f"Routing weights on {probe_size} test tokens, grouped by true "

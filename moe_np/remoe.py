@@ -44,7 +44,7 @@ from moe_np import validate
 from moe_np.dispatch import reference
 from moe_np.dispatch.plan import Plan
 from moe_np.experts import EXPERTS, expert_kind, init_experts
-from moe_np.module import Module
+from moe_np.layer import Layer, RoutingStats
 
 ALPHA = 1.2          # the controller's step factor (the paper's default)
 L1_INIT = 1e-8       # lambda_0 (the paper's default)
@@ -85,6 +85,7 @@ class ReMoEConfig:
 class ReMoECache(NamedTuple):
     x: np.ndarray              # (N, D)
     w_router: np.ndarray       # (D, E)
+    logits: np.ndarray         # (N, E) x W_router (for the routing statistics)
     weights: np.ndarray        # (N, E) relu(x W_router)
     active: np.ndarray         # (N, E) bool, weights > 0: the relu pattern
     plan: Plan                 # the active pairs, expert-contiguous (M rows)
@@ -143,13 +144,13 @@ def remoe_forward(x, params: dict, kind: str = "mlp", l1_coef: float = 0.0):
     w_router = params["w_router"]
     logits = x @ w_router                                              # (N, E)
     active = logits > 0                                                # (N, E) bool
-    weights = np.maximum(logits, 0, out=logits)                        # (N, E) in place
+    weights = np.maximum(logits, 0)                                    # (N, E)
     plan = active_plan(active)
     x_sorted, gather_cache = reference.gather_forward(x, plan)         # (M, D)
     y_sorted, experts_cache = reference.experts_forward(x_sorted, params, kind, plan)   # (M, D)
     y, combine_cache = reference.combine_forward(y_sorted, weights, plan)   # (N, D)
     aux = float(l1_coef) * float(weights.sum()) / len(x)
-    return (y, aux), ReMoECache(x, w_router, weights, active, plan, gather_cache, experts_cache,
+    return (y, aux), ReMoECache(x, w_router, logits, weights, active, plan, gather_cache, experts_cache,
                                 combine_cache, float(l1_coef))
 
 
@@ -203,29 +204,31 @@ def init_remoe_params(config: ReMoEConfig, rng, dtype=np.float64) -> dict:
                                                   config.d_model, config.d_hidden, rng, dtype)
 
 
-class ReMoE(Module):
+class ReMoE(Layer):
     """A ReMoE layer: forward(x) -> y, backward(dy, aux_scale) -> dx.
 
-    After a forward, `aux` is lambda * l1 (a float) and `stats` a ReMoEStats.
+    After a forward, `aux` is lambda * l1 (a float), `stats` a ReMoEStats and
+    `routing_stats()` a RoutingStats with ids None (a token uses any number
+    of experts), weights (N, E) and nothing dropped.
     The buffer `l1_coef` is lambda; in training mode every forward, after
     computing its aux with the current lambda, steps lambda by the controller
     rule using this forward's sparsity. Evaluation changes nothing.
     """
 
-    def __init__(self, config: ReMoEConfig, seed: int = 0, dtype=np.float64):
-        super().__init__()
+    def __init__(self, config: ReMoEConfig, *, seed: int = 0, dtype=np.float64):
+        super().__init__(dtype)
         if not isinstance(config, ReMoEConfig):
             raise ValueError(f"ReMoE: config must be a ReMoEConfig, got {type(config).__name__}")
-        self.config, self.dtype = config, np.dtype(dtype)
+        validate.integer("ReMoE", "seed", seed, minimum=0)
+        self.config = config
         self.params = init_remoe_params(config, np.random.default_rng(seed), self.dtype)
         self.init_grads()
         self.buffers["l1_coef"] = np.array(config.l1_init, dtype=self.dtype)   # () lambda
-        self._cache, self.aux, self.stats = None, 0.0, None
 
     def forward(self, x):
         """x (N, D) -> y (N, D)."""
         lam = float(self.buffers["l1_coef"])
-        (y, self.aux), self._cache = remoe_forward(x, self.params, self.config.expert, lam)
+        (y, self._aux), self._cache = remoe_forward(x, self.params, self.config.expert, lam)
         self.stats = remoe_stats(self._cache)
         if self.training:
             c = self.config
@@ -239,3 +242,10 @@ class ReMoE(Module):
         dx, grads = remoe_backward((dy, aux_scale), self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)
+
+    def own_routing_stats(self) -> RoutingStats | None:
+        """The last forward's routing as a RoutingStats: ids None, weights (N, E), no drops."""
+        if self._cache is None:
+            return None
+        c = self._cache
+        return RoutingStats(None, c.weights, c.plan.counts, 0, c.logits)

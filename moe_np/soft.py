@@ -33,7 +33,7 @@ import numpy as np
 
 from moe_np import functional, validate
 from moe_np.experts import EXPERTS, expert_kind, experts_selection, init_experts
-from moe_np.module import Module
+from moe_np.layer import Layer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,21 +144,22 @@ def init_soft_params(config: SoftMoEConfig, rng, dtype=np.float64) -> dict:
                                        rng, dtype)
 
 
-class SoftMoE(Module):
-    """A Soft MoE layer over one group of tokens: forward(x) -> y, backward(dy) -> dx.
+class SoftMoE(Layer):
+    """A Soft MoE layer over one group of tokens: forward(x) -> y, backward(dy, aux_scale) -> dx.
 
     No auxiliary loss (`aux` is 0.0) and no state: training and evaluation
-    compute the same thing. `stats` holds the last forward's SoftStats.
+    compute the same thing. `stats` holds the last forward's SoftStats; no
+    token is routed, so `routing_stats()` is empty.
     """
 
-    def __init__(self, config: SoftMoEConfig, seed: int = 0, dtype=np.float64):
-        super().__init__()
+    def __init__(self, config: SoftMoEConfig, *, seed: int = 0, dtype=np.float64):
+        super().__init__(dtype)
         if not isinstance(config, SoftMoEConfig):
             raise ValueError(f"SoftMoE: config must be a SoftMoEConfig, got {type(config).__name__}")
-        self.config, self.dtype = config, np.dtype(dtype)
+        validate.integer("SoftMoE", "seed", seed, minimum=0)
+        self.config = config
         self.params = init_soft_params(config, np.random.default_rng(seed), self.dtype)
         self.init_grads()
-        self._cache, self.aux, self.stats = None, 0.0, None
 
     def forward(self, x):
         """x (N, D), one group of tokens -> y (N, D)."""

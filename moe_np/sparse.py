@@ -5,7 +5,7 @@
     gather   x_disp = x in expert-contiguous rows                   (M, D)
     experts  y_disp[seg e] = f_e(x_disp[seg e])                     (M, D)
     combine  y = sum over a token's rows of weight * y_disp          (N, D)
-    shared   y += sum_s f_s(x), every token, weight 1               (N, D)
+    shared   y += sum_u f_u(x), every token, weight 1               (N, D)   U shared experts
     aux      a_bal * balance + a_z * z_loss + a_cv * CV^2 terms     scalar
 
 Forward returns (y, aux); backward takes (dy, daux) and returns (dx, grads).
@@ -24,7 +24,7 @@ from moe_np import balance, dispatch, functional, lowp, routers, validate
 from moe_np.config import SparseConfig
 from moe_np.dispatch.plan import sequence_capacity_eligible
 from moe_np.experts import expert_kind, experts_selection, init_experts, ragged_experts_forward
-from moe_np.module import Module
+from moe_np.layer import Layer, RoutingStats
 
 
 class SparseCache(NamedTuple):
@@ -40,15 +40,6 @@ class SparseCache(NamedTuple):
     shared_cache: tuple | None
     aux_cache: balance.AuxCache
     jitter: np.ndarray | None     # (N, D) the router's multiplicative input noise, or None
-
-
-class RoutingStats(NamedTuple):
-    """What one forward's routing did."""
-    ids: np.ndarray | None    # (N, K) chosen experts (None for expert choice)
-    weights: np.ndarray       # (N, K) routing weights ((E, C) for expert choice)
-    counts: np.ndarray        # (E,) kept assignments per expert
-    num_dropped: int          # assignments that found no slot
-    logits: np.ndarray        # (N, E) router logits
 
 
 def make_plan(route: routers.RouterOut, config: SparseConfig, strategy, rng=None,
@@ -87,12 +78,12 @@ class SharedCache(NamedTuple):
 
 
 def shared_experts_forward(x, params: dict, config: SparseConfig):
-    """sum_s f_s(x) over the shared experts, times sigmoid(x w_shared_gate) when gated
+    """sum_u f_u(x) over the U shared experts, times sigmoid(x w_shared_gate) when gated
     (Qwen2-MoE); None if there are none.   x (N, D) -> (N, D)."""
     if not config.num_shared:
         return None, None
     kind = expert_kind(config.expert)
-    y_each, cache = kind.forward(x, *(params["shared_" + k] for k in kind.names))   # (S, N, D)
+    y_each, cache = kind.forward(x, *(params["shared_" + k] for k in kind.names))   # (U, N, D)
     y_shared = y_each.sum(axis=0)                                      # (N, D)
     if not config.shared_gate:
         return y_shared, SharedCache(cache, x, y_shared, None)
@@ -109,7 +100,7 @@ def shared_experts_backward(dy, cache: SharedCache, params: dict, config: Sparse
         grads["w_shared_gate"] = cache.x.T @ dz                        # (D, 1)
         dx_gate = dz @ params["w_shared_gate"].T                       # (N, D)
         dy = cache.gate * dy                                           # (N, D)
-    dy_each = np.broadcast_to(dy, (config.num_shared,) + dy.shape)     # (S, N, D)
+    dy_each = np.broadcast_to(dy, (config.num_shared,) + dy.shape)     # (U, N, D)
     dx, *g = kind.backward(dy_each, cache.experts_cache)
     grads |= {"shared_" + k: v for k, v in zip(kind.names, g)}
     return (dx if dx_gate is None else dx + dx_gate), grads
@@ -226,8 +217,8 @@ def init_sparse_params(config: SparseConfig, rng, dtype=np.float64) -> dict:
     return params
 
 
-class SparseMoE(Module):
-    """A sparse MoE layer: forward(x) -> y, backward(dy) -> dx.
+class SparseMoE(Layer):
+    """A sparse MoE layer (the protocol of layer.py): forward(x) -> y, backward(dy, aux_scale) -> dx.
 
     After a forward, `aux` is its auxiliary loss (a float, coefficients
     applied) and `stats` its RoutingStats. backward(dy, aux_scale) adds the
@@ -237,17 +228,21 @@ class SparseMoE(Module):
     (a buffer) by DeepSeek-V3's loss-free rule; evaluation does neither.
     """
 
-    def __init__(self, config: SparseConfig, seed: int = 0, dtype=np.float64):
-        super().__init__()
+    def __init__(self, config: SparseConfig, *, seed: int = 0, dtype=np.float64):
+        super().__init__(dtype)
         if not isinstance(config, SparseConfig):
             raise ValueError(f"SparseMoE: config must be a SparseConfig, got {type(config).__name__}")
-        self.config, self.dtype = config, np.dtype(dtype)
+        validate.integer("SparseMoE", "seed", seed, minimum=0)
+        if config.precision.compute != "fp32" and self.dtype != np.float32:
+            raise ValueError(f"SparseMoE: config.precision.compute={config.precision.compute!r} "
+                             f"simulates low precision on float32 arrays, but dtype={self.dtype}; "
+                             f"build the layer with dtype=np.float32 or use compute='fp32'")
+        self.config = config
         self.params = init_sparse_params(config, np.random.default_rng(seed), self.dtype)
         self.init_grads()
         if config.router == "sigmoid_bias":
             self.buffers["selection_bias"] = np.zeros(config.num_experts, dtype=self.dtype)   # (E,)
         self.rngs["routing"] = np.random.default_rng(seed + 1)
-        self._cache, self.aux, self.stats = None, 0.0, None
 
     def _draws(self, num_tokens: int):
         """Router noise (noisy_topk), the random drop order's seed and the router jitter:
@@ -266,7 +261,7 @@ class SparseMoE(Module):
     def forward(self, x, mask=None):
         """x (N, D) -> y (N, D); mask (N,) bool marks real tokens (None: all)."""
         noise, drop_seed, jitter = self._draws(len(x))
-        (y, self.aux), self._cache = sparse_moe_forward(
+        (y, self._aux), self._cache = sparse_moe_forward(
             x, self.params, self.config, bias=self.buffers.get("selection_bias"), noise=noise,
             rng=drop_seed, jitter=jitter, mask=mask)
         self.stats = routing_stats(self._cache)

@@ -1,8 +1,16 @@
 """Argument checks for the API boundary: clear ValueErrors before any work.
 
-Every public forward function validates its inputs here, so a reader sees
-`linear_forward: x has D=5 but w has D=4` instead of a broadcasting error
-raised from deep inside NumPy.
+Every public function and config validates its inputs here, so a reader
+sees `linear_forward: x has D=5 but w has D=4` instead of a broadcasting
+error raised from deep inside NumPy. Each check raises ValueError naming
+the function (or config), the argument and the value it got:
+
+    one_of       a name from a registry       integer      an int >= a minimum
+    sizes        integers >= 1 (by keyword)
+    positive     > 0                          non_negative >= 0
+    probability  in [0, 1)                    float_dtype  a floating-point dtype
+    ndim, shape, same_shape, finite           arrays
+    top_k        1 <= k <= num_experts
 """
 from __future__ import annotations
 
@@ -28,6 +36,41 @@ def same_shape(fn: str, name_a: str, a, name_b: str, b) -> None:
                          f"{name_b} has shape {np.shape(b)}")
 
 
+def one_of(fn: str, name: str, value, allowed) -> None:
+    """Require value in allowed (a registry's keys or a tuple of names)."""
+    if value not in allowed:
+        raise ValueError(f"{fn}: {name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def integer(fn: str, name: str, value, minimum: int = 1) -> None:
+    """Require an integer (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def sizes(fn: str, **values) -> None:
+    """Require every keyword to be an integer >= 1 (widths, counts of experts or slots)."""
+    for name, value in values.items():
+        integer(fn, name, value)
+
+
+def non_negative(fn: str, name: str, value: float) -> None:
+    """Require value >= 0 (NaN fails)."""
+    if not value >= 0:
+        raise ValueError(f"{fn}: {name} must be >= 0, got {value}")
+
+
+def float_dtype(fn: str, dtype) -> np.dtype:
+    """Require a floating-point dtype; -> np.dtype(dtype)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"{fn}: dtype must be a floating-point dtype, got {dtype!r}") from None
+    if not np.issubdtype(dt, np.floating):
+        raise ValueError(f"{fn}: dtype must be a floating-point dtype, got {dt}")
+    return dt
+
+
 def probability(fn: str, name: str, p: float) -> None:
     """Require 0 <= p < 1 (a dropout rate)."""
     if not (0.0 <= p < 1.0):
@@ -49,7 +92,6 @@ def finite(fn: str, name: str, a) -> None:
 
 def top_k(fn: str, k: int, num_experts: int) -> None:
     """Require 1 <= k <= num_experts."""
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"{fn}: k must be an integer >= 1, got k={k}")
+    integer(fn, "k", k)
     if k > num_experts:
         raise ValueError(f"{fn}: k={k} exceeds num_experts={num_experts}")

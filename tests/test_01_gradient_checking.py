@@ -266,7 +266,7 @@ def test_linear_names_the_mismatched_widths():
     (lambda: losses.cross_entropy_forward(np.zeros((2, 3)), np.array([0])), "labels must have shape"),
     (lambda: losses.mse_forward(np.zeros((2, 3)), np.zeros((3, 2))), "y has shape"),
     (lambda: SGD({}, lr=0.0), "lr must be > 0"),
-    (lambda: MLP(3, 0, 2), "widths must be >= 1"),
+    (lambda: MLP(3, 0, 2), "MLP: hidden must be an integer >= 1, got 0"),
 ])
 def test_bad_input_raises_a_named_value_error(call, message):
     with pytest.raises(ValueError, match=message):
