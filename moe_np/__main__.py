@@ -152,70 +152,83 @@ TRAIN_HELP = {
     "router": "how tokens choose experts (chapter 4)", "dispatch": "how rows move (chapter 5)",
     "precision": "the layers' compute format; float32 master weights",
     "loss_scale": "auto: dynamic for fp16, static 1 for bf16/fp8, none for fp32",
-    "steps": "training steps (also the schedule's length)", "seed": "init, routing and batches",
+    "steps": "training steps; with --resume, a larger N extends a finished or stopped run: "
+             "its schedule keeps its length and the extra steps train at lr/10",
+    "schedule_steps": "the warm-up + cosine's length; steps past it train at lr/10",
+    "seed": "init, routing and batches",
     "blocks": "residual blocks", "d_model": "D", "d_hidden": "H of each expert",
     "dense_match": "dense FFN width matches the MoE's active or total parameters",
-    "balance_coef": "balance loss (softmax routers)", "z_coef": "router z-loss",
+    "balance_coef": "balance loss (softmax routers; 0 with others)", "z_coef": "router z-loss",
     "bias_gamma": "loss-free bias step (router sigmoid_bias)", "lr": "peak learning rate",
     "warmup": "linear warm-up steps, then cosine to lr/10", "weight_decay": "AdamW's",
     "clip_norm": "global gradient-norm clip; 'none' to turn off",
     "log_every": "a progress line and a metrics record every N steps",
-    "checkpoint_every": "a checkpoint every N steps (and at the end, and on Ctrl-C)",
+    "checkpoint_every": "a checkpoint every N steps (and at the start, the end, and on Ctrl-C)",
 }
+TRAIN_NONE = {"capacity_factor": "none: dropless", "warmup": "min(100, steps // 10)",
+              "schedule_steps": "--steps"}
+
+
+def _default_text(name: str, value) -> str:
+    """'(default X)', saying where X comes from when it is a bare layer's default."""
+    from moe_np.config import LAYER_SETTINGS, RUN_OBJECTIVE
+    text = TRAIN_NONE.get(name, value) if value is None else value
+    if name in LAYER_SETTINGS:
+        return f"(default {text}, as SparseConfig)"
+    if name in RUN_OBJECTIVE:
+        return f"(default {text}; a bare SparseConfig has 0)"
+    return f"(default {text})"
 
 
 def _train_options(p) -> None:
     """One option per TrainConfig field (--capacity-factor for capacity_factor); unset
     options stay absent, so a resume can tell what the command line asked for."""
     from moe_np import config as cfg, data
-    from moe_np.train import LOSS_SCALES, PRECISIONS, TrainConfig
-    d = TrainConfig()
+    d = cfg.TrainConfig()
     choices = {"model": ("moe", "dense"), "task": data.TASKS, "router": cfg.ROUTER_KINDS,
-               "dispatch": cfg.DISPATCH_STRATEGIES, "precision": tuple(PRECISIONS),
-               "loss_scale": LOSS_SCALES,
+               "dispatch": cfg.DISPATCH_STRATEGIES, "precision": tuple(cfg.PRECISIONS),
+               "loss_scale": cfg.LOSS_SCALES,
                "expert": cfg.EXPERT_KINDS, "dense_match": ("active", "total")}
     kinds = {"seed": non_negative_int, "data_seed": non_negative_int, "warmup": non_negative_int,
              "capacity_factor": positive_float_or_none, "clip_norm": positive_float_or_none,
-             "lr": positive_float}
+             "lr": positive_float, "schedule_steps": positive_int}
     for name, value in d.to_dict().items():
         flag = "--" + name.replace("_", "-")
+        text = f"{TRAIN_HELP.get(name, '')} {_default_text(name, value)}".lstrip()
         if name in choices:
-            p.add_argument(flag, choices=choices[name], default=argparse.SUPPRESS,
-                           help=f"{TRAIN_HELP.get(name, '')} (default {value})".lstrip())
+            p.add_argument(flag, choices=choices[name], default=argparse.SUPPRESS, help=text)
             continue
         kind = kinds.get(name, positive_int if isinstance(value, int) else non_negative_float)
-        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
-                       help=f"{TRAIN_HELP.get(name, '')} (default {value})".lstrip())
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                       metavar=name.split("_")[-1].upper(), help=text)
 
 
 def train_config(args):
     """The TrainConfig a train command asks for: its options over the defaults, or, with
-    --resume, over the run's stored config (an option that contradicts it is an error)."""
+    --resume, over the run's stored config (only --steps may differ: it extends the run)."""
     from moe_np.checkpoint import read_run_config
-    from moe_np.train import TrainConfig, config_from_dict
+    from moe_np.config import TrainConfig
+    from moe_np.training import resume_config
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if not args.resume:
         return TrainConfig(**given)
-    stored = read_run_config(args.out)
-    for k, v in given.items():
-        if stored.get(k) != v:
-            raise ValueError(f"train --resume: {args.out} was run with --{k.replace('_', '-')} "
-                             f"{stored.get(k)}, this command gives {v}; a resumed run keeps its "
-                             f"configuration")
-    return config_from_dict(stored, f"{args.out}/config.json")
+    return resume_config(read_run_config(args.out), given, f"{args.out}/config.json")
 
 
 def cmd_train(args) -> int:
-    from moe_np.train import train_in_dir
+    from moe_np.training import resume_hint, train_in_dir
     config = train_config(args)
-    run = train_in_dir(config, args.out, resume=args.resume)
+    try:
+        run = train_in_dir(config, args.out, resume=args.resume)
+    except KeyboardInterrupt:                    # a second Ctrl-C: stopped mid-step
+        print(resume_hint(args.out, config, "killed"), file=sys.stderr)
+        return INTERRUPTED_EXIT
     t = run.trainer
     if t.history.interrupted:
-        print(f"interrupted at step {t.step} of {config.steps}; checkpoint saved in {args.out}; "
-              f"continue with: python -m moe_np train --out {args.out} --resume", file=sys.stderr)
+        print(resume_hint(args.out, config, "stopped"), file=sys.stderr)
         return INTERRUPTED_EXIT
     if not t.history.records:
-        print(f"nothing to do: the run in {args.out} is complete ({t.step} of {config.steps} steps)")
+        print(resume_hint(args.out, config, "complete"))
         return 0
     final = t.history.records[-1]
     score = " ".join(f"{k} {final[k]:.4f}" for k in ("test_accuracy", "test_loss") if k in final)
@@ -293,7 +306,9 @@ def build_parser(argv) -> Parser:
 
     p = sub.add_parser("train", help="train a model; progress, metrics and checkpoints in RUN_DIR")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run's directory")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in RUN_DIR; with a larger --steps, extend it (its "
+                        "schedule keeps its length, the extra steps train at lr/10)")
     _train_options(p)
     p.set_defaults(run=cmd_train)
 

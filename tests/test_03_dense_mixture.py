@@ -13,7 +13,7 @@ from moe_np.metrics import normalized_mutual_info, purity
 from moe_np.config import DenseConfig
 from moe_np.dense import DenseMoE, combine_forward, dense_moe_forward
 from moe_np.optim import Adam
-from moe_np.train import fit
+from moe_np.training import fit
 from moe_np.tutorial import chapter_path, code_blocks
 
 from conftest import assert_check_passes, checks_of

@@ -361,7 +361,7 @@ def test_shared_expert_gets_the_full_upstream_gradient_of_every_token(rng):
 def test_sparse_layer_trains_and_reports_drops(rng):
     from moe_np import data
     from moe_np.optim import Adam
-    from moe_np.train import fit
+    from moe_np.training import fit
     x, y, _ = data.make_regions(800, seed=1)
     layer = SparseMoE(SparseConfig(d_model=2, num_experts=4, d_hidden=8, k=2, capacity_factor=1.25,
                                    balance_coef=0.01), seed=0)

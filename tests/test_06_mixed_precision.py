@@ -22,7 +22,7 @@ from moe_np import SparseConfig, SparseMoE, balance, bench, losses, lowp
 from moe_np.config import PrecisionConfig
 from moe_np.models import moe_net
 from moe_np.optim import AdamW
-from moe_np.train import Trainer
+from moe_np.training import Trainer
 from moe_np.precision import (FORMATS, block_scales, dequantize, dequantize_blocks, dequantize_mx,
                               dequantize_tiles, int8_matmul, lp_matmul, quantize, quantize_blocks,
                               quantize_int8_per_channel, quantize_mx, quantize_tiles, round_to,

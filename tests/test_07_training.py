@@ -20,8 +20,8 @@ from moe_np.gradcheck import finite_difference, rel_error
 from moe_np.models import dense_net, dense_width, moe_net
 from moe_np.optim import SGD, Adam, AdamW, WarmupCosine, clip_grad_norm
 from moe_np.sparse import sparse_moe_selection
-from moe_np.train import Progress, Trainer, TrainConfig, build_run, start_run, train_in_dir, \
-    train_quietly
+from moe_np.config import TrainConfig
+from moe_np.training import Progress, Trainer, build_run, start_run, train_in_dir, train_quietly
 
 TINY = dict(steps=24, data_size=400, batch_size=32, d_model=8, d_hidden=8, experts=4, k=2,
             warmup=4, log_every=6, checkpoint_every=10)
@@ -142,7 +142,8 @@ def test_models_cover_their_state_and_match_parameters():
     x = np.random.default_rng(0).standard_normal((10, 2)).astype(np.float32)
     moe.forward(x)
     assert moe.aux == pytest.approx(sum(b.aux for b in moe.blocks))
-    assert [s.counts.shape for s in moe.routing_stats()] == [(4,), (4,)]
+    assert [(name, s.counts.shape) for name, s in moe.routing_stats()] == [("block0", (4,)),
+                                                                         ("block1", (4,))]
     for match in ("active", "total"):
         dense = dense_net(2, 3, 8, dense_width(config, match), num_blocks=2)
         target = moe.active_params() if match == "active" else moe.num_params()
@@ -256,7 +257,7 @@ def test_same_seed_same_metrics():
 def test_routing_summary_by_hand():
     """N=4 tokens, K=2, E=4: 8 assignments choose experts 0,0,0,0,1,1,2,3 before capacity."""
     from moe_np.sparse import RoutingStats
-    from moe_np.train import routing_summary
+    from moe_np.training import routing_summary
     ids = np.array([[0, 1], [0, 2], [0, 1], [3, 0]])
     stats = RoutingStats(ids, np.full((4, 2), 0.5), counts=np.array([2, 2, 1, 1]), num_dropped=2,
                          logits=np.zeros((4, 4)))
@@ -448,7 +449,149 @@ def test_bench_that_fails_to_import_leaves_the_cli_working(monkeypatch, capsys):
 def test_demo_quick_runs(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "pass threshold 1e-7" in out and "ideal" in out and "dense baseline" in out
+    assert "pass: check_error < 1e-07" in out and "ideal" in out and "dense baseline" in out
+    assert out.index("MaxVio") == out.index("MaxVio = max_i load_i / mean(load) - 1")  # defined first
     last = out.strip().splitlines()[-1]
     assert str(tmp_path / "demo") in last and "chapter 7" in last
     assert (tmp_path / "demo" / "routing-map.png").exists()
+
+
+# -- one set of defaults, what is printed, short runs, extensions, interrupts ----------------
+
+def _help_text(capsys) -> str:
+    assert main(["train", "--out", "x", "--help"]) == 0
+    return " ".join(capsys.readouterr().out.split())               # argparse's wrapping undone
+
+
+def test_one_default_per_setting(capsys):
+    """The defaults table: SparseConfig, TrainConfig, `train --help` and the demo agree."""
+    from dataclasses import fields
+    from moe_np.config import LAYER_SETTINGS, RUN_OBJECTIVE, PrecisionConfig
+    from moe_np.demo import demo_config
+    layer = {f.name: f.default for f in fields(SparseConfig)} | {"precision": PrecisionConfig().compute}
+    train, text = TrainConfig(), _help_text(capsys)
+    for name in LAYER_SETTINGS:
+        assert getattr(train, name) == layer[name], name
+        shown = "none: dropless" if layer[name] is None else layer[name]
+        assert f"(default {shown}, as SparseConfig)" in text, name
+    for name, value in RUN_OBJECTIVE.items():                      # the run's own, said so
+        assert getattr(train, name) == value and layer[name] == 0.0
+        assert f"(default {value}; a bare SparseConfig has 0)" in text
+    assert train.dispatch == "numba" and train.capacity_factor is None
+    for quick in (True, False):                                    # the demo: fp16 on purpose
+        demo = demo_config(quick)
+        for name in (*LAYER_SETTINGS, *RUN_OBJECTIVE, "warmup"):
+            assert getattr(demo, name) == getattr(train, name) or name == "precision", name
+
+
+def test_a_20_step_run_works_and_an_explicit_warmup_past_it_does_not(tmp_path, capsys):
+    assert TrainConfig(steps=20).warmup_steps == 2 and TrainConfig().warmup_steps == 100
+    assert main(["train", "--steps", "20", "--out", str(tmp_path / "short")]) == 0
+    out = capsys.readouterr().out
+    assert "warm-up 2 steps" in out and "step 20/20" in out
+    assert main(["train", "--steps", "20", "--warmup", "30", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: TrainConfig: warmup=30 exceeds the schedule's 20 steps"
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_bias"])
+def test_the_printed_settings_are_the_applied_ones(router):
+    """A non-softmax router takes no balance loss: the line says 0, as the layers apply."""
+    import re
+    from moe_np.training import describe_run
+    run = build_run(TrainConfig(router=router, balance_coef=0.05, **TINY))
+    text = describe_run(run)
+    for block in run.model.blocks:
+        c = block.config
+        printed = re.search(r"balance (\S+?),? .*z (\S+?);", text)
+        assert float(printed[1]) == c.balance_coef and float(printed[2]) == c.z_coef
+        assert f"dispatch {c.dispatch}" in text and f"top-{c.k}" in text
+    assert ("0.05 is not applied" in text) == (router == "sigmoid_bias")
+    assert f"warm-up {TINY['warmup']} steps" in text
+
+
+def test_fp16_reaches_the_layers():
+    """--precision fp16 rounds inside the layers, not only through the loss scaler."""
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 2)).astype(np.float32)     # (N, D_in)
+    outs = {}
+    for precision in ("fp32", "fp16"):
+        run = build_run(TrainConfig(precision=precision, loss_scale="none", **TINY))
+        outs[precision] = run.model.forward(x)                                 # (N, V)
+        assert all(b.config.precision.compute == precision for b in run.model.blocks)
+    diff = np.abs(outs["fp16"] - outs["fp32"]).max()
+    assert 1e-5 < diff < 1e-1, diff                         # rounded (fp16: 2^-11), not broken
+
+
+def test_fit_trains_any_layer_through_the_protocol():
+    """fit(Sequential(...), scaler=LossScaler()): aux and routing reached by the protocol."""
+    from moe_np.models import Linear, Sequential
+    from moe_np.scaling import LossScaler
+    from moe_np.sparse import SparseMoE
+    from moe_np.training import fit
+    from moe_np import losses
+    config = SparseConfig(d_model=8, num_experts=4, d_hidden=8, k=2, balance_coef=0.01)
+    model = Sequential(Linear(2, 8, seed=0), SparseMoE(config, seed=1), Linear(8, 3, seed=2))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 2)), rng.integers(0, 3, 64)                # (N, 2), (N,)
+    before = {k: v.copy() for k, v in model.params.items()}
+    history = fit(model, x, y, losses.cross_entropy_forward, losses.cross_entropy_backward,
+                  AdamW(model.params, lr=1e-2), steps=5, batch_size=16, log_every=2, log=None,
+                  scaler=LossScaler(init_scale=2.0**4))
+    assert len(history) == 5 and not params_equal(before, model.params)
+    assert [r["step"] for r in history.records] == [0, 2, 4]
+    assert all(r["aux"] > 0 and [b["block"] for b in r["routing"]] == ["1"] for r in history.records)
+
+
+def test_a_second_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, monkeypatch, capsys):
+    original = Progress.on_step
+
+    def press_ctrl_c_twice(self, trainer, record):
+        original(self, trainer, record)
+        if trainer.step == 13:                                  # checkpoints at 0 and 10
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "on_step", press_ctrl_c_twice)
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run_dir)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "second Ctrl-C" in err and "at step 10 of 24" in err, err
+    assert err.endswith(f"python -m moe_np train --out {run_dir} --resume") and "\n" not in err
+    monkeypatch.setattr(Progress, "on_step", original)
+    assert main(["train", "--out", str(run_dir), "--resume"]) == 0
+    assert "resuming at step 10 of 24" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_extended_at_the_floor_lr(tmp_path, capsys):
+    """--resume --steps 36 on a 24-step run: the schedule keeps its 24 steps, the rest at lr/10."""
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run_dir)]) == 0
+    assert main(["train", "--out", str(run_dir), "--resume"]) == 0
+    assert "--resume --steps N (N > 24" in capsys.readouterr().out   # how to go on, said
+    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "36"]) == 0
+    stored = json.loads((run_dir / "config.json").read_text())["config"]
+    assert stored["steps"] == 36 and stored["schedule_steps"] == 24
+    records = ckpt.read_jsonl(run_dir / ckpt.METRICS_FILE)
+    assert [r["step"] for r in records] == [0, 6, 12, 18, 23, 24, 30, 35]
+    lr = TrainConfig().lr
+    assert all(r["lr"] == pytest.approx(lr / 10) for r in records if r["step"] >= 24)
+    assert ckpt.read_checkpoint(run_dir / ckpt.CHECKPOINT_FILE)["trainer.step"] == 36
+    capsys.readouterr()
+    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "30"]) == 2
+    assert "can be extended, not shortened" in capsys.readouterr().err
+    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "40", "--lr", "0.1"]) == 2
+    assert "start a new run with another --out" in capsys.readouterr().err
+
+
+def test_the_demo_judges_checks_by_check_error(monkeypatch, capsys):
+    """A large rel_error on tiny entries passes (check_error decides, chapter 1); the worst
+    check shown is the worst by check_error."""
+    from moe_np import demo
+    from moe_np.gradcheck import CheckResult
+    rows = [CheckResult("tiny entries", "x", rel_error=1e-3, passed=True, check_error=1e-9),
+            CheckResult("closest call", "w", rel_error=1e-9, passed=True, check_error=5e-8)]
+    monkeypatch.setattr(demo, "run_checks", lambda **kw: rows)
+    assert demo.summarise_checks(quick=False)
+    out = capsys.readouterr().out
+    assert "0 failing" in out and "check_error 5.0e-08 (closest call wrt w)" in out, out
