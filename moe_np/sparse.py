@@ -22,7 +22,6 @@ import numpy as np
 
 from moe_np import balance, dispatch, functional, lowp, routers, validate
 from moe_np.config import SparseConfig
-from moe_np.dispatch.plan import sequence_capacity_eligible
 from moe_np.experts import expert_kind, experts_selection, init_experts, ragged_experts_forward
 from moe_np.layer import Layer, RoutingStats
 
@@ -62,11 +61,9 @@ def make_plan(route: routers.RouterOut, config: SparseConfig, strategy, rng=None
     if config.capacity_factor is not None:
         scope = config.seq_len if config.capacity_scope == "sequence" else active
         cap = dispatch.capacity(scope, e, k, config.capacity_factor, config.min_capacity)
-    if config.capacity_scope == "sequence":
-        eligible = sequence_capacity_eligible(route.ids, e, cap, order, config.seq_len, eligible)
-    extra = {} if eligible is None else {"eligible": eligible}
-    plan_cap = None if config.capacity_scope == "sequence" else cap
-    plan = strategy.plan_token_choice(route.ids, e, plan_cap, order, **extra)
+    seq_len = config.seq_len if config.capacity_scope == "sequence" else None
+    extra = {name: v for name, v in (("eligible", eligible), ("seq_len", seq_len)) if v is not None}
+    plan = strategy.plan_token_choice(route.ids, e, cap, order, **extra)
     return plan._replace(capacity=cap, num_dropped=active * k - len(plan.rows_token))
 
 
@@ -155,9 +152,17 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, nois
     if y_shared is not None:
         y += y_shared                                                  # (N, D)
     y = lowp.round_output(y, config.precision)                         # named step: the output
-    aux, aux_cache = balance.aux_forward(route, config, mask)
+    aux, aux_cache = _aux_forward(route, config, mask)
     return (y, aux), SparseCache(config, params, route, router_cache, plan, gather_cache, experts_cache,
                                  combine_cache, shared_cache, aux_cache, jitter)
+
+
+def _aux_forward(route, config: SparseConfig, mask):
+    """The auxiliary loss over the real tokens; a batch with none has aux 0 and no gradient
+    (each loss is a mean over tokens, and a mean over no token is not a number)."""
+    if mask is not None and not mask.any():
+        return 0.0, balance.AuxCache(config, None, None, None, None, mask)
+    return balance.aux_forward(route, config, mask)
 
 
 def sparse_moe_backward(dout, cache: SparseCache):

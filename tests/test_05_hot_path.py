@@ -67,11 +67,55 @@ def test_plan_kernel_reproduces_the_spec():
         assert (got.capacity, got.num_dropped) == (want.capacity, want.num_dropped)
 
 
+def masks(rng, n, k):
+    """(eligible (N, K) bool or None, seq_len or None): no mask, a random token mask, an
+    assignment-level mask, every token masked, none masked; per-sequence capacity with and
+    without a mask, for every seq_len that splits the batch into 2 or more sequences."""
+    token = rng.random(n) < 0.6                                            # (N,) real tokens
+    cases = [(None, None), (np.repeat(token[:, None], k, axis=1), None),
+             (rng.random((n, k)) < 0.7, None), (np.zeros((n, k), bool), None),
+             (np.ones((n, k), bool), None)]
+    for seq_len in [s for s in range(1, n // 2 + 1) if n % s == 0][-2:]:
+        cases += [(None, seq_len), (np.repeat(token[:, None], k, axis=1), seq_len)]
+    return cases
+
+
+def masked_cases(seed=13):
+    """routing_cases with every mask and per-sequence capacity of `masks`."""
+    rng = np.random.default_rng(seed)
+    for ids, e, cap, order in list(routing_cases())[::3]:
+        for eligible, seq_len in masks(rng, *ids.shape):
+            if seq_len is None or cap is not None:
+                yield ids, e, cap, order, eligible, seq_len
+
+
+def test_masked_plans_cover_the_corners():
+    cases = list(masked_cases())
+    assert any(e is not None and not e.any() for _, _, _, _, e, _ in cases)          # all masked
+    assert any(s is not None and len(ids) // s > 1 and spec.plan_token_choice(
+        ids, ne, cap, o, e, s).num_dropped > 0 for ids, ne, cap, o, e, s in cases)    # B > 1, drops
+
+
+def test_plan_kernel_reproduces_the_spec_with_masks():
+    """Padding masks and per-sequence capacity run in the kernel and give the spec's plan."""
+    for ids, e, cap, order, eligible, seq_len in masked_cases():
+        want = spec.plan_token_choice(ids, e, cap, order, eligible, seq_len)
+        got = jit.plan_token_choice(ids, e, cap, order, eligible, seq_len)
+        for name in ("rows_token", "rows_weight", "offsets", "token_rows"):
+            assert np.array_equal(getattr(want, name), getattr(got, name)), (name, ids.shape, cap, seq_len)
+        assert (got.capacity, got.num_dropped) == (want.capacity, want.num_dropped)
+        if eligible is not None:
+            assert np.all(got.token_rows[~eligible] == -1)                 # masked: no row at all
+
+
 def all_plans(seed=6):
-    """(plan, weights shape): every token-choice case, (N, K) weights, then expert-choice
-    plans, (E, C) weights, whose token_rows is (N, E): a token may own up to E rows."""
+    """(plan, weights shape): every token-choice case, (N, K) weights, masked and per-sequence
+    plans among them, then expert-choice plans, (E, C) weights, whose token_rows is (N, E):
+    a token may own up to E rows."""
     for ids, e, cap, order in routing_cases():
         yield spec.plan_token_choice(ids, e, cap, order), ids.shape
+    for ids, e, cap, order, eligible, seq_len in list(masked_cases())[::4]:
+        yield spec.plan_token_choice(ids, e, cap, order, eligible, seq_len), ids.shape
     rng = np.random.default_rng(seed)
     for n, e, c in [(1, 3, 1), (9, 4, 3), (20, 2, 20)]:
         yield spec.plan_expert_choice(np.stack([rng.permutation(n)[:c] for _ in range(e)]), n), (e, c)
@@ -164,6 +208,96 @@ def test_three_strategies_agree_through_the_layer(router):
         assert np.array_equal(stats.counts, ref[3].counts) and stats.num_dropped == ref[3].num_dropped
     if router != "expert_choice":                                      # a token owns <= K = 2 rows
         assert np.array_equal(out["numba"][0], ref[0])
+
+
+def run_layer(config, x, dy, mask, seed=3):
+    layer = SparseMoE(config, seed=seed, dtype=x.dtype)
+    y = layer.forward(x, mask=mask)
+    return y, layer.backward(dy), dict(layer.grads), layer.stats, layer.aux
+
+
+@pytest.mark.parametrize("scope,masked", [("sequence", False), ("sequence", True), ("batch", True)])
+def test_strategies_agree_with_masks_and_per_sequence_capacity(scope, masked):
+    """Three sequences of 8 tokens, C per sequence (an expert can hold up to 3C rows), with and
+    without padding: every strategy gives the reference's numbers, numba its very bits."""
+    rng = np.random.default_rng(14)
+    x, dy = rng.standard_normal((2, 24, 6))                           # (N, D) each, B=3 x 8
+    mask = (rng.random(24) < 0.7) if masked else None                  # (N,)
+    out = {}
+    for s in dispatch.STRATEGIES:
+        config = layer_config("softmax_topk", dispatch=s, capacity_factor=1.0, seq_len=8,
+                              capacity_scope=scope, balance_coef=0.01, min_capacity=1)
+        out[s] = run_layer(config, x, dy, mask)
+    ref = out["numpy"]
+    assert ref[3].num_dropped > 0 and ref[3].counts.max() > 1 * 2 * 8 // 4   # drops; > C rows
+    for s in ("numba", "einsum"):
+        y, dx, grads, stats, aux = out[s]
+        assert np.allclose(y, ref[0], rtol=1e-12, atol=1e-13), s
+        assert np.allclose(dx, ref[1], rtol=1e-11, atol=1e-13), s
+        assert all(np.allclose(grads[k], ref[2][k], rtol=1e-11, atol=1e-13) for k in ref[2]), s
+        assert np.array_equal(stats.counts, ref[3].counts) and stats.num_dropped == ref[3].num_dropped
+        assert aux == ref[4]
+    assert np.array_equal(out["numba"][0], ref[0])
+    if masked:
+        assert np.all(out["numba"][0][~mask] == 0)                     # padding: no routed output
+
+
+@pytest.mark.parametrize("strategy", dispatch.STRATEGIES)
+@pytest.mark.parametrize("router,changes", [
+    ("softmax_topk", dict(balance_coef=0.01, z_coef=0.001)),
+    ("softmax_topk", dict(capacity_scope="sequence", seq_len=4, balance_coef=0.01)),
+    ("sigmoid_bias", dict(z_coef=0.001, bias_gamma=0.01))])
+def test_a_batch_without_real_tokens_gives_zeros(strategy, router, changes):
+    """Every token masked: output, aux and every gradient exactly 0, no NaN, no warning."""
+    config = layer_config(router, dispatch=strategy, num_shared=0, **changes)
+    layer = SparseMoE(config, seed=2)
+    x, dy = np.random.default_rng(15).standard_normal((2, 8, 6))      # (N, D) each
+    with np.errstate(all="raise"):
+        y = layer.forward(x, mask=np.zeros(8, bool))
+        dx = layer.backward(dy)
+    assert np.all(y == 0) and layer.aux == 0.0 and np.all(dx == 0)
+    assert all(np.all(g == 0) for g in layer.grads.values())
+    assert layer.stats.num_dropped == 0 and np.all(layer.stats.counts == 0)
+    assert all(np.all(np.isfinite(b)) for b in layer.buffers.values())
+
+
+@pytest.mark.parametrize("mask,match", [
+    (np.ones(7, bool), r"sparse_moe_forward: mask must have shape \(8,\)"),
+    (np.ones(8, np.int64), "sparse_moe_forward: mask must be bool, got int64"),
+    (np.ones((8, 1), bool), r"sparse_moe_forward: mask must have shape \(8,\)")])
+def test_bad_masks_rejected_by_the_layer(mask, match):
+    layer = SparseMoE(layer_config("softmax_topk", dispatch="numba"), seed=0)
+    with pytest.raises(ValueError, match=match):
+        layer.forward(np.zeros((8, 6)), mask=mask)
+
+
+def test_bad_masks_rejected_before_the_plan_kernel():
+    ids = small_case()[0]                                              # (N=4, K=2)
+    for bad, match in [(np.ones((4, 1), bool), r"eligible must have shape \(4, 2\)"),
+                       (np.ones((4, 2), np.uint8), "eligible must be a bool array, got uint8"),
+                       ([[True, True]] * 4, "eligible must be a bool array, got list")]:
+        with pytest.raises(ValueError, match="plan_token_choice: " + match):
+            jit.plan_token_choice(ids, 3, 1, np.arange(4), eligible=bad)
+    for seq_len in (3, 0, 2.0):
+        with pytest.raises(ValueError, match="plan_token_choice: seq_len must be a positive integer"):
+            jit.plan_token_choice(ids, 3, 1, np.arange(4), seq_len=seq_len)
+
+
+def test_numba_strategy_runs_the_kernels(monkeypatch):
+    """A layer with dispatch="numba" calls every compiled kernel once per forward+backward,
+    masked or not: the fast path, not the NumPy reference under another name."""
+    calls = []
+    for name in ("plan_kernel", "gather_rows", "combine_rows", "combine_grad_rows", "sum_rows"):
+        kernel = getattr(kernels, name)
+        assert hasattr(kernel, "py_func") or os.environ.get("NUMBA_DISABLE_JIT") == "1"
+        monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    x, dy = np.random.default_rng(16).standard_normal((2, 16, 6))    # (N, D) each
+    for mask, changes in [(None, {}), (np.arange(16) % 3 > 0, {}),
+                          (None, dict(capacity_scope="sequence", seq_len=8))]:
+        calls.clear()
+        run_layer(layer_config("softmax_topk", dispatch="numba", **changes), x, dy, mask)
+        assert sorted(calls) == ["combine_grad_rows", "combine_rows", "gather_rows", "plan_kernel",
+                                 "sum_rows"], (mask, changes, calls)
 
 
 def test_float32_layer_strategies_agree():

@@ -4,7 +4,9 @@
 expert-order permutation). A *strategy* implements the data movement
 around the experts, behind one interface, chosen by `SparseConfig.dispatch`:
 
-    plan_token_choice(ids, num_experts, cap, order) -> Plan
+    plan_token_choice(ids, num_experts, cap, order, eligible=None, seq_len=None) -> Plan
+        eligible (N, K) bool: False leaves an assignment out (a padding token's);
+        seq_len: capacity counted per sequence of seq_len tokens (cap slots each)
     gather_forward(x, plan) -> x_disp, cache       gather_backward(dx_disp, cache) -> dx
     experts_forward(x_disp, params, kind, plan)    -> y_disp, cache
     experts_backward(dy_disp, cache)               -> dx_disp, grads

@@ -24,10 +24,10 @@ import numba
 import numpy as np
 
 from moe_np.dispatch import kernels
-from moe_np.dispatch.plan import plan_token_choice as reference_plan
 # the experts run on the same ragged layout as the reference strategy's
 from moe_np.dispatch.reference import experts_backward, experts_forward, experts_selection  # noqa: F401
-from moe_np.dispatch.plan import Plan, check_buffer, check_routing, check_weights
+from moe_np.dispatch.plan import Plan, check_buffer, check_eligible, check_routing, \
+    check_seq_len, check_weights
 
 LAYOUT = "ragged"
 DTYPES = (np.float32, np.float64)
@@ -114,21 +114,27 @@ def run_kernel(kernel, work: int, *args):
 
 # -- the strategy ------------------------------------------------------------------------
 
-def plan_token_choice(ids, num_experts: int, cap: int | None, order=None, eligible=None) -> Plan:
-    """The plan of plan.plan_token_choice, by one counting sort.   ids (N, K), order (N,).
-    With an eligibility mask (padding, capacity per sequence) the reference plan is used."""
-    if eligible is not None:
-        order = np.arange(len(ids)) if order is None else order
-        return reference_plan(ids, num_experts, cap, order, eligible)
+def plan_token_choice(ids, num_experts: int, cap: int | None, order=None, eligible=None,
+                      seq_len: int | None = None) -> Plan:
+    """The plan of plan.plan_token_choice, by one counting sort.   ids (N, K), order (N,),
+    eligible (N, K) bool or None (padding tokens' assignments claim nothing), seq_len:
+    capacity counted per sequence, or None. Masks and per-sequence capacity stay in the kernel."""
     check_routing("plan_token_choice", ids, num_experts, order)
     if cap is not None and (not isinstance(cap, (int, np.integer)) or cap < 0):
         raise ValueError(f"plan_token_choice: cap must be None or an integer >= 0, got {cap!r}")
+    n, k = ids.shape
+    if eligible is None:
+        eligible = np.ones((n, k), dtype=bool)                         # (N, K)
+    check_eligible("plan_token_choice", eligible, (n, k))
+    if seq_len is not None:
+        check_seq_len("plan_token_choice", seq_len, n)
     ids64 = np.ascontiguousarray(ids, dtype=np.int64)                  # (N, K)
-    order = np.arange(len(ids)) if order is None else order
+    order = np.arange(n) if order is None else order
     order64 = np.ascontiguousarray(order, dtype=np.int64)              # (N,)
     cap_arg = -1 if cap is None else int(cap)
     rows_token, rows_weight, offsets, token_rows, dropped = kernels.plan_kernel(
-        ids64, int(num_experts), cap_arg, order64)
+        ids64, int(num_experts), cap_arg, order64, np.ascontiguousarray(eligible),
+        int(seq_len or max(n, 1)))
     return Plan(rows_token, rows_weight, offsets, token_rows, cap, int(dropped))
 
 

@@ -35,30 +35,40 @@ from numba import njit, prange
 # -- the plan: one stable counting sort by expert id ---------------------------------
 
 @njit(cache=True)
-def plan_kernel(ids, num_experts, cap, order):
+def plan_kernel(ids, num_experts, cap, order, eligible, seq_len):
     """Plan arrays for token-choice routing, exactly as plan.plan_token_choice builds them.
 
-    ids (N, K) int64, order (N,) int64 permutation, cap < 0 for dropless.
+    ids (N, K) int64, order (N,) int64 permutation, cap < 0 for dropless,
+    eligible (N, K) bool (False: a padding token's assignment, which claims
+    nothing), seq_len: tokens per sequence, each sequence with its own cap
+    slots per expert (seq_len = N: one capacity for the whole batch).
     Pass 1 visits the assignments rank-major (tokens in `order` within a
-    rank) and hands expert e's j-th visitor slot j (dropped if j >= cap).
-    Pass 2 turns slots into rows: row = offsets[e] + slot.
-    -> rows_token (M,), rows_weight (M,), offsets (E+1,), token_rows (N, K), num_dropped.
-    The twin is plan.plan_token_choice (NumPy sorts, same arrays).
+    rank); the j-th eligible visitor of (sequence, expert) is kept if j < cap,
+    and a kept one takes the next slot of its expert. Pass 2 turns slots
+    into rows: row = offsets[e] + slot.
+    -> rows_token (M,), rows_weight (M,), offsets (E+1,), token_rows (N, K), num_dropped
+    (eligible assignments without a row). The twin is plan.plan_token_choice (NumPy sorts).
     """
     n, k = ids.shape
-    token_rows = np.empty((n, k), dtype=np.int64)      # (N, K) holds the slot until pass 2
-    seen = np.zeros(num_experts, dtype=np.int64)       # (E,) visitors so far per expert
+    token_rows = np.full((n, k), -1, dtype=np.int64)   # (N, K) holds the slot until pass 2
+    claimed = np.zeros((n // seq_len + 1) * num_experts, dtype=np.int64)   # (B*E,) visitors
+    seen = np.zeros(num_experts, dtype=np.int64)       # (E,) slots taken so far per expert
+    visitors = 0
     for r in range(k):                                 # every first choice before any second
         for i in range(n):
             t = order[i]                               # the drop policy's claiming order
-            e = ids[t, r]
-            slot = seen[e]
-            seen[e] = slot + 1
-            token_rows[t, r] = slot if (cap < 0 or slot < cap) else -1
+            if eligible[t, r]:
+                visitors += 1
+                e = ids[t, r]
+                v = (t // seq_len) * num_experts + e   # (sequence, expert): where capacity counts
+                j = claimed[v]
+                claimed[v] = j + 1
+                if cap < 0 or j < cap:
+                    token_rows[t, r] = seen[e]
+                    seen[e] += 1
     offsets = np.zeros(num_experts + 1, dtype=np.int64)   # (E+1,)
     for e in range(num_experts):
-        kept = seen[e] if cap < 0 else min(seen[e], cap)
-        offsets[e + 1] = offsets[e] + kept
+        offsets[e + 1] = offsets[e] + seen[e]
     m = offsets[num_experts]
     rows_token = np.empty(m, dtype=np.int64)           # (M,)
     rows_weight = np.empty(m, dtype=np.int64)          # (M,)
@@ -70,7 +80,7 @@ def plan_kernel(ids, num_experts, cap, order):
                 token_rows[t, r] = row
                 rows_token[row] = t
                 rows_weight[row] = t * k + r           # flat index into weights (N, K)
-    return rows_token, rows_weight, offsets, token_rows, n * k - m
+    return rows_token, rows_weight, offsets, token_rows, visitors - m
 
 
 # -- gather: rows into the expert-contiguous buffer ------------------------------------

@@ -22,7 +22,7 @@ multiplies them by exactly zero, so they change no output and, since their
 upstream gradient is exactly zero, no gradient. `experts_selection`
 reports the ReLU pattern of the real rows only, in the ragged buffer's row
 order, so it equals the other strategies' selection. For a dropless plan
-(capacity None) C is the largest count.
+(capacity None), or a capacity per sequence, C is the largest count.
 """
 from __future__ import annotations
 
@@ -63,11 +63,13 @@ class CombineCache(NamedTuple):
 
 
 def slots(plan: Plan) -> Slots:
-    """(token, expert, slot) of every ragged row; C = plan.capacity, or the largest count."""
+    """(token, expert, slot) of every ragged row. C is the plan's capacity, or the largest
+    count when that is larger: dropless, or a capacity counted per sequence (B sequences of
+    C slots each can fill B*C rows of one expert)."""
     counts = plan.counts                                               # (E,)
     expert = np.repeat(np.arange(len(counts)), counts)                 # (M,)
     slot = np.arange(len(expert)) - plan.offsets[expert]               # (M,)
-    cap = plan.capacity if plan.capacity is not None else int(counts.max(initial=0))
+    cap = max(plan.capacity or 0, int(counts.max(initial=0)))
     return Slots(plan.rows_token, expert, slot, int(cap))
 
 

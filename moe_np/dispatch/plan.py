@@ -9,7 +9,10 @@ and where each kept one sits in the expert-contiguous buffer:
        any second choice, and within a rank the tokens in `order`
        (drop policy: position, priority or random).
     2. Expert e's j-th visited assignment takes slot j if j < C, else it is
-       dropped (C = capacity; None means dropless).
+       dropped (C = capacity; None means dropless). Assignments marked not
+       eligible (padding tokens) are not visited at all. With a capacity per
+       sequence, j counts the visitors of (sequence, expert) instead, and a
+       kept assignment takes the next free slot of its expert.
     3. offsets = [0, cumsum(kept per expert)]; a kept assignment of expert e
        in slot j goes to row offsets[e] + j.
 
@@ -142,15 +145,31 @@ def plan_from_slots(slot, ids, counts, cap: int | None, num_eligible: int | None
                 int(eligible - flat.size))
 
 
-def plan_token_choice(ids, num_experts: int, cap: int | None, order, eligible=None) -> Plan:
+def plan_token_choice(ids, num_experts: int, cap: int | None, order, eligible=None,
+                      seq_len: int | None = None) -> Plan:
     """The reference plan for token-choice routing (validated).   ids (N, K), order (N,),
-    eligible (N, K) bool or None (every assignment takes part)."""
+    eligible (N, K) bool or None (every assignment takes part). seq_len: capacity counted
+    per sequence of seq_len tokens (each has its own cap slots per expert), or None (one
+    capacity for the batch). num_dropped counts the eligible assignments left without a row."""
     check_routing("plan_token_choice", ids, num_experts, order)
     if eligible is not None:
         check_eligible("plan_token_choice", eligible, ids.shape)
-    slot, counts = assign_slots(ids, num_experts, cap, order, eligible)   # (N, K), (E,)
     num_eligible = None if eligible is None else int(eligible.sum())
+    if seq_len is not None:
+        check_seq_len("plan_token_choice", seq_len, len(ids))
+        eligible = sequence_capacity_eligible(ids, num_experts, cap, order, seq_len, eligible)
+        plan = plan_token_choice(ids, num_experts, None, order, eligible)
+        dropped = (ids.size if num_eligible is None else num_eligible) - len(plan.rows_token)
+        return plan._replace(capacity=cap, num_dropped=dropped)
+    slot, counts = assign_slots(ids, num_experts, cap, order, eligible)   # (N, K), (E,)
     return plan_from_slots(slot, ids, counts, cap, num_eligible)
+
+
+def check_seq_len(fn: str, seq_len, num_tokens: int) -> None:
+    """seq_len: a positive integer that divides the number of tokens."""
+    if not isinstance(seq_len, (int, np.integer)) or seq_len < 1 or num_tokens % seq_len:
+        raise ValueError(f"{fn}: seq_len must be a positive integer dividing N={num_tokens}, "
+                         f"got {seq_len!r}")
 
 
 def check_eligible(fn: str, eligible, shape) -> None:
