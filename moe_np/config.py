@@ -14,38 +14,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe_np import validate
-from moe_np.routers import check_groups
+from moe_np.dispatch import POLICIES, STRATEGIES
+from moe_np.experts import EXPERTS
+from moe_np.gates import GATES
+from moe_np.routers import ROUTERS, check_groups
 
-EXPERT_KINDS = ("mlp", "swiglu")
-GATE_KINDS = ("softmax", "mlp", "per_dim")
-ROUTER_KINDS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax", "sigmoid_bias",
-                "noisy_topk", "expert_choice")
-SOFTMAX_ROUTERS = ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
-DROP_POLICIES = ("position", "priority", "random")
+# the kinds a config may name: read from the registries that implement them
+EXPERT_KINDS = tuple(EXPERTS)
+GATE_KINDS = tuple(GATES)
+ROUTER_KINDS = tuple(ROUTERS)
+SOFTMAX_ROUTERS = tuple(name for name, kind in ROUTERS.items() if kind.softmax)
+DROP_POLICIES = POLICIES
 BIAS_UPDATES = ("sign", "centred")
 CAPACITY_SCOPES = ("batch", "sequence")
 BALANCE_SCOPES = ("batch", "sequence")
-DISPATCH_STRATEGIES = ("numpy", "numba", "einsum")
+DISPATCH_STRATEGIES = STRATEGIES
 COMPUTE_FORMATS = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 ROUTER_PRECISIONS = ("fp32", "compute")
 FP8_SCALINGS = ("tensor", "tile", "mx")
 
 
-def _one_of(owner: str, name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{owner}: {name} must be one of {allowed}, got {value!r}")
-
-
-def _sizes(owner: str, **sizes) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+_one_of = validate.one_of
+_sizes = validate.sizes
 
 
 def _non_negative(owner: str, **values) -> None:
     for name, value in values.items():
-        if not value >= 0:
-            raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+        validate.non_negative(owner, name, value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,8 +133,7 @@ class SparseConfig:
         _one_of(own, "expert", self.expert, EXPERT_KINDS)
         _one_of(own, "drop_policy", self.drop_policy, DROP_POLICIES)
         _one_of(own, "dispatch", self.dispatch, DISPATCH_STRATEGIES)
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"{own}: k must be an integer >= 1, got k={self.k}")
+        validate.integer(own, "k", self.k)
         _non_negative(own, num_shared=self.num_shared, min_capacity=self.min_capacity,
                       balance_coef=self.balance_coef, z_coef=self.z_coef, cv_coef=self.cv_coef,
                       bias_gamma=self.bias_gamma)
@@ -219,8 +213,7 @@ class SparseConfig:
         if (self.shared_gate or self.d_hidden_shared is not None) and not self.num_shared:
             raise ValueError(f"{own}: shared_gate and d_hidden_shared need num_shared >= 1, "
                              f"got num_shared={self.num_shared}")
-        if not 0.0 <= self.jitter < 1.0:
-            raise ValueError(f"{own}: jitter must be in [0, 1), got {self.jitter}")
+        validate.probability(own, "jitter", self.jitter)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +228,7 @@ class LMConfig:
     d_model: int                          # D
     num_layers: int                       # decoder blocks
     num_heads: int                        # A, query heads
-    num_kv_heads: int                     # G, key/value heads (divides A)
+    num_kv_heads: int                     # P, key/value heads (divides A)
     context_length: int                   # longest sequence the model takes
     moe: SparseConfig | None = None       # the MoE blocks' layer; None: every block dense
     moe_every: int = 1                    # block i is MoE when (i + 1) % moe_every == 0
@@ -328,9 +321,9 @@ class TrainConfig:
     still skips a step whose gradients hold an inf or NaN. Parameters are
     float32 in every case: they are the master weights.
 
-    The learning rate warms up for `warmup` steps (None: min(100, L // 10)),
-    then follows a cosine to lr/10 at step L = schedule_steps (None: steps),
-    and stays there: a run extended past its schedule (`train --resume
+    The learning rate warms up for `warmup` steps (None: min(100, a tenth of
+    the schedule)), then follows a cosine to lr/10 at step schedule_steps
+    (None: steps), and stays there: a run extended past its schedule (`train --resume
     --steps` larger) trains the extra steps at lr/10.
     """
     model: str = "moe"                     # moe | dense
@@ -343,7 +336,7 @@ class TrainConfig:
     precision: str = PrecisionConfig().compute   # fp32 | fp16 | bf16 | fp8
     loss_scale: str = "auto"               # auto (by precision) | dynamic | static (1) | none
     steps: int = 1500
-    schedule_steps: int | None = None      # the cosine's length L; None: steps
+    schedule_steps: int | None = None      # the warm-up + cosine's length; None: steps
     seed: int = 0
     blocks: int = 2                        # residual blocks
     d_model: int = 32                      # D
@@ -410,12 +403,12 @@ class TrainConfig:
 
     @property
     def schedule_length(self) -> int:
-        """L: the steps the warm-up and cosine span (schedule_steps, else steps)."""
+        """The steps the warm-up and cosine span (schedule_steps, else steps)."""
         return self.steps if self.schedule_steps is None else self.schedule_steps
 
     @property
     def warmup_steps(self) -> int:
-        """The warm-up applied: `warmup`, or min(100, L // 10) when it is None."""
+        """The warm-up applied: `warmup`, or min(100, schedule_length // 10) when it is None."""
         return min(100, self.schedule_length // 10) if self.warmup is None else self.warmup
 
     def sparse_config(self) -> SparseConfig:
