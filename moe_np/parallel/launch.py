@@ -1,0 +1,80 @@
+"""Starting and stopping MPI programs: the one module that imports mpi4py.
+
+    mpi_available()            mpi4py importable and an mpiexec to start it with
+    INSTALL                    the command that installs both
+    world()                    MPI.COMM_WORLD (imports mpi4py)
+    stop_everyone_on_error     print an error once and end every rank (comm.Abort)
+    run_mpi(args, ranks)       `mpiexec -n ranks python args...` as a subprocess, with a timeout
+
+A rank that raises while the others wait inside a collective would leave
+them waiting forever. So a program runs under stop_everyone_on_error: an
+error that every rank raised alike (groups.AgreedError) is printed by rank
+0 and each rank exits with status 2; any other error is printed with its
+rank and comm.Abort ends the whole job within moments.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from moe_np.parallel.groups import AgreedError
+
+INSTALL = "python -m pip install -r requirements-mpi.txt   (or: pip install mpi4py mpich)"
+USAGE_EXIT = 2
+QUIET_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                 "NUMBA_NUM_THREADS": "1"}
+
+
+def mpiexec_path() -> str | None:
+    """mpiexec next to this Python (pip's mpich puts it there), else on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def mpi_available() -> bool:
+    return importlib.util.find_spec("mpi4py") is not None and mpiexec_path() is not None
+
+
+def world():
+    """The world communicator. Imports mpi4py (raises ImportError naming INSTALL if absent)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise ImportError(f"mpi4py is not installed: {INSTALL}") from err
+    return MPI.COMM_WORLD
+
+
+@contextlib.contextmanager
+def stop_everyone_on_error(comm):
+    """Run the body; on an error print one line and end every rank (see the module docstring)."""
+    try:
+        yield
+    except AgreedError as err:
+        if comm.Get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        raise SystemExit(USAGE_EXIT) from None
+    except Exception as err:    # noqa: BLE001 - any error on one rank must end all of them
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: rank {comm.Get_rank()} of {comm.Get_size()}: {message}; stopping every "
+              f"rank", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        comm.Abort(USAGE_EXIT)
+
+
+def run_mpi(args: list, ranks: int, timeout: float = 60.0, cwd=None, env=None):
+    """subprocess.run of `mpiexec -n ranks python *args` (one BLAS thread per rank, since ranks
+    share the cores); raises subprocess.TimeoutExpired after `timeout` seconds."""
+    exe = mpiexec_path()
+    if exe is None:
+        raise FileNotFoundError(f"mpiexec not found: {INSTALL}")
+    full_env = dict(os.environ) | QUIET_THREADS | (env or {})
+    root = str(Path(__file__).resolve().parents[2])
+    full_env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [full_env.get("PYTHONPATH")] if p])
+    return subprocess.run([exe, "-n", str(ranks), sys.executable, *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=full_env)
