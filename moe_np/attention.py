@@ -8,16 +8,16 @@ position embedding (RoPE) and causal self-attention with grouped-query heads.
     attention   q = rope(x Wq + bq), k = rope(x Wk + bk), v = x Wv + bv,  y = merge(attend) Wo
 
 Shape letters (README glossary): B sequences, T positions of this call, L key positions
-(T, or T plus the positions already in a KV cache), A query heads, G key/value heads
-(A/G query heads share one), F head width (D = A F), D model width, V vocabulary.
+(T, or T plus the positions already in a KV cache), A query heads, P key/value heads
+(A/P query heads share one), F head width (D = A F), D model width, V vocabulary.
 
 RoPE uses HF transformers' layout (rotate_half): dimension i of a head pairs with
 dimension i + F/2, both turned by the angle t theta^(-2i/F). That is the layout of
 Llama, Mixtral and Qwen2 checkpoints, so their q_proj / k_proj weights load unchanged;
 the original paper (and GPT-J) pair neighbours (2i, 2i+1) instead.
-Query head a reads key/value head a // (A/G), as HF's repeat_kv does; the keys and
-values are never copied A/G times: the A/G query heads of a group are stacked into
-one (A/G T, F) matrix and multiply their group's keys in one GEMM.
+Query head a reads key/value head a // (A/P), as HF's repeat_kv does; the keys and
+values are never copied A/P times: the A/P query heads of a group are stacked into
+one (A/P T, F) matrix and multiply their group's keys in one GEMM.
 """
 from __future__ import annotations
 
@@ -150,42 +150,43 @@ def causal_mask(num_queries: int, num_keys: int) -> np.ndarray:
 
 
 class AttendCache(NamedTuple):
-    q: np.ndarray         # (B, G, A/G T, F) queries, the A/G heads of a group stacked
-    k: np.ndarray         # (B, G, L, F)
-    v: np.ndarray         # (B, G, L, F)
-    p: np.ndarray         # (B, G, A/G T, L) attention probabilities (0 where masked)
-    scale: float          # 1 / sqrt(F)
+    q: np.ndarray         # (B, P, A/P T, F) queries, the A/P heads of a group stacked
+    k: np.ndarray         # (B, P, L, F)
+    v: np.ndarray         # (B, P, L, F)
+    p: np.ndarray         # (B, P, A/P T, L) attention probabilities (0 where masked)
+    temperature: float    # sqrt(F): scores are q k^T / sqrt(F)
 
 
 def attend_forward(q, k, v):
-    """o = softmax(q k^T / sqrt(F) + mask) v, causal; query head a reads kv head a // (A/G).
+    """o = softmax(q k^T / sqrt(F) + mask) v, causal; query head a reads kv head a // (A/P).
 
-    q (B, A, T, F), k, v (B, G, L, F), L >= T (the last T keys are the queries' own
-    positions) -> o (B, A, T, F).  Masked scores are -inf, so their probability is 0."""
+    q (B, A, T, F), k, v (B, P, L, F), L >= T (the last T keys are the queries' own
+    positions) -> o (B, A, T, F). Masked scores are -inf, so their probability is 0.
+    The 1/sqrt(F) is the softmax's temperature sqrt(F), applied in the same pass."""
     b, a, t, f = q.shape
     g, length = k.shape[1], k.shape[2]
     if a % g or k.shape != (b, g, length, f) or v.shape != k.shape:
-        raise ValueError(f"attend_forward: q {q.shape} needs k and v (B, G, L, F) with G dividing "
+        raise ValueError(f"attend_forward: q {q.shape} needs k and v (B, P, L, F) with P dividing "
                          f"A={a}, got k {k.shape}, v {v.shape}")
-    scale = float(f) ** -0.5                                       # a Python float: keeps the dtype
-    qg = q.reshape(b, g, (a // g) * t, f)                          # (B, G, A/G T, F)
-    s = (qg @ np.swapaxes(k, -1, -2)) * scale                      # (B, G, A/G T, L)
-    s5 = s.reshape(b, g, a // g, t, length)                        # (B, G, A/G, T, L), a view
-    s5[..., ~causal_mask(t, length)] = -np.inf
-    p, _ = functional.softmax_forward(s)                           # (B, G, A/G T, L)
-    o = p @ v                                                      # (B, G, A/G T, F)
-    return o.reshape(b, a, t, f), AttendCache(qg, k, v, p, scale)
+    temperature = float(f) ** 0.5                                  # a Python float: keeps the dtype
+    qg = q.reshape(b, g, (a // g) * t, f)                          # (B, P, A/P T, F)
+    s = qg @ np.swapaxes(k, -1, -2)                                # (B, P, A/P T, L)
+    s5 = s.reshape(b, g, a // g, t, length)                        # (B, P, A/P, T, L), a view
+    s5 += np.where(causal_mask(t, length), 0.0, -np.inf).astype(s.dtype)   # (T, L) broadcast
+    p, _ = functional.softmax_forward(s, temperature=temperature)  # (B, P, A/P T, L)
+    o = p @ v                                                      # (B, P, A/P T, F)
+    return o.reshape(b, a, t, f), AttendCache(qg, k, v, p, temperature)
 
 
 def attend_backward(do, cache: AttendCache):
-    """-> dq (B, A, T, F), dk (B, G, L, F), dv (B, G, L, F); a group's heads' dk, dv add up."""
-    qg, k, v, p, scale = cache
-    dog = do.reshape(qg.shape)                                     # (B, G, A/G T, F)
-    dv = np.swapaxes(p, -1, -2) @ dog                              # (B, G, L, F)
-    dp = dog @ np.swapaxes(v, -1, -2)                              # (B, G, A/G T, L)
-    ds = functional.softmax_backward(dp, (p, -1, 1.0)) * scale     # (B, G, A/G T, L)
-    dq = ds @ k                                                    # (B, G, A/G T, F)
-    dk = np.swapaxes(ds, -1, -2) @ qg                              # (B, G, L, F)
+    """-> dq (B, A, T, F), dk (B, P, L, F), dv (B, P, L, F); a group's heads' dk, dv add up."""
+    qg, k, v, p, temperature = cache
+    dog = do.reshape(qg.shape)                                     # (B, P, A/P T, F)
+    dv = np.swapaxes(p, -1, -2) @ dog                              # (B, P, L, F)
+    dp = dog @ np.swapaxes(v, -1, -2)                              # (B, P, A/P T, L)
+    ds = functional.softmax_backward(dp, (p, -1, temperature))     # (B, P, A/P T, L), / sqrt(F)
+    dq = ds @ k                                                    # (B, P, A/P T, F)
+    dk = np.swapaxes(ds, -1, -2) @ qg                              # (B, P, L, F)
     return dq.reshape(do.shape), dk, dv
 
 
@@ -193,7 +194,7 @@ def attend_backward(do, cache: AttendCache):
 
 class AttentionCache(NamedTuple):
     x: np.ndarray         # (B, T, D) the input
-    ctx: np.ndarray       # (B, T, A F) the heads' outputs side by side (Wo's input)
+    ctx: np.ndarray       # (B T, A F) the heads' outputs side by side (Wo's input)
     attend: AttendCache
     rope: tuple           # (cos, sin), each (T, F/2)
     num_heads: int        # A
@@ -201,11 +202,12 @@ class AttentionCache(NamedTuple):
 
 
 def _project(x, params: dict, num_heads: int, num_kv_heads: int):
-    """q (B, A, T, F), k, v (B, G, T, F) = x Wq + bq, x Wk + bk, x Wv + bv, split into heads."""
-    b, t, _ = x.shape
+    """q (B, A, T, F), k, v (B, P, T, F) = x Wq + bq, x Wk + bk, x Wv + bv, split into heads."""
+    b, t, d = x.shape
+    x2 = x.reshape(b * t, d)                                       # (B T, D): one 2-D GEMM each
     out = []
     for name, heads in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads)):
-        z = x @ params["w" + name]                                 # (B, T, heads F)
+        z = x2 @ params["w" + name]                                # (B T, heads F)
         if "b" + name in params:
             z += params["b" + name]
         out.append(z.reshape(b, t, heads, -1).transpose(0, 2, 1, 3))   # (B, heads, T, F)
@@ -232,17 +234,17 @@ def check_heads(fn: str, params: dict, d_model: int, num_heads: int, num_kv_head
 def attention_forward(x, params: dict, num_heads: int, num_kv_heads: int, cos, sin):
     """y = attend(rope(q), rope(k), v) Wo, causal.   x (B, T, D), cos/sin (T, F/2) -> y (B, T, D).
 
-    params: wq (D, A F), wk, wv (D, G F), wo (A F, D), and with a qkv bias bq (A F,),
-    bk, bv (G F,). Without a KV cache the keys are the queries' own positions (L = T)."""
+    params: wq (D, A F), wk, wv (D, P F), wo (A F, D), and with a qkv bias bq (A F,),
+    bk, bv (P F,). Without a KV cache the keys are the queries' own positions (L = T)."""
     validate.ndim("attention_forward", "x", x, 3)
     b, t, d = x.shape
     check_heads("attention_forward", params, d, num_heads, num_kv_heads)
-    q, k, v = _project(x, params, num_heads, num_kv_heads)          # (B, A, T, F), (B, G, T, F) x2
+    q, k, v = _project(x, params, num_heads, num_kv_heads)          # (B, A, T, F), (B, P, T, F) x2
     q, rope_cache = rope_forward(q, cos, sin)                      # (B, A, T, F)
-    k, _ = rope_forward(k, cos, sin)                               # (B, G, T, F)
+    k, _ = rope_forward(k, cos, sin)                               # (B, P, T, F)
     o, attend_cache = attend_forward(q, k, v)                      # (B, A, T, F)
-    ctx = o.transpose(0, 2, 1, 3).reshape(b, t, -1)                # (B, T, A F)
-    y = ctx @ params["wo"]                                         # (B, T, D)
+    ctx = o.transpose(0, 2, 1, 3).reshape(b * t, -1)               # (B T, A F)
+    y = (ctx @ params["wo"]).reshape(b, t, d)                      # (B, T, D)
     return y, AttentionCache(x, ctx, attend_cache, rope_cache, num_heads, "bq" in params)
 
 
@@ -250,10 +252,11 @@ def attention_backward(dy, cache: AttentionCache, params: dict):
     """-> dx (B, T, D), grads {wq, wk, wv, wo[, bq, bk, bv]}."""
     x, ctx, attend_cache, rope_cache, a, has_bias = cache
     b, t, d = x.shape
-    grads = {"wo": ctx.reshape(b * t, -1).T @ dy.reshape(b * t, d)}   # (A F, D)
-    dctx = dy @ params["wo"].T                                     # (B, T, A F)
+    dy2 = dy.reshape(b * t, d)                                     # (B T, D)
+    grads = {"wo": ctx.T @ dy2}                                    # (A F, D)
+    dctx = dy2 @ params["wo"].T                                    # (B T, A F)
     do = dctx.reshape(b, t, a, -1).transpose(0, 2, 1, 3)           # (B, A, T, F)
-    dq, dk, dv = attend_backward(do, attend_cache)                 # (B, A, T, F), (B, G, T, F) x2
+    dq, dk, dv = attend_backward(do, attend_cache)                 # (B, A, T, F), (B, P, T, F) x2
     dq, dk = rope_backward(dq, rope_cache), rope_backward(dk, rope_cache)
     x2 = x.reshape(b * t, d)                                       # (B T, D)
     dx = np.zeros_like(x2)                                         # (B T, D)
@@ -270,7 +273,7 @@ def attention_decode(x, params: dict, num_heads: int, num_kv_heads: int, cos, si
                      keys, values, start: int):
     """Attention of T new positions start..start+T-1 over everything cached before them.
 
-    x (B, T, D); cos/sin (T, F/2) for those positions; keys, values (B, G, L_max, F)
+    x (B, T, D); cos/sin (T, F/2) for those positions; keys, values (B, P, L_max, F)
     preallocated buffers holding positions [0, start). The new keys and values are
     written into the buffers at [start, start + T) in place, and the queries attend
     over [0, start + T): O(start + T) work per new position, not O((start + T)^2).
@@ -280,8 +283,8 @@ def attention_decode(x, params: dict, num_heads: int, num_kv_heads: int, cos, si
     if start + t > keys.shape[2]:
         raise ValueError(f"attention_decode: positions up to {start + t} exceed the cache's "
                          f"{keys.shape[2]}")
-    q, k, v = _project(x, params, num_heads, num_kv_heads)          # (B, A, T, F), (B, G, T, F) x2
-    keys[:, :, start:start + t] = rope_forward(k, cos, sin)[0]     # (B, G, T, F)
+    q, k, v = _project(x, params, num_heads, num_kv_heads)          # (B, A, T, F), (B, P, T, F) x2
+    keys[:, :, start:start + t] = rope_forward(k, cos, sin)[0]     # (B, P, T, F)
     values[:, :, start:start + t] = v
     o, _ = attend_forward(rope_forward(q, cos, sin)[0], keys[:, :, :start + t],
                           values[:, :, :start + t])                # (B, A, T, F)

@@ -14,7 +14,7 @@
     logits, kv = model.decode_step(ids, kv)  the next positions over the cache (B, T', V)
 
 Shape letters (README glossary): B sequences, T positions, L key positions, A query
-heads, G key/value heads, F head width, D model width, V vocabulary, N = B T tokens.
+heads, P key/value heads, F head width, D model width, V vocabulary, N = B T tokens.
 
 Every part is a Layer (layer.py): `params`/`grads` are flat dicts over the children
 ("block0.attn.wq", "block1.ffn.w_router", ...), the very arrays of the parts, so an
@@ -47,15 +47,17 @@ IGNORE_ID = -100        # a target that adds no loss (HF's ignore_index)
 
 def lm_head_forward(h, w):
     """logits = h W.   h (B, T, D), w (D, V) (a tied head passes W_emb.T) -> (B, T, V)."""
-    return h @ w, (h, w)
+    d, v = w.shape
+    logits = (h.reshape(-1, d) @ w).reshape(h.shape[:-1] + (v,))   # (B, T, V)
+    return logits, (h, w)
 
 
 def lm_head_backward(dlogits, cache):
     """-> dh (B, T, D), dw (D, V)."""
     h, w = cache
     d, v = w.shape
-    dw = h.reshape(-1, d).T @ dlogits.reshape(-1, v)               # (D, V)
-    return dlogits @ w.T, dw
+    h2, dl2 = h.reshape(-1, d), dlogits.reshape(-1, v)             # (N, D), (N, V)
+    return (dl2 @ w.T).reshape(h.shape), h2.T @ dl2                # (B, T, D), (D, V)
 
 
 class LMLossCache(NamedTuple):
@@ -141,8 +143,8 @@ class RMSNorm(Layer):
 class Attention(Layer):
     """Causal grouped-query self-attention with RoPE.   x (B, T, D) -> y (B, T, D).
 
-    wq (D, A F), wk, wv (D, G F) ~ Normal(0, 1/D); wo (A F, D) ~ Normal(0, 1/(2 layers A F));
-    with qkv_bias, bq (A F,), bk, bv (G F,) = 0. rope: (cos, sin) tables (context, F/2)."""
+    wq (D, A F), wk, wv (D, P F) ~ Normal(0, 1/D); wo (A F, D) ~ Normal(0, 1/(2 layers A F));
+    with qkv_bias, bq (A F,), bk, bv (P F,) = 0. rope: (cos, sin) tables (context, F/2)."""
 
     def __init__(self, config: LMConfig, rope, *, seed: int = 0, dtype=np.float64):
         super().__init__(dtype)
@@ -150,13 +152,13 @@ class Attention(Layer):
         d, f = c.d_model, c.head_dim
         self.heads, self.rope = (c.num_heads, c.num_kv_heads), rope
         self.params = {"wq": _normal(rng, (d, c.num_heads * f), d ** -0.5, self.dtype),       # (D, A F)
-                       "wk": _normal(rng, (d, c.num_kv_heads * f), d ** -0.5, self.dtype),    # (D, G F)
-                       "wv": _normal(rng, (d, c.num_kv_heads * f), d ** -0.5, self.dtype),    # (D, G F)
+                       "wk": _normal(rng, (d, c.num_kv_heads * f), d ** -0.5, self.dtype),    # (D, P F)
+                       "wv": _normal(rng, (d, c.num_kv_heads * f), d ** -0.5, self.dtype),    # (D, P F)
                        "wo": _normal(rng, (c.num_heads * f, d), (2 * c.num_layers * d) ** -0.5,
                                      self.dtype)}                                             # (A F, D)
         if c.qkv_bias:
             self.params |= {"b" + n: np.zeros(self.params["w" + n].shape[1], dtype=self.dtype)
-                            for n in "qkv"}                        # (A F,), (G F,), (G F,)
+                            for n in "qkv"}                        # (A F,), (P F,), (P F,)
         self.init_grads()
 
     def forward(self, x):
@@ -280,8 +282,8 @@ class DecoderBlock(Layer):
 
 class KVCache(NamedTuple):
     """Keys and values of every block for the positions decoded so far."""
-    keys: list             # per block: (B, G, context, F), positions [0, length) filled
-    values: list           # per block: (B, G, context, F)
+    keys: list             # per block: (B, P, context, F), positions [0, length) filled
+    values: list           # per block: (B, P, context, F)
     length: int            # positions filled
 
 
@@ -352,7 +354,7 @@ class MoETransformer(Layer):
         self.grads = _flat(self.children(), "grads")
 
     def new_cache(self, batch: int) -> KVCache:
-        """An empty KV cache: zeros (B, G, context, F) per block, length 0."""
+        """An empty KV cache: zeros (B, P, context, F) per block, length 0."""
         c = self.config
         shape = (batch, c.num_kv_heads, c.context_length, c.head_dim)
         return KVCache([np.zeros(shape, dtype=self.dtype) for _ in self.blocks],
