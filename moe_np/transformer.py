@@ -258,7 +258,7 @@ class DecoderBlock(Layer):
     def backward(self, dy, aux_scale: float = 1.0):
         self.check_backward(dy)
         b, t, d = self._cache
-        drows = self.ffn.backward(dy.reshape(b * t, d), aux_scale=aux_scale)   # (N, D)
+        drows = self.ffn.backward(dy.reshape(b * t, d), aux_scale=float(aux_scale))   # (N, D)
         dh = dy + self.ffn_norm.backward(drows.reshape(b, t, d))   # (B, T, D)
         dx = dh + self.attn_norm.backward(self.attn.backward(dh))  # (B, T, D)
         self.grads = _flat(self.children(), "grads")
@@ -342,6 +342,7 @@ class MoETransformer(Layer):
     def backward(self, dlogits, aux_scale: float = 1.0):
         """Fills grads (a tied table gets the head's and the embedding's gradients summed)."""
         self.check_backward(dlogits)
+        aux_scale = float(aux_scale)        # a NumPy float64 scale would upcast float32 gradients
         dh, dw = lm_head_backward(dlogits, self._cache)            # (B, T, D), (D, V)
         dx = self.norm.backward(dh)                                # (B, T, D)
         for block in reversed(self.blocks):
