@@ -3,6 +3,7 @@
 Shape letters: N tokens, E experts, K experts per token.
 
     balance_loss   E * sum_i f_i P_i        (Switch Transformer, GShard)
+    seq_mean_balance_loss   the same per sequence, averaged (HF Switch's grouping)
     z_loss         mean_n logsumexp(z_n)^2  (ST-MoE)
     cv_squared     Var(v) / mean(v)^2       (Shazeer et al.'s importance and load losses)
     importance     sum of gate weights each expert receives
@@ -58,6 +59,41 @@ def balance_loss_backward(dloss, cache):
     """dprobs[n, i] = dloss * E f_i / N.   -> (N, E)."""
     f, n = cache
     return np.broadcast_to(dloss * len(f) * f / n, (n, len(f))).copy()   # (N, E)
+
+
+def seq_mean_balance_loss_forward(probs, ids, seq_len: int):
+    """The balance loss of each sequence, averaged over the B sequences of the batch:
+
+        L = mean_b E sum_i f_bi P_bi,   f_bi = #{(t, k) : t in b, ids_tk = i} / (T K),
+        P_bi = mean_{t in b} probs[t, i]
+
+    HF's Switch Transformers computes its load_balancing_loss_func this way:
+    the means run over each sequence (its "group") first. With B = 1 it is
+    balance_loss_forward; with B > 1 a sequence that favours one expert is
+    penalised even when another sequence favours a different one, where the
+    pooled loss (balance_scope "batch") sees a balanced batch.
+    probs: (N, E) the softmax over all E experts; ids: (N, K); N = B T with
+    T = seq_len. f is a count (no gradient). cache (f (B, E), T).
+    """
+    validate.ndim("seq_mean_balance_loss_forward", "probs", probs, 2)
+    validate.ndim("seq_mean_balance_loss_forward", "ids", ids, 2)
+    n, e = probs.shape
+    if ids.shape[0] != n or seq_len < 1 or n % seq_len:
+        raise ValueError(f"seq_mean_balance_loss_forward: probs has N={n} rows and ids "
+                         f"{ids.shape[0]}; both must split into sequences of seq_len={seq_len}")
+    b, k = n // seq_len, ids.shape[1]
+    seq_of = np.repeat(np.arange(b), seq_len * k)                      # (N*K,) sequence of each choice
+    counts = np.bincount(seq_of * e + ids.ravel(), minlength=b * e).reshape(b, e)   # (B, E)
+    f = (counts / (seq_len * k)).astype(probs.dtype)                   # (B, E) each row sums to 1
+    p_mean = probs.reshape(b, seq_len, e).mean(axis=1)                 # (B, E)
+    return e * np.mean(np.sum(f * p_mean, axis=1)), (f, seq_len)
+
+
+def seq_mean_balance_loss_backward(dloss, cache):
+    """dprobs[t, i] = dloss E f_b(t)i / (B T), b(t) the sequence of token t.   -> (N, E)."""
+    f, seq_len = cache
+    b, e = f.shape
+    return np.repeat(dloss * e * f / (b * seq_len), seq_len, axis=0)   # (N, E)
 
 
 def global_balance_loss_forward(probs_list, ids_list):
@@ -207,20 +243,28 @@ class AuxGrads(NamedTuple):
     dload: np.ndarray | None      # (E,) onto the load estimate
 
 
-def aux_forward(route, config, mask=None):
+def aux_forward(route, config, mask=None, seq_len: int | None = None):
     """aux = a_bal * balance(softmax(logits), ids) + a_z * z(logits)
            + a_cv * (CV^2(importance) + CV^2(load_estimate))
            + a_seq * seq_balance(sigmoid(logits), ids),        a float; cache AuxCache.
 
     route: a routers.RouterOut; config: a SparseConfig (which validated that
-    each loss has the router it needs). mask (N,) bool: only real tokens count."""
+    each loss has the router it needs). mask (N,) bool: only real tokens count.
+    seq_len: tokens per sequence of this batch, for the losses counted per
+    sequence (seq_aux_coef, balance_scope "sequence"); None means
+    config.seq_len. With balance_scope "sequence" the balance loss is the mean
+    of the per-sequence losses ("batch" pools every token instead)."""
     if mask is not None:
         route = route._replace(ids=route.ids[mask], weights=route.weights[mask],
                                logits=route.logits[mask])
+    seq_len = config.seq_len if seq_len is None else seq_len
     aux, bal, z, cv, seq = 0.0, None, None, None, None
     if config.balance_coef:
         probs, sm_cache = functional.softmax_forward(route.logits)    # (N, E) all E experts
-        value, b_cache = balance_loss_forward(probs, route.ids)
+        if config.balance_scope == "sequence":
+            value, b_cache = seq_mean_balance_loss_forward(probs, route.ids, seq_len)
+        else:
+            value, b_cache = balance_loss_forward(probs, route.ids)
         aux, bal = aux + config.balance_coef * float(value), (sm_cache, b_cache)
     if config.z_coef:
         value, z = z_loss_forward(route.logits)
@@ -232,7 +276,7 @@ def aux_forward(route, config, mask=None):
         aux, cv = aux + config.cv_coef * float(cv_imp + cv_load), (i_cache, ci_cache, cl_cache)
     if config.seq_aux_coef:
         scores = functional.sigmoid(route.logits)                      # (N, E) unbiased
-        value, s_cache = seq_balance_loss_forward(scores, route.ids, config.seq_len)
+        value, s_cache = seq_balance_loss_forward(scores, route.ids, seq_len)
         aux, seq = aux + config.seq_aux_coef * float(value), (scores, s_cache)
     return aux, AuxCache(config, bal, z, cv, seq, mask)
 
@@ -243,7 +287,9 @@ def aux_backward(daux: float, cache: AuxCache) -> AuxGrads:
     parts = []                                                         # gradients on the logits
     if cache.balance is not None:
         sm_cache, b_cache = cache.balance
-        dprobs = balance_loss_backward(daux * c.balance_coef, b_cache)    # (N, E)
+        backward = seq_mean_balance_loss_backward if c.balance_scope == "sequence" else \
+            balance_loss_backward
+        dprobs = backward(daux * c.balance_coef, b_cache)                 # (N, E)
         parts.append(functional.softmax_backward(dprobs, sm_cache))
     if cache.z is not None:
         parts.append(z_loss_backward(daux * c.z_coef, cache.z))           # (N, E)

@@ -112,10 +112,11 @@ def _check_input(x, params: dict, config: SparseConfig, mask=None) -> None:
         validate.shape("sparse_moe_forward", "mask", mask, (len(x),))
         if np.asarray(mask).dtype != bool:
             raise ValueError(f"sparse_moe_forward: mask must be bool, got {np.asarray(mask).dtype}")
-        if config.router in ("noisy_topk", "expert_choice") or config.seq_aux_coef or config.cv_coef:
+        per_sequence = config.seq_aux_coef or config.balance_scope == "sequence"
+        if config.router in ("noisy_topk", "expert_choice") or per_sequence or config.cv_coef:
             raise ValueError(f"sparse_moe_forward: a token mask is supported for the softmax and "
                              f"sigmoid_bias routers without cv or sequence-wise losses, "
-                             f"got router={config.router!r}")
+                             f"got router={config.router!r}, balance_scope={config.balance_scope!r}")
     dtype = params["w_router"].dtype
     if x.dtype != dtype:
         raise ValueError(f"sparse_moe_forward: x is {x.dtype} but the parameters are {dtype}; "
@@ -162,7 +163,7 @@ def _aux_forward(route, config: SparseConfig, mask):
     (each loss is a mean over tokens, and a mean over no token is not a number)."""
     if mask is not None and not mask.any():
         return 0.0, balance.AuxCache(config, None, None, None, None, mask)
-    return balance.aux_forward(route, config, mask)
+    return balance.aux_forward(route, config, mask, seq_len=config.seq_len)   # per-sequence losses
 
 
 def sparse_moe_backward(dout, cache: SparseCache):

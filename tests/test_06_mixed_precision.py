@@ -176,6 +176,24 @@ def test_stochastic_rounding_is_unbiased(fmt):
     assert np.all(np.abs(draws.astype(np.float64).mean(axis=0) - x) <= 5 * std)
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+def test_stochastic_rounding_draws_afresh_on_every_call(fmt):
+    """Two calls on one generator are two independent draws: a rounding that reseeded (or
+    copied) the generator on every call would repeat the first draw, and an update rounded
+    that way would be biased the same way at every step. bf16 rounds on its bit pattern, the
+    other formats by their quantum."""
+    x = np.full(4096, 1 + 0.5 * FORMATS[fmt].eps, F32)                               # halfway: p = 0.5
+    rng = np.random.default_rng(4)
+    first, second = round_to(x, fmt, rng=rng), round_to(x, fmt, rng=rng)
+    assert not np.array_equal(first, second)
+    assert 0.4 < np.mean(first != second) < 0.6                                       # independent draws
+    same = np.random.default_rng(4)
+    assert np.array_equal(round_to(x, fmt, rng=same), first)                         # seeded: reproducible
+    if fmt == "bf16":
+        a, b = stochastic_round_bf16(x, rng), stochastic_round_bf16(x, rng)
+        assert not np.array_equal(a, b) and 0.4 < np.mean(a != b) < 0.6
+
+
 def test_stochastic_round_bf16_unbiased_direct():
     rng = np.random.default_rng(3)
     x = np.full(400000, 1 + 0.3 * 2.0**-7, F32)                                       # p ~= 0.3

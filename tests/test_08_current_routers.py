@@ -16,8 +16,8 @@ def test_registered_chapter_8_check_passes(name):
 
 
 def test_chapter_8_checks_cover_the_new_pairs():
-    assert {"router:sigmoid_groups", "aux:seq_balance", "aux:global_balance",
-            "sparse_moe[deepseek_v3]", "sparse_moe[qwen2_moe]",
+    assert {"router:sigmoid_groups", "aux:seq_balance", "aux:global_balance", "aux:seq_mean_balance",
+            "sparse_moe[deepseek_v3]", "sparse_moe[qwen2_moe]", "sparse_moe[switch-like,balance per sequence]",
             "sparse_moe[masked,capacity per sequence]"} <= set(checks_of(8))
 
 
@@ -174,6 +174,77 @@ def test_global_batch_balance_does_not_depend_on_the_split():
     # the per-micro-batch average of local losses is not the global loss
     local = np.mean([balance.balance_loss_forward(probs[i], ids[i])[0] for i in np.split(np.arange(12), 4)])
     assert abs(local - whole) > 1e-3
+
+
+PER_SEQUENCE = {   # the losses counted per sequence, as each model defines them
+    "deepseek_v3 sequence-wise loss": dict(router="sigmoid_bias", k=2, seq_aux_coef=0.5),
+    "switch balance per sequence": dict(router="switch", k=1, balance_coef=1.0, balance_scope="sequence"),
+}
+
+
+@pytest.mark.parametrize("name", PER_SEQUENCE)
+def test_per_sequence_aux_of_two_sequences_is_the_mean_of_each_alone(name):
+    """The layer hands its seq_len to the loss: the aux of two sequences (and its gradient) is
+    the mean of each sequence's alone, and differs from the loss of one 12-token sequence."""
+    config = SparseConfig(d_model=4, num_experts=4, d_hidden=5, seq_len=6, **PER_SEQUENCE[name])
+    layer = SparseMoE(config, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((12, 4))             # (N, D): B = 2 sequences
+    aux, router_grad = [], []
+    for part in (x, x[:6], x[6:]):
+        layer.forward(part)
+        layer.backward(np.zeros_like(part))                           # only the aux's gradient
+        aux.append(layer.aux), router_grad.append(layer.grads["w_router"].copy())
+    assert aux[0] == pytest.approx((aux[1] + aux[2]) / 2, rel=1e-13)
+    assert np.allclose(router_grad[0], (router_grad[1] + router_grad[2]) / 2, rtol=1e-12, atol=1e-15)
+    whole = SparseMoE(SparseConfig(d_model=4, num_experts=4, d_hidden=5, seq_len=12, **PER_SEQUENCE[name]),
+                      seed=0).eval()
+    whole.forward(x)
+    assert abs(whole.aux - aux[0]) > 1e-4 * aux[0]
+
+
+def test_per_sequence_balance_loss_known_value():
+    """Sequence 0 sends all to expert 0, sequence 1 all to expert 1. Pooled, the batch looks
+    balanced (f = P = 1/2: loss 1); per sequence, each sequence has collapsed: E f P = 2 x 0.9."""
+    probs = np.array([[0.5, 0.5]] * 4)                                # (N=4, E=2), T = 2
+    ids = np.array([[0], [0], [1], [1]])                              # (N, K=1)
+    pooled = balance.balance_loss_forward(probs, ids)[0]
+    per_seq = balance.seq_mean_balance_loss_forward(probs, ids, 2)[0]
+    assert pooled == pytest.approx(1.0) and per_seq == pytest.approx(1.0)
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    assert balance.balance_loss_forward(probs, ids)[0] == pytest.approx(1.0)     # f = P = 1/2 overall
+    assert balance.seq_mean_balance_loss_forward(probs, ids, 2)[0] == pytest.approx(1.8)   # 2 * 0.9
+
+
+def test_padding_leaves_the_selection_bias_alone():
+    """DeepSeek-V3's loss-free bias counts real tokens only: padding that all picks the same
+    experts would otherwise pull their bias down."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((10, 4))
+    pad = np.vstack([x, np.repeat(3 * rng.standard_normal((1, 4)), 8, axis=0)])   # 8 identical pads
+    mask = np.arange(18) < 10
+    a, b = (_layer(router="sigmoid_bias", balance_coef=0.0, bias_gamma=0.01) for _ in range(2))
+    for _ in range(3):
+        ya, yb = a.forward(x), b.forward(pad, mask=mask)
+    assert np.allclose(ya, yb[:10], rtol=1e-13) and np.array_equal(a.stats.counts, b.stats.counts)
+    assert a.buffers["selection_bias"].any()
+    assert np.array_equal(a.buffers["selection_bias"], b.buffers["selection_bias"])
+
+
+# -- sparse upcycling ------------------------------------------------------------------------------
+
+def test_upcycled_router_tells_the_identical_experts_apart():
+    """The experts start as identical copies; only the router differs between them. Its columns
+    must differ too, or every token scores every expert alike, all pick the same K, and the
+    copies never receive different gradients."""
+    from moe_np.models import MLP
+    from moe_np.upcycle import upcycle
+    mlp = MLP(4, 5, 4, seed=1)
+    layer = upcycle(mlp.params, SparseConfig(d_model=4, num_experts=4, d_hidden=5, k=2), seed=3)
+    w = layer.params["w_router"]                                      # (D, E)
+    assert all(not np.allclose(w[:, i], w[:, j]) for i in range(4) for j in range(i + 1, 4))
+    layer.forward(np.random.default_rng(0).standard_normal((40, 4)))
+    assert np.count_nonzero(layer.stats.counts) == 4                  # every copy gets tokens
+    assert len({tuple(sorted(row)) for row in layer.stats.ids}) > 1  # tokens choose differently
 
 
 # -- router jitter --------------------------------------------------------------------------------

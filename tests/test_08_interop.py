@@ -5,6 +5,7 @@ forwards are written here from the formulas of HF's modeling_mixtral.py, modelin
 modeling_deepseek_v3.py and modeling_switch_transformers.py (x W^T for every nn.Linear), in
 float64 throughout. No torch, no transformers.
 """
+from dataclasses import replace
 from itertools import product
 
 import numpy as np
@@ -161,9 +162,9 @@ def hf_deepseek(sd, style, x, c=DEEPSEEK):
 
 
 def hf_switch(sd, x, c=SWITCH, seq_len=SEQ_LEN):
-    """SwitchTransformersSparseMLP (transformers 4.x): argmax of the softmax, capacity counted
-    by a cumsum over each sequence, dropped tokens keep their input; output = p_max * next_states.
-    Returns (y (N, D), kept (N,) bool)."""
+    """SwitchTransformersSparseMLP (transformers 4.x before PR #37123): argmax of the softmax,
+    capacity counted by a cumsum over each sequence, dropped tokens keep their input;
+    output = p_max * next_states. Returns (y (N, D), kept (N,) bool)."""
     x3 = x.reshape(-1, seq_len, x.shape[1])                           # (B, T, D)
     probs = softmax(linear(x3, sd["router.classifier.weight"]))         # (B, T, E)
     onehot = np.eye(c["num_experts"])[probs.argmax(-1)]                # (B, T, E)
@@ -175,6 +176,21 @@ def hf_switch(sd, x, c=SWITCH, seq_len=SEQ_LEN):
         next_states[sel] = linear(hidden, sd[f"experts.expert_{e}.wo.weight"])
     y = probs.max(-1, keepdims=True) * next_states
     return y.reshape(x.shape), mask.any(-1).reshape(-1)
+
+
+def hf_switch_aux(sd, x, c=SWITCH, seq_len=SEQ_LEN, count_dropped_as_zero=True):
+    """router_aux_loss_coef * load_balancing_loss_func + router_z_loss_coef * router_z_loss_func
+    (transformers 4.x): per sequence ("group"), the fraction of tokens per expert times the mean
+    probability, averaged over sequences and experts, times E^2. The expert index is the argmax of
+    the capacity-masked one-hot, so a dropped token counts as expert 0 (count_dropped_as_zero)."""
+    logits = linear(x.reshape(-1, seq_len, x.shape[1]), sd["router.classifier.weight"])   # (B, T, E)
+    probs, e = softmax(logits), c["num_experts"]
+    onehot = np.eye(e)[probs.argmax(-1)]                               # (B, T, E)
+    if count_dropped_as_zero:
+        onehot = np.eye(e)[(onehot * (np.cumsum(onehot, axis=1) <= c["expert_capacity"])).argmax(-1)]
+    balance = np.mean(onehot.mean(axis=1) * probs.mean(axis=1)) * e**2
+    lse = np.log(np.exp(logits).sum(-1))                               # (B, T)
+    return c["router_aux_loss_coef"] * balance + c["router_z_loss_coef"] * np.mean(lse**2)
 
 
 HF_FORWARD = {"mixtral": hf_mixtral, "qwen2_moe": hf_qwen2, "deepseek_v3": hf_deepseek}
@@ -259,8 +275,9 @@ def test_deepseek_bias_and_groups_change_the_choice_being_compared():
 
 
 def test_switch_layer_computes_hf_forward_and_drops_the_same_tokens():
-    """Capacity 2 per expert per sequence of 6 tokens. HF 4.x returns p * x for a dropped token
-    (its input, scaled); moe_np's block returns 0 there: the one documented difference."""
+    """Capacity 2 per expert per sequence of 6 tokens. transformers 4.x before PR #37123 returns
+    p * x for a dropped token (its input, scaled); moe_np's block returns 0 there, as later
+    releases do: the one documented difference."""
     sd, layer = build("switch_transformers", "per_expert")
     x = tokens()
     y_hf, kept = hf_switch(sd, x)
@@ -270,6 +287,38 @@ def test_switch_layer_computes_hf_forward_and_drops_the_same_tokens():
     np.testing.assert_allclose(y[kept], y_hf[kept], rtol=1e-12, atol=1e-13)
     p_max = softmax(linear(x, sd["router.classifier.weight"])).max(1, keepdims=True)
     assert not y[~kept].any() and np.allclose(y_hf[~kept], p_max[~kept] * x[~kept], rtol=1e-14)
+
+
+def test_switch_aux_loss_is_hf_mean_of_per_sequence_losses():
+    """Two sequences of 6 tokens: from_hf picks balance_scope="sequence", and the layer's aux is
+    HF's balance + z loss; pooled over the batch it would not be. With drops, 4.x counts a dropped
+    token as expert 0, moe_np every token's own choice: equal once HF counts choices before capacity."""
+    no_drops = SWITCH | {"expert_capacity": SEQ_LEN}
+    sd = hf_state_dict("switch_transformers", "per_expert")
+    layer = interop.from_hf("switch_transformers", sd, no_drops, seq_len=SEQ_LEN).eval()
+    x = tokens()
+    layer.forward(x)
+    assert layer.config.balance_scope == "sequence" and layer.stats.num_dropped == 0
+    assert layer.aux == pytest.approx(hf_switch_aux(sd, x, no_drops), rel=1e-13)
+    pooled = SparseMoE(replace(layer.config, balance_scope="batch"))
+    pooled.load_state_dict(layer.state_dict())
+    pooled.eval().forward(x)
+    assert abs(pooled.aux - layer.aux) > 1e-6
+    _, dropping = build("switch_transformers", "per_expert")
+    dropping.eval().forward(x)
+    assert dropping.stats.num_dropped > 0
+    assert dropping.aux == pytest.approx(hf_switch_aux(sd, x, count_dropped_as_zero=False), rel=1e-13)
+    assert abs(dropping.aux - hf_switch_aux(sd, x)) > 1e-6
+
+
+def test_to_hf_writes_each_architecture_s_own_layout_by_default():
+    """Switch has only per-expert keys; the SwiGLU models' own (current) layout is fused."""
+    sd, switch = build("switch_transformers", "per_expert")
+    back, _ = interop.to_hf("switch_transformers", switch)
+    assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    assert sorted(interop.hf_layout("switch_transformers", switch.config)) == sorted(sd)
+    fused_sd, mixtral = build("mixtral", "fused")
+    assert sorted(interop.to_hf("mixtral", mixtral)[0]) == sorted(fused_sd)
 
 
 def test_router_in_float32_is_the_only_difference_from_hf():

@@ -1,9 +1,10 @@
 """Chapter 8's checks: the routers of current models, guarded at every kink.
 
 DeepSeek-V3's group-limited sigmoid router (unnormalized and scaled), its
-sequence-wise balance loss, the global-batch balance loss, and SparseMoE end
-to end as DeepSeek-V3 and Qwen2-MoE configure it (shared expert gate, its
-own width, router jitter, a token mask, capacity per sequence).
+sequence-wise balance loss, the global-batch balance loss, HF Switch's mean
+of per-sequence balance losses, and SparseMoE end to end as DeepSeek-V3 and
+Qwen2-MoE configure it (shared expert gate, its own width, router jitter, a
+token mask, capacity per sequence) and with the balance loss per sequence.
 """
 from __future__ import annotations
 
@@ -54,12 +55,25 @@ def _global_balance(seed):
     return check_pair("aux:global_balance", fwd, bwd, {"p1": probs[0], "p2": probs[1]}, seed=seed)
 
 
+@register("aux:seq_mean_balance", chapter=8)
+def _seq_mean_balance(seed):
+    rng = np.random.default_rng(seed)
+    probs = functional.softmax_forward(rng.standard_normal((N, E)))[0]   # (N, E)
+    ids = routers.top_k_indices(rng.standard_normal((N, E)), K)        # (N, K)
+    fwd = lambda probs: balance.seq_mean_balance_loss_forward(probs, ids, T)
+    return check_pair("aux:seq_mean_balance", fwd, balance.seq_mean_balance_loss_backward,
+                      {"probs": probs}, seed=seed)
+
+
 MODEL_CASES = {
     "deepseek_v3": dict(router="sigmoid_bias", n_group=2, topk_group=1, norm_topk_prob=False,
                         routed_scaling_factor=2.5, seq_aux_coef=0.3, seq_len=T, num_shared=1,
                         expert="swiglu", z_coef=0.05),
     "qwen2_moe": dict(router="softmax_topk_raw", num_shared=1, shared_gate=True, d_hidden_shared=7,
                       expert="swiglu", balance_coef=0.3, jitter=0.1),
+    "switch-like,balance per sequence": dict(router="softmax_topk_raw", capacity_factor=1.0,
+                                             capacity_scope="sequence", seq_len=T, balance_coef=0.3,
+                                             balance_scope="sequence", z_coef=0.05),
     "masked,capacity per sequence": dict(router="softmax_topk", capacity_factor=0.75,
                                          capacity_scope="sequence", seq_len=T, balance_coef=0.3,
                                          z_coef=0.05),
