@@ -70,15 +70,47 @@ def plan_exchange(ids, pos, eligible, cap, layout: ep_plan.Layout, num_tokens_al
 
 class ExchangeCache(NamedTuple):
     gather_cache: tuple      # the strategy's gather cache (home side)
+    x_buf: np.ndarray        # (I, D) the rows this rank's experts ran on, in their order
     experts_cache: tuple     # experts.RaggedCache of this rank's experts (owner side)
     combine_cache: tuple     # the strategy's combine cache (home side)
+    padded: np.ndarray | None   # (I,) where each buffer row sits in the padded buffer, or None
 
 
-def local_experts_forward(x_buf, params: dict, config, offsets):
-    """This rank's experts on their rows, as one process runs them (lowp's GEMM in low precision).
-    x_buf (I, D) -> y_buf (I, D), RaggedCache."""
+def lone_rows(offsets, counts_all):
+    """Local experts with one row here but more in the whole batch (other data-parallel
+    replicas hold the rest).   offsets (L+1,), counts_all (L,) -> (L,) bool."""
+    return (np.diff(offsets) == 1) & (counts_all > 1)                 # (L,)
+
+
+def local_experts_forward(x_buf, params: dict, config, offsets, lone=None):
+    """This rank's experts on their rows, as one process runs them (lowp's GEMM in low
+    precision). x_buf (I, D) -> y_buf (I, D), RaggedCache, padded.
+
+    A one-row segment goes through BLAS's matrix-vector product, whose sum
+    order differs from the matrix-matrix product one process used for that
+    expert's several rows. So an expert in `lone` (L,) bool gets its row
+    twice (a 2-row segment, the same bits as in any taller product); padded
+    (I,) says where each row sits, and the copy is dropped."""
     gemm = lowp.gemm_for(config.precision)
-    return ragged_experts_forward(x_buf, params, config.expert, offsets, gemm=gemm)
+    if lone is None or not lone.any():
+        return (*ragged_experts_forward(x_buf, params, config.expert, offsets, gemm=gemm), None)
+    extra = np.repeat(lone, np.diff(offsets))                         # (I,) rows to duplicate
+    take = np.repeat(np.arange(len(x_buf)), 1 + extra)                # (I_p,)
+    padded = np.cumsum(1 + extra) - 1 - extra                         # (I,) first copy of each
+    offsets_p = offsets + np.concatenate([[0], np.cumsum(lone)])      # (L+1,)
+    y_p, cache = ragged_experts_forward(x_buf[take], params, config.expert, offsets_p, gemm=gemm)
+    return y_p[padded], cache, padded
+
+
+def local_experts_backward(dy_buf, cache, padded):
+    """The experts' backward on their rows (the padding's copies get zero gradient).
+    dy_buf (I, D) -> dx_buf (I, D), grads."""
+    if padded is None:
+        return ragged_experts_backward(dy_buf, cache)
+    dy_p = np.zeros((int(cache.offsets[-1]), dy_buf.shape[1]), dtype=dy_buf.dtype)   # (I_p, D)
+    dy_p[padded] = dy_buf
+    dx_p, grads = ragged_experts_backward(dy_p, cache)
+    return dx_p[padded], grads
 
 
 def _unsort(buf, perm):
@@ -88,18 +120,19 @@ def _unsort(buf, perm):
     return out
 
 
-def exchange_forward(x, weights, route: RoutePlan, params: dict, config, wire: Wire):
+def exchange_forward(x, weights, route: RoutePlan, params: dict, config, wire: Wire, lone=None):
     """y[n] = sum over token n's kept rows of w * f_e(x[n]), the experts living on other ranks.
-    x (N, D), weights (N, K) -> y (N, D), ExchangeCache."""
+    x (N, D), weights (N, K) -> y (N, D), ExchangeCache. lone: see local_experts_forward."""
     strategy = dispatch.get_strategy(config.dispatch)
     x_send, gather_cache = strategy.gather_forward(x, route.home)      # (M, D)
     x_in = exchange_rows(wire, x_send, route.send_rows, route.recv_rows)   # (I, D)
-    y_buf, experts_cache = local_experts_forward(x_in[route.arrival.perm], params, config,
-                                                 route.arrival.offsets)   # (I, D)
+    x_buf = x_in[route.arrival.perm]                                   # (I, D) one process's order
+    y_buf, experts_cache, padded = local_experts_forward(x_buf, params, config,
+                                                         route.arrival.offsets, lone)
     y_home = exchange_rows(wire, _unsort(y_buf, route.arrival.perm), route.recv_rows,
                            route.send_rows)                            # (M, D)
     y, combine_cache = strategy.combine_forward(y_home, weights, route.home)   # (N, D)
-    return y, ExchangeCache(gather_cache, experts_cache, combine_cache)
+    return y, ExchangeCache(gather_cache, x_buf, experts_cache, combine_cache, padded)
 
 
 def exchange_backward(dy, route: RoutePlan, cache: ExchangeCache, config, wire: Wire):
@@ -110,7 +143,7 @@ def exchange_backward(dy, route: RoutePlan, cache: ExchangeCache, config, wire: 
     dy_home = lowp.round_output(dy_home, config.precision)             # named step, as one process
     dy_in = exchange_rows(wire, dy_home, route.send_rows, route.recv_rows)   # (I, D)
     dy_buf = dy_in[route.arrival.perm]                                 # (I, D)
-    dx_buf, grads = ragged_experts_backward(dy_buf, cache.experts_cache)   # (I, D)
+    dx_buf, grads = local_experts_backward(dy_buf, cache.experts_cache, cache.padded)
     dx_home = exchange_rows(wire, _unsort(dx_buf, route.arrival.perm), route.recv_rows,
                             route.send_rows)                           # (M, D)
     dx = strategy.gather_backward(dx_home, cache.gather_cache)         # (N, D)

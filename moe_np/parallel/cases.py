@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from moe_np.config import SparseConfig
+from moe_np.config import PrecisionConfig, SparseConfig
+from moe_np.optim import SGD
 from moe_np.parallel.layer import ExpertParallelMoE
 from moe_np.sparse import SparseMoE
 
@@ -39,22 +40,28 @@ def _same(a, b) -> bool:
 
 
 def _max_diff(a, b) -> float:
+    if np.shape(a) != np.shape(b):
+        return float("inf")
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
 
 
 def compare_step(comm, config: SparseConfig, *, tokens_per_rank: int = 8, seed: int = 0,
                  dtype=np.float64, mask_fraction: float = 0.0, aux_scale: float = 0.7,
-                 sizes=None, training: bool = True, **layer_options) -> dict:
+                 sizes=None, training: bool = True, selection_bias=None, **layer_options) -> dict:
     """One forward and backward on P ranks against one process; every array compared bit for
-    bit. sizes: tokens of each rank (default tokens_per_rank everywhere)."""
+    bit. sizes: tokens of each rank (default tokens_per_rank everywhere); selection_bias (E,)
+    set on both layers (sigmoid_bias) steers tokens to chosen ranks."""
     world, rank = comm.Get_size(), comm.Get_rank()
     sizes = [tokens_per_rank] * world if sizes is None else list(sizes)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     x, dy, mask = global_batch(config, sum(sizes), seed, dtype, mask_fraction)
     one = SparseMoE(config, seed=seed, dtype=dtype).train(training)
+    ep = ExpertParallelMoE(config, comm, seed=seed, dtype=dtype, **layer_options).train(training)
+    if selection_bias is not None:
+        for layer in (one, ep):
+            layer.buffers["selection_bias"][...] = selection_bias
     y_one = one.forward(x, mask)
     dx_one = one.backward(dy, aux_scale)
-    ep = ExpertParallelMoE(config, comm, seed=seed, dtype=dtype, **layer_options).train(training)
     y = ep.forward(x[lo:hi], None if mask is None else mask[lo:hi])
     dx = ep.backward(dy[lo:hi], aux_scale)
     y_all, dx_all = np.concatenate(comm.allgather(y)), np.concatenate(comm.allgather(dx))
@@ -66,11 +73,36 @@ def compare_step(comm, config: SparseConfig, *, tokens_per_rank: int = 8, seed: 
     verdict |= {f"grad {k}": _same(grads[k], one.grads[k]) for k in sorted(one.grads)}
     worst = max([_max_diff(y_all, y_one), _max_diff(dx_all, dx_one)]
                 + [_max_diff(grads[k], one.grads[k]) for k in one.grads])
-    everywhere = comm.allreduce(int(all(verdict.values())), op=None) if False else None
-    del everywhere
     agreed = comm.allgather(all(verdict.values()))
     return {"identical": all(agreed), "checks": verdict, "max_abs_diff": worst,
             "dropped": int(one.stats.num_dropped), "rows_received": _rows_received(comm, ep),
+            "bytes": ep.traffic.remote()}
+
+
+def compare_training(comm, config: SparseConfig, *, steps: int = 3, tokens_per_rank: int = 8,
+                     seed: int = 0, dtype=np.float64, lr: float = 0.1, reference=None,
+                     **layer_options) -> dict:
+    """A few SGD steps on a regression target, on dp * ep ranks (each its own shard) and in
+    one process on the whole batch; then every parameter and buffer compared bit for bit.
+    reference: SparseConfig fields that differ in the one-process twin (its capacity mode)."""
+    world, rank = comm.Get_size(), comm.Get_rank()
+    one_config = config if reference is None else dataclasses.replace(config, **reference)
+    one = SparseMoE(one_config, seed=seed, dtype=dtype)
+    ep = ExpertParallelMoE(config, comm, seed=seed, dtype=dtype, **layer_options)
+    opt_one, opt_ep = SGD(one.params, lr=lr), SGD(ep.params, lr=lr)
+    rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
+    for step in range(steps):
+        x, target, _ = global_batch(config, world * tokens_per_rank, seed + 7 * step, dtype)
+        for layer, opt, xs, ts in ((one, opt_one, x, target), (ep, opt_ep, x[rows], target[rows])):
+            y = layer.forward(xs)
+            layer.backward(((y - ts) / len(x)).astype(dtype))          # d/dy of 0.5 |y - t|^2 / A
+            opt.step(layer.grads)
+    params = ep.gather_params()
+    verdict = {f"param {k}": _same(params[k], one.params[k]) for k in sorted(one.params)}
+    verdict |= {f"buffer {k}": _same(ep.buffers[k], one.buffers[k]) for k in sorted(one.buffers)}
+    worst = max(_max_diff(params[k], one.params[k]) for k in one.params)
+    agreed = comm.allgather(all(verdict.values()))
+    return {"identical": all(agreed), "checks": verdict, "max_abs_diff": worst,
             "bytes": ep.traffic.remote()}
 
 
@@ -85,9 +117,13 @@ def run_cases(comm, cases: list) -> list:
     for case in cases:
         case = dict(case)
         name = case.pop("name")
-        config = SparseConfig(**case.pop("config"))
+        fields = case.pop("config")
+        if isinstance(fields.get("precision"), dict):
+            fields = fields | {"precision": PrecisionConfig(**fields["precision"])}
+        config = SparseConfig(**fields)
         dtype = np.dtype(case.pop("dtype", "float64"))
-        results.append({"name": name} | compare_step(comm, config, dtype=dtype, **case))
+        run = compare_training if case.pop("training_steps", False) else compare_step
+        results.append({"name": name} | run(comm, config, dtype=dtype, **case))
     return results
 
 

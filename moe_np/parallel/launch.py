@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 from moe_np.parallel.groups import AgreedError
@@ -61,6 +62,8 @@ def stop_everyone_on_error(comm):
         raise SystemExit(USAGE_EXIT) from None
     except Exception as err:    # noqa: BLE001 - any error on one rank must end all of them
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if os.environ.get("MOE_NP_TRACEBACK") == "1":
+            traceback.print_exc()
         print(f"error: rank {comm.Get_rank()} of {comm.Get_size()}: {message}; stopping every "
               f"rank", file=sys.stderr, flush=True)
         sys.stdout.flush()

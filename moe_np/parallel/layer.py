@@ -36,7 +36,7 @@ import numpy as np
 from moe_np import balance, dispatch, functional, lowp, routers, validate
 from moe_np.config import SparseConfig
 from moe_np.dispatch.plan import sequence_capacity_eligible
-from moe_np.experts import expert_kind, ragged_experts_backward, ragged_experts_forward
+from moe_np.experts import expert_kind, ragged_experts_backward
 from moe_np.layer import Layer, RoutingStats
 from moe_np.parallel import alltoall, groups as ep_groups, plan as ep_plan
 from moe_np.parallel.exchange import Traffic, Wire, gather_rows, sum_everywhere
@@ -250,7 +250,7 @@ class ExpertParallelMoE(Layer):
         self._aux, aux_cache = self._aux_forward(seen)
         plan, dropped = self._plan(route, mask, span, draws, seen)
         y, exchange_cache = alltoall.exchange_forward(x, route.weights, plan, self.params, c,
-                                                      self.wire("ep"))   # (N, D)
+                                                      self.wire("ep"), self._lone(plan))   # (N, D)
         y_shared, shared_cache = shared_experts_forward(x, self.params, c)
         if y_shared is not None:
             y += y_shared                                              # (N, D)
@@ -307,6 +307,14 @@ class ExpertParallelMoE(Layer):
         plan = alltoall.plan_exchange(route.ids, pos, eligible, cap, self.layout, span.total,
                                       self.wire("ep"))
         return plan, int(mask.sum()) * c.k - len(plan.home.rows_token)
+
+    def _lone(self, plan):
+        """With data-parallel replicas: this rank's experts that got one row here but more in
+        the whole batch (alltoall.local_experts_forward runs them as two)."""
+        if self.groups.dp == 1:
+            return None
+        counts_all = sum_everywhere(self.wire("dp"), np.diff(plan.arrival.offsets), "meta")   # (L,)
+        return alltoall.lone_rows(plan.arrival.offsets, counts_all)
 
     def _after_forward(self, route, plan, dropped: int, seen: Seen) -> None:
         """Statistics of all tokens (counts and drops summed over the world); the bias step."""
@@ -393,9 +401,9 @@ class ExpertParallelMoE(Layer):
             return {k: sum_everywhere(wire, v) for k, v in grads.items()}
         arrival = cache.plan.arrival
         claims = gather_rows(wire, arrival.claims, "grads")            # (I_all, 2)
-        x_buf = gather_rows(wire, cache.exchange.experts_cache.x_sorted, "grads")   # (I_all, D)
+        x_buf = gather_rows(wire, cache.exchange.x_buf, "grads")   # (I_all, D)
         dy_all = gather_rows(wire, dy_buf, "grads")                    # (I_all, D)
         merged = ep_plan.arrange(claims, self.layout.local)
-        _, experts_cache = alltoall.local_experts_forward(x_buf[merged.perm], self.params,
-                                                          self.config, merged.offsets)
+        _, experts_cache, _ = alltoall.local_experts_forward(x_buf[merged.perm], self.params,
+                                                             self.config, merged.offsets)
         return ragged_experts_backward(dy_all[merged.perm], experts_cache)[1]
