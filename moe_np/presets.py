@@ -9,9 +9,10 @@
 
 Each function takes the sizes (d_model D, num_experts E, d_hidden H) and
 keyword overrides of any SparseConfig field; everything else is the
-model's own setting, sourced in a comment beside it. Where moe_np cannot
-say exactly what a model does, the docstring names the difference and the
-preset takes the closest setting.
+model's own setting, read from one table, MODELS: per model, its settings
+grouped by the column of the side-by-side table they fill, each group with
+its source, written once. Where moe_np cannot say exactly what a model does,
+the docstring names the difference and the preset takes the closest setting.
 
 Two conventions differ from HF's code and are converted here, not copied:
 HF's Mixtral/Qwen2 balance loss divides the expert counts by N where
@@ -20,7 +21,8 @@ a becomes balance_coef = a K; and HF pools that loss over all layers while
 moe_np adds one per layer.
 
 `preset_table()` lays the presets side by side, one row per model, every
-cell a Cell(value, source) whose value is read from the preset's config.
+cell a Cell(value, source) whose value is read from the preset's config and
+whose source is the table's.
 """
 from __future__ import annotations
 
@@ -32,13 +34,86 @@ from moe_np.config import SparseConfig
 _FIELDS = {f.name for f in fields(SparseConfig)}
 
 
-def _build(fn: str, base: dict, overrides: dict) -> SparseConfig:
-    """SparseConfig(**(base | overrides)), with unknown override names refused by name."""
+class Times(NamedTuple):
+    """A setting proportional to another field of the final config: factor x config[field]."""
+    field: str
+    factor: float
+
+
+class Model(NamedTuple):
+    """One published model: its name, its paper or release, and its settings by table column
+    (plus "experts", which the table does not show): column -> (SparseConfig fields, source)."""
+    model: str
+    paper: str
+    settings: dict
+
+
+COLUMNS = ("model", "router", "K", "normalisation", "capacity", "aux losses", "shared experts",
+           "scaling")
+NONE = ({}, "none in the paper")
+
+MODELS = {
+    "switch": Model("Switch Transformer", "Fedus, Zoph, Shazeer 2021, Switch Transformers", {
+        "router": (dict(router="switch"), "Sec. 2.1"),          # softmax over E, top-1, y = p_i(x) E_i(x)
+        "K": (dict(k=1), "Sec. 2.1"),
+        "normalisation": ({}, "Sec. 2.1, y = p_i(x) E_i(x)"),
+        "capacity": (dict(capacity_factor=1.25, drop_policy="position"),   # slots in token order
+                     "Sec. 2.2; factor from Table 1"),
+        "aux losses": (dict(balance_coef=1e-2, jitter=1e-2),
+                       "Sec. 2.2 (alpha = 1e-2); jitter: HF router_jitter_noise default"),
+        "shared experts": NONE, "scaling": NONE,
+        "experts": (dict(expert="mlp"), "T5 FFN, ReLU (HF dense_act_fn default 'relu')")}),
+    "gshard": Model("GShard", "Lepikhin et al. 2020, GShard", {
+        "router": (dict(router="softmax_topk"), "Sec. 2.2, Algorithm 1"),
+        "K": (dict(k=2), "Sec. 2.2 (top-2 gating)"),
+        "normalisation": ({}, "Algorithm 1: g1, g2 / (g1 + g2)"),
+        "capacity": (dict(capacity_factor=1.0, drop_policy="position"),    # C = 2N/E = 1.0 x K N / E
+                     "Sec. 2.2 (C = 2N/E); Algorithm 1: top-1 slots first"),
+        "aux losses": (dict(balance_coef=1e-2), "Algorithm 1 l_aux; k = 1e-2 borrowed from Switch"),
+        "shared experts": NONE, "scaling": NONE,
+        "experts": (dict(expert="mlp"), "Sec. 2.2, eq. (2): FFN_e(x) = wo_e ReLU(wi_e x)")}),
+    "mixtral": Model("Mixtral 8x7B", "Jiang et al. 2024, Mixtral of Experts", {
+        "router": (dict(router="softmax_topk"), "paper Sec. 2.1; HF MixtralTopKRouter"),
+        "K": (dict(k=2), "config.json num_experts_per_tok"),
+        "normalisation": ({}, "Softmax(TopK(x W_g)): paper Sec. 2.1"),
+        "capacity": (dict(capacity_factor=None), "HF MixtralSparseMoeBlock: no dropped tokens"),
+        "aux losses": (dict(balance_coef=Times("k", 0.02)), "config.json router_aux_loss_coef 0.02, x K"),
+        "shared experts": ({}, "none"), "scaling": ({}, "none"),
+        "experts": (dict(expert="swiglu"), "paper Sec. 2.1; w1 gate, w3 up, w2 down")}),
+    "qwen2_moe": Model("Qwen1.5-MoE-A2.7B", "Qwen team 2024; HF Qwen2MoeConfig", {
+        "router": (dict(router="softmax_topk_raw"), "HF Qwen2MoeTopKRouter"),
+        "K": (dict(k=4), "HF Qwen2MoeConfig num_experts_per_tok"),
+        "normalisation": ({}, "HF Qwen2MoeConfig norm_topk_prob = False"),
+        "capacity": (dict(capacity_factor=None), "HF Qwen2MoeSparseMoeBlock: every token computed"),
+        "aux losses": (dict(balance_coef=Times("k", 0.001)), "HF router_aux_loss_coef 0.001, x K"),
+        "shared experts": (dict(num_shared=1, d_hidden_shared=Times("d_hidden", 4), shared_gate=True),
+                           "HF shared_expert (5632 = 4 x 1408) and shared_expert_gate"),
+        "scaling": ({}, "none"),
+        "experts": (dict(expert="swiglu"), "HF Qwen2MoeMLP: down(silu(gate x) * up x)")}),
+    "deepseek_v3": Model("DeepSeek-V3", "DeepSeek-AI 2024, DeepSeek-V3 Technical Report", {
+        "router": (dict(router="sigmoid_bias", n_group=8, topk_group=4), "Sec. 2.1.2; HF n_group, topk_group"),
+        "K": (dict(k=8), "Sec. 4.2"),
+        "normalisation": (dict(norm_topk_prob=True), "Sec. 2.1.2; HF norm_topk_prob = True"),
+        "capacity": (dict(capacity_factor=None), "Sec. 2.1.2: no token dropping"),
+        "aux losses": (dict(bias_gamma=1e-3, bias_update="sign", seq_aux_coef=1e-4),
+                       "Sec. 4.2: gamma = 0.001, alpha = 0.0001"),
+        "shared experts": (dict(num_shared=1), "Sec. 4.2; HF n_shared_experts = 1"),
+        "scaling": (dict(routed_scaling_factor=2.5), "HF routed_scaling_factor default"),
+        "experts": (dict(expert="swiglu"), "HF DeepseekV3MLP: down(silu(gate x) * up x)")}),
+}
+
+
+def _build(fn: str, sizes: dict, overrides: dict) -> SparseConfig:
+    """SparseConfig of the model's settings, the sizes and the overrides (which win); a Times
+    setting is resolved against the final config. Unknown override names are refused by name."""
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"{fn}: unknown override {unknown[0]!r}; the overrides are SparseConfig "
                          f"fields ({', '.join(sorted(_FIELDS))})")
-    return SparseConfig(**(base | overrides))
+    base = sizes | {k: v for group, _ in MODELS[fn].settings.values() for k, v in group.items()}
+    final = base | overrides
+    resolved = {k: v.factor * final[v.field] if isinstance(v, Times) else v for k, v in base.items()}
+    return SparseConfig(**(resolved | overrides))
 
 
 def switch(d_model: int, num_experts: int, d_hidden: int, **overrides) -> SparseConfig:
@@ -53,15 +128,7 @@ def switch(d_model: int, num_experts: int, d_hidden: int, **overrides) -> Sparse
     zero), Switch's have none. No z-loss: that came later with ST-MoE
     (Zoph et al. 2022, c_z = 1e-3); add z_coef=1e-3 for it.
     """
-    base = dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden,
-                router="switch",         # softmax over E, top-1, y = p_i(x) E_i(x): Sec. 2.1
-                k=1,                     # one expert per token: Sec. 2.1
-                expert="mlp",            # T5 FFN, ReLU (HF dense_act_fn default "relu")
-                capacity_factor=1.25,    # C = tokens/E x factor: Sec. 2.2; 1.25 among Table 1's factors
-                drop_policy="position",  # slots in token order (HF Top1Router: cumsum over positions)
-                balance_coef=1e-2,       # alpha = 1e-2 for all the paper's runs: Sec. 2.2
-                jitter=1e-2)             # HF SwitchTransformersConfig.router_jitter_noise default
-    return _build("switch", base, overrides)
+    return _build("switch", dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden), overrides)
 
 
 def gshard(d_model: int, num_experts: int, d_hidden: int, **overrides) -> SparseConfig:
@@ -77,14 +144,7 @@ def gshard(d_model: int, num_experts: int, d_hidden: int, **overrides) -> Sparse
     multiplier k of L = l_nll + k l_aux is a hyper-parameter in the paper;
     1e-2 is Switch's alpha for the same loss, not a GShard-stated value.
     """
-    base = dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden,
-                router="softmax_topk",   # Top2Gating, g1, g2 / (g1 + g2): Sec. 2.2, Algorithm 1
-                k=2,                     # top-2 gating: Sec. 2.2
-                expert="mlp",            # FFN_e(x) = wo_e ReLU(wi_e x): Sec. 2.2, eq. (2)
-                capacity_factor=1.0,     # C = 2N/E = 1.0 x K N / E: Sec. 2.2
-                drop_policy="position",  # top-1 slots first, then top-2: Algorithm 1
-                balance_coef=1e-2)       # k: see the docstring (Switch's alpha)
-    return _build("gshard", base, overrides)
+    return _build("gshard", dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden), overrides)
 
 
 def mixtral(d_model: int, num_experts: int, d_hidden: int, **overrides) -> SparseConfig:
@@ -99,14 +159,7 @@ def mixtral(d_model: int, num_experts: int, d_hidden: int, **overrides) -> Spars
     input of the router *and* the experts; moe_np's jitter reaches the
     router only, so it stays 0 here.
     """
-    k = overrides.get("k", 2)
-    base = dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden,
-                router="softmax_topk",   # softmax over E, top-K, / sum: HF MixtralTopKRouter; paper Sec. 2.1
-                k=2,                     # num_experts_per_tok = 2 (config.json; paper Sec. 2.1)
-                expert="swiglu",         # E_i(x) = SwiGLU_i(x): paper Sec. 2.1; w1 gate, w3 up, w2 down
-                capacity_factor=None,    # dropless: HF MixtralSparseMoeBlock docstring
-                balance_coef=0.02 * k)   # config.json router_aux_loss_coef 0.02, x K for moe_np's f
-    return _build("mixtral", base, overrides)
+    return _build("mixtral", dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden), overrides)
 
 
 def qwen2_moe(d_model: int, num_experts: int, d_hidden: int, **overrides) -> SparseConfig:
@@ -119,17 +172,7 @@ def qwen2_moe(d_model: int, num_experts: int, d_hidden: int, **overrides) -> Spa
     router_aux_loss_coef 0.001, times K = 4 for moe_np's f (see mixtral).
     Not exact: HF pools the balance loss over all layers.
     """
-    k = overrides.get("k", 4)
-    base = dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden,
-                router="softmax_topk_raw",   # Qwen2MoeTopKRouter, norm_topk_prob default False
-                k=4,                         # num_experts_per_tok default 4
-                expert="swiglu",             # Qwen2MoeMLP: down(silu(gate x) * up x)
-                capacity_factor=None,        # the block computes every routed token
-                num_shared=1,                # Qwen2MoeSparseMoeBlock.shared_expert
-                d_hidden_shared=4 * d_hidden,   # 5632 / 1408: shared_expert_intermediate_size
-                shared_gate=True,            # sigmoid(shared_expert_gate(x)) * shared_expert(x)
-                balance_coef=0.001 * k)      # router_aux_loss_coef default 0.001, x K
-    return _build("qwen2_moe", base, overrides)
+    return _build("qwen2_moe", dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden), overrides)
 
 
 def deepseek_v3(d_model: int, num_experts: int, d_hidden: int, **overrides) -> SparseConfig:
@@ -151,20 +194,7 @@ def deepseek_v3(d_model: int, num_experts: int, d_hidden: int, **overrides) -> S
     if overrides.get("seq_aux_coef", 1e-4) and overrides.get("seq_len") is None:
         raise ValueError("deepseek_v3: the sequence-wise balance loss (alpha = 1e-4) is computed per "
                          "sequence; pass seq_len=T, or seq_aux_coef=0.0 to leave it out")
-    base = dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden,
-                router="sigmoid_bias",   # s = sigmoid(u e_i), bias for selection only: Sec. 2.1.2
-                k=8,                     # 8 routed experts per token: Sec. 4.2; HF num_experts_per_tok
-                n_group=8,               # HF n_group 8: groups stand for nodes (Sec. 2.1.2)
-                topk_group=4,            # HF topk_group 4; at most M = 4 nodes per token: Sec. 4.2
-                norm_topk_prob=True,     # g = s / sum s over the selected: Sec. 2.1.2; HF default True
-                routed_scaling_factor=2.5,   # HF DeepseekV3Config default 2.5
-                expert="swiglu",         # DeepseekV3MLP: down(silu(gate x) * up x)
-                capacity_factor=None,    # no token dropping: Sec. 2.1.2
-                num_shared=1,            # 1 shared expert: Sec. 4.2; HF n_shared_experts 1
-                bias_gamma=1e-3,         # bias update speed 0.001 (first 14.3T tokens): Sec. 4.2
-                bias_update="sign",      # b_i -/+ gamma if over/under-loaded: Sec. 2.1.2
-                seq_aux_coef=1e-4)       # alpha = 0.0001: Sec. 4.2
-    return _build("deepseek_v3", base, overrides)
+    return _build("deepseek_v3", dict(d_model=d_model, num_experts=num_experts, d_hidden=d_hidden), overrides)
 
 
 PRESETS = {"switch": switch, "gshard": gshard, "mixtral": mixtral, "qwen2_moe": qwen2_moe,
@@ -176,47 +206,6 @@ PRESETS = {"switch": switch, "gshard": gshard, "mixtral": mixtral, "qwen2_moe": 
 class Cell(NamedTuple):
     value: str     # what the preset's config says, in words
     source: str    # where the setting comes from
-
-
-COLUMNS = ("model", "router", "K", "normalisation", "capacity", "aux losses", "shared experts",
-           "scaling")
-
-_MODELS = {   # preset -> (the model's name, its paper or release)
-    "switch": ("Switch Transformer", "Fedus, Zoph, Shazeer 2021, Switch Transformers"),
-    "gshard": ("GShard", "Lepikhin et al. 2020, GShard"),
-    "mixtral": ("Mixtral 8x7B", "Jiang et al. 2024, Mixtral of Experts"),
-    "qwen2_moe": ("Qwen1.5-MoE-A2.7B", "Qwen team 2024; HF Qwen2MoeConfig"),
-    "deepseek_v3": ("DeepSeek-V3", "DeepSeek-AI 2024, DeepSeek-V3 Technical Report"),
-}
-
-_SOURCES = {
-    "switch": {"router": "Sec. 2.1", "K": "Sec. 2.1", "normalisation": "Sec. 2.1, y = p_i(x) E_i(x)",
-               "capacity": "Sec. 2.2; factor from Table 1",
-               "aux losses": "Sec. 2.2 (alpha = 1e-2); jitter: HF router_jitter_noise default",
-               "shared experts": "none in the paper", "scaling": "none in the paper"},
-    "gshard": {"router": "Sec. 2.2, Algorithm 1", "K": "Sec. 2.2 (top-2 gating)",
-               "normalisation": "Algorithm 1: g1, g2 / (g1 + g2)",
-               "capacity": "Sec. 2.2 (C = 2N/E); Algorithm 1: top-1 slots first",
-               "aux losses": "Algorithm 1 l_aux; k = 1e-2 borrowed from Switch",
-               "shared experts": "none in the paper", "scaling": "none in the paper"},
-    "mixtral": {"router": "paper Sec. 2.1; HF MixtralTopKRouter", "K": "config.json num_experts_per_tok",
-                "normalisation": "Softmax(TopK(x W_g)): paper Sec. 2.1",
-                "capacity": "HF MixtralSparseMoeBlock: no dropped tokens",
-                "aux losses": "config.json router_aux_loss_coef 0.02, x K",
-                "shared experts": "none", "scaling": "none"},
-    "qwen2_moe": {"router": "HF Qwen2MoeTopKRouter", "K": "HF Qwen2MoeConfig num_experts_per_tok",
-                  "normalisation": "HF Qwen2MoeConfig norm_topk_prob = False",
-                  "capacity": "HF Qwen2MoeSparseMoeBlock: every token computed",
-                  "aux losses": "HF router_aux_loss_coef 0.001, x K",
-                  "shared experts": "HF shared_expert (5632 = 4 x 1408) and shared_expert_gate",
-                  "scaling": "none"},
-    "deepseek_v3": {"router": "Sec. 2.1.2; HF n_group, topk_group", "K": "Sec. 4.2",
-                    "normalisation": "Sec. 2.1.2; HF norm_topk_prob = True",
-                    "capacity": "Sec. 2.1.2: no token dropping",
-                    "aux losses": "Sec. 4.2: gamma = 0.001, alpha = 0.0001",
-                    "shared experts": "Sec. 4.2; HF n_shared_experts = 1",
-                    "scaling": "HF routed_scaling_factor default"},
-}
 
 
 def _router_words(c: SparseConfig) -> str:
@@ -259,11 +248,11 @@ def preset_row(name: str, config: SparseConfig) -> dict:
     """One table row: column -> Cell(value, source), values read from `config`."""
     if name not in PRESETS:
         raise ValueError(f"preset_row: name must be one of {tuple(PRESETS)}, got {name!r}")
-    values = {"model": _MODELS[name][0], "router": _router_words(config), "K": str(config.k),
+    values = {"model": MODELS[name].model, "router": _router_words(config), "K": str(config.k),
               "normalisation": _normalisation_words(config), "capacity": _capacity_words(config),
               "aux losses": _aux_words(config), "shared experts": _shared_words(config),
               "scaling": f"x {config.routed_scaling_factor:g}"}
-    sources = {"model": _MODELS[name][1]} | _SOURCES[name]
+    sources = {"model": MODELS[name].paper} | {col: MODELS[name].settings[col][1] for col in COLUMNS[1:]}
     return {col: Cell(values[col], sources[col]) for col in COLUMNS}
 
 
