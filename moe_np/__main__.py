@@ -9,6 +9,9 @@
                            [--precision fp32|fp16|bf16|fp8] [--steps N] [--seed S] [--resume] ...
     python -m moe_np plot RUN_DIR [RUN_DIR ...]  figures of one run (or several, overlaid)
     python -m moe_np bench ...                   time the hot path (moe_np/bench.py)
+    python -m moe_np train-lm --out RUN_DIR [--preset P] [--model moe|dense-active|dense-total]
+                              [--tokenizer byte|bpe] [--precision ...] [--steps N] [--seed S] [--resume]
+    python -m moe_np generate RUN_DIR --prompt "def " [--tokens N] [--temperature T] [--top-k K] [--seed S]
 
 Bad input ends with one line on stderr and exit status 2; Ctrl-C during
 training saves a checkpoint that `train --out RUN_DIR --resume` continues.
@@ -316,8 +319,23 @@ def build_parser(argv) -> Parser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(run=cmd_plot)
 
+    _add_lm(sub, wanted=argv[0] if argv else None)
     _add_bench(sub, wanted=bool(argv) and argv[0] == "bench")
     return parser
+
+
+def _add_lm(sub, wanted) -> None:
+    """train-lm and generate (chapter 9, moe_np/lm_train.py), configured only when asked for."""
+    p = sub.add_parser("train-lm", help="train the language model on the standard library's source")
+    if wanted == "train-lm":
+        from moe_np import lm_train
+        lm_train.configure_train(p)
+        p.set_defaults(run=lm_train.cmd_train_lm)
+    p = sub.add_parser("generate", help="sample text from a train-lm run (KV-cached decoding)")
+    if wanted == "generate":
+        from moe_np import lm_train
+        lm_train.configure_generate(p)
+        p.set_defaults(run=lm_train.cmd_generate)
 
 
 def main(argv=None) -> int:

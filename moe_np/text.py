@@ -389,6 +389,14 @@ class Batcher:
         cols = np.arange(self.context + 1)                                 # (T+1,)
         return self.stream[np.asarray(offsets)[:, None] + cols]            # (B, T+1)
 
+    def views(self):
+        """(inputs, targets): row o of each is the window at offset o, [:-1] and [1:], as
+        read-only views of the stream. Drawing rows rng.integers(0, len(inputs), B) from
+        the same generator gives exactly next()'s batches: a trainer that samples rows of
+        (x, target) arrays draws this batcher's stream.   -> (N - T, T), (N - T, T)"""
+        win = np.lib.stride_tricks.sliding_window_view
+        return win(self.stream[:-1], self.context), win(self.stream[1:], self.context)
+
     def next(self) -> np.ndarray:
         """The next (B, T+1) batch of token ids."""
         return self.windows(self.offsets())                                # (B, T+1)

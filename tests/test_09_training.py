@@ -1,0 +1,134 @@
+"""Chapter 9's training: the language model on stdlib text, bits per byte, resume, generate, CLI.
+
+Every run is tiny (one or two blocks of width 32, contexts of 32 bytes, a few dozen steps
+on 20 files) so the file stays fast; the chapter's run is the full-size one.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from moe_np import checkpoint as ckpt, text
+from moe_np.__main__ import main
+from moe_np.lm_train import (LMTrainConfig, build_lm_run, evaluate_bpb, generate, load_lm_run,
+                             sample_next, train_lm_in_dir, train_lm_quietly)
+
+TINY = dict(max_files=20, d_model=32, layers=1, context=32, batch_size=8, steps=30, warmup=3,
+            log_every=10, checkpoint_every=10, eval_bytes=2048, lr=1e-2)
+TINY_ARGS = ["--max-files", "20", "--d-model", "32", "--layers", "1", "--context", "32",
+             "--batch-size", "8", "--steps", "12", "--warmup", "2", "--log-every", "4",
+             "--checkpoint-every", "5", "--eval-bytes", "2048"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    assert main(["train-lm", "--out", str(out), *TINY_ARGS]) == 0
+    return out
+
+
+def test_training_lowers_validation_loss():
+    config = LMTrainConfig(**TINY)
+    fresh = build_lm_run(config)
+    before = evaluate_bpb(fresh.model, fresh.data.eval_windows, fresh.data.eval_bytes)
+    assert abs(before["val_loss"] - math.log(256)) < 1.0          # near uniform at the start
+    run = train_lm_quietly(config)
+    after = run.trainer.history.records[-1]
+    assert after["val_loss"] < before["val_loss"] - 1.0
+    assert run.trainer.history.records[0]["routing"]                # routing statistics per block
+
+
+def test_bits_per_byte_of_a_byte_model_is_loss_over_ln2():
+    run = build_lm_run(LMTrainConfig(**TINY))
+    got = evaluate_bpb(run.model, run.data.eval_windows, run.data.eval_bytes)
+    assert np.isclose(got["val_bpb"], got["val_loss"] / math.log(2), rtol=1e-12)
+    # with BPE a token spells several bytes: bits per byte = nats / ln 2 / bytes, not per token
+    bpe = build_lm_run(LMTrainConfig(**TINY, tokenizer="bpe", vocab_size=300))
+    got = evaluate_bpb(bpe.model, bpe.data.eval_windows, bpe.data.eval_bytes)
+    per_token = bpe.data.eval_bytes.mean()
+    assert per_token > 1.2
+    assert np.isclose(got["val_bpb"], got["val_loss"] / math.log(2) / per_token, rtol=1e-9)
+
+
+def test_trainer_draws_the_batchers_windows():
+    run = build_lm_run(LMTrainConfig(**TINY))
+    t = run.trainer
+    rows = np.random.default_rng(TINY.get("seed", 0)).integers(0, len(t.x), t.batch_size)
+    batch = text.Batcher(run.data.train, TINY["context"], TINY["batch_size"], seed=0).next()
+    assert np.array_equal(t.x[rows], batch[:, :-1]) and np.array_equal(t.target[rows], batch[:, 1:])
+
+
+class StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, record):
+        if trainer.step == self.step:
+            trainer.stop = True
+
+
+def test_resume_is_bit_identical(tmp_path):
+    config = LMTrainConfig(**TINY)
+    straight = train_lm_in_dir(config, tmp_path / "a", log=lambda *_: None)
+    stopped = train_lm_in_dir(config, tmp_path / "b", log=lambda *_: None, callbacks=[StopAt(13)])
+    assert stopped.trainer.history.interrupted and stopped.trainer.step == 13
+    resumed = train_lm_in_dir(config, tmp_path / "b", resume=True, log=lambda *_: None)
+    assert resumed.trainer.step == config.steps
+    a = ckpt.read_checkpoint(tmp_path / "a" / ckpt.CHECKPOINT_FILE)
+    b = ckpt.read_checkpoint(tmp_path / "b" / ckpt.CHECKPOINT_FILE)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(l) for l in (tmp_path / "b" / ckpt.METRICS_FILE).read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 10, 20, 29]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_equals_full_forward_sampling(cli_run, temperature):
+    """generate() over the KV cache picks what sampling from full forwards picks."""
+    model, tok, config = load_lm_run(cli_run)
+    prompt = b"def "
+    got = generate(model, tok, prompt, tokens=12, temperature=temperature, top_k=None, seed=7)
+    ids, rng = list(tok.encode(prompt)), np.random.default_rng(7)
+    for _ in range(12):
+        logits = model.forward(np.array([ids]))                      # (1, T, V)
+        ids.append(sample_next(logits[0, -1], rng, temperature, None))
+    want = tok.decode(np.array(ids[len(tok.encode(prompt)):]))
+    assert got == want and (temperature == 0 or len(set(want)) > 3)
+
+
+def test_generate_cli(cli_run, capsys):
+    assert main(["generate", str(cli_run), "--prompt", "import ", "--tokens", "10",
+                 "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("import ")
+    assert main(["generate", str(cli_run), "--prompt", "import ", "--tokens", "10",
+                 "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first                           # seeded
+
+
+def _one_line_error(capsys, argv, *words):
+    before = capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return before
+
+
+def test_cli_errors(cli_run, tmp_path, capsys):
+    _one_line_error(capsys, ["generate", str(cli_run), "--prompt", ""], "--prompt", "empty")
+    layer_run = tmp_path / "layer"
+    layer_run.mkdir()
+    (layer_run / "config.json").write_text(json.dumps({"format": 1, "config": {"model": "moe"}}))
+    _one_line_error(capsys, ["generate", str(layer_run)], str(layer_run), "not a train-lm run")
+    _one_line_error(capsys, ["generate", str(tmp_path / "nowhere")], "nowhere")
+    _one_line_error(capsys, ["train-lm", "--out", str(cli_run), *TINY_ARGS], "--out",
+                    "already holds files")
+    fresh = tmp_path / "fresh"
+    _one_line_error(capsys, ["train-lm", "--out", str(fresh), "--tokenizer", "words"], "words")
+    _one_line_error(capsys, ["train-lm", "--out", str(fresh), "--warmup", "50", "--steps", "10"],
+                    "warmup=50")
+    assert not fresh.exists()                                          # nothing written
+    _one_line_error(capsys, ["train-lm", "--out", str(cli_run), "--resume", "--seed", "5"],
+                    "seed")
