@@ -329,12 +329,12 @@ def _add_lm(sub, wanted) -> None:
     p = sub.add_parser("train-lm", help="train the language model on the standard library's source")
     if wanted == "train-lm":
         from moe_np import lm_train
-        lm_train.configure_train(p)
+        lm_train.configure_train(p, sys.modules[__name__])
         p.set_defaults(run=lm_train.cmd_train_lm)
     p = sub.add_parser("generate", help="sample text from a train-lm run (KV-cached decoding)")
     if wanted == "generate":
         from moe_np import lm_train
-        lm_train.configure_generate(p)
+        lm_train.configure_generate(p, sys.modules[__name__])
         p.set_defaults(run=lm_train.cmd_generate)
 
 

@@ -360,26 +360,25 @@ def generate(model, tok, prompt: bytes, tokens: int = 200, temperature: float = 
 
 # ---------------------------------------------------------------- the command line
 
-def configure_train(p) -> None:
-    """train-lm's options: one per LMTrainConfig field; unset ones stay absent (for --resume)."""
+def configure_train(p, cli) -> None:
+    """train-lm's options: one per LMTrainConfig field; unset ones stay absent (for --resume).
+    cli: the command-line module, whose argument types (positive_int, ...) are used."""
     import argparse
-    from moe_np.__main__ import non_negative_float, non_negative_int, positive_float, \
-        positive_float_or_none, positive_int
     from moe_np.lm_presets import LM_PRESETS
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run's directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR")
     choices = {"preset": tuple(LM_PRESETS), "model": MODELS, "tokenizer": TOKENIZERS,
                "precision": tuple(PRECISIONS), "loss_scale": LOSS_SCALES}
-    kinds = {"seed": non_negative_int, "warmup": non_negative_int, "max_files": non_negative_int,
-             "lr": positive_float, "weight_decay": non_negative_float,
-             "clip_norm": positive_float_or_none}
+    kinds = {"seed": cli.non_negative_int, "warmup": cli.non_negative_int,
+             "max_files": cli.non_negative_int, "lr": cli.positive_float,
+             "weight_decay": cli.non_negative_float, "clip_norm": cli.positive_float_or_none}
     for f in fields(LMTrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(LMTrainConfig(), f.name)
         if f.name in choices:
             p.add_argument(flag, choices=choices[f.name], default=argparse.SUPPRESS,
                            help=f"(default {default})")
         else:
-            p.add_argument(flag, type=kinds.get(f.name, positive_int), default=argparse.SUPPRESS,
+            p.add_argument(flag, type=kinds.get(f.name, cli.positive_int), default=argparse.SUPPRESS,
                            metavar=f.name.split("_")[-1].upper(), help=f"(default {default})")
 
 
@@ -407,8 +406,9 @@ def cmd_train_lm(args) -> int:
     return 0
 
 
-def configure_generate(p) -> None:
-    from moe_np.__main__ import non_negative_float, non_negative_int, positive_int
+def configure_generate(p, cli) -> None:
+    non_negative_float, non_negative_int, positive_int = \
+        cli.non_negative_float, cli.non_negative_int, cli.positive_int
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train-lm run directory")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--tokens", type=positive_int, default=200, help="tokens to sample (default 200)")
