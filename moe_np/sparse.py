@@ -147,7 +147,8 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, nois
     route, router_cache = routers.router_forward(x_router, params, config, bias=bias, noise=noise)
     plan = make_plan(route, config, strategy, rng, mask)
     x_disp, gather_cache = strategy.gather_forward(x, plan)            # (M, D) or (E, C, D)
-    y_disp, experts_cache = _experts_forward(strategy, x_disp, params, config, plan)
+    y_disp, experts_cache = _experts_forward(strategy, x_disp, params, config, plan, x)
+    del x_disp                        # not kept: the experts' backward gathers its rows again
     y, combine_cache = strategy.combine_forward(y_disp, route.weights, plan)   # (N, D)
     y_shared, shared_cache = shared_experts_forward(x, params, config)
     if y_shared is not None:
@@ -172,8 +173,10 @@ def sparse_moe_backward(dout, cache: SparseCache):
     strategy = dispatch.get_strategy(cache.config.dispatch)
     dy_disp, dweights = strategy.combine_backward(dy, cache.combine_cache)   # as y_disp, as weights
     dy_disp = lowp.round_output(dy_disp, cache.config.precision)       # named step: expert gradients
-    dx_disp, grads = strategy.experts_backward(dy_disp, cache.experts_cache)
+    dx_disp, grads = strategy.experts_backward(dy_disp, cache.experts_cache, overwrite=True)
+    del dy_disp                       # ragged: dx_disp was written over it
     dx = strategy.gather_backward(dx_disp, cache.gather_cache)         # (N, D)
+    del dx_disp                       # freed before the shared experts' and the router's backward
     if cache.shared_cache is not None:
         dx_shared, shared_grads = shared_experts_backward(dy, cache.shared_cache, cache.params,
                                                           cache.config)
@@ -185,13 +188,14 @@ def sparse_moe_backward(dout, cache: SparseCache):
     return lowp.round_output(dx, cache.config.precision), grads | router_grads
 
 
-def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan):
+def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan, x):
     """The experts on the dispatched rows: the strategy's own path in fp32; in low precision
-    the ragged pair with lowp's GEMM (operands rounded, float32 sums, output rounded)."""
+    the ragged pair with lowp's GEMM (operands rounded, float32 sums, output rounded). The
+    cache keeps x and the plan's rows, not x_disp (a ragged backward gathers them again)."""
     if config.precision.compute == "fp32":
-        return strategy.experts_forward(x_disp, params, config.expert, plan)
+        return strategy.experts_forward(x_disp, params, config.expert, plan, x=x)
     return ragged_experts_forward(x_disp, params, config.expert, plan.offsets,
-                                  gemm=lowp.gemm_for(config.precision))
+                                  gemm=lowp.gemm_for(config.precision), source=(x, plan.rows_token))
 
 
 def sparse_moe_selection(cache: SparseCache) -> tuple:
