@@ -18,6 +18,7 @@ import numpy as np
 
 from moe_np.config import PrecisionConfig, SparseConfig
 from moe_np.optim import SGD
+from moe_np.parallel import costs
 from moe_np.parallel.layer import ExpertParallelMoE
 from moe_np.sparse import SparseMoE
 
@@ -106,6 +107,35 @@ def compare_training(comm, config: SparseConfig, *, steps: int = 3, tokens_per_r
             "bytes": ep.traffic.remote()}
 
 
+def traffic_step(comm, config: SparseConfig, *, tokens_per_rank: int = 16, seed: int = 0,
+                 dtype=np.float64, ranks_per_node: int = 2, **layer_options) -> dict:
+    """One forward and backward; the bytes of rows each rank sent, measured by the ledger and
+    predicted from one process's plan (who holds which kept assignment); rows within and
+    across nodes; the most nodes any token's experts span."""
+    world, rank = comm.Get_size(), comm.Get_rank()
+    x, dy, _ = global_batch(config, world * tokens_per_rank, seed, dtype)
+    one = SparseMoE(config, seed=seed, dtype=dtype)
+    one.forward(x)
+    ep = ExpertParallelMoE(config, comm, seed=seed, dtype=dtype, ranks_per_node=ranks_per_node,
+                           **layer_options)
+    rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
+    ep.backward(dy[rows] + 0 * ep.forward(x[rows]))
+    home = np.repeat(np.arange(world), tokens_per_rank)                  # (A,) home rank
+    kept = one._cache.plan.token_rows >= 0                               # (A, K) kept
+    per_rank = config.num_experts // ep.groups.ep
+    matrix = costs.rows_matrix(home, one.stats.ids, kept, per_rank, world)   # (P, P)
+    row_bytes = config.d_model * np.dtype(dtype).itemsize
+    off = matrix - np.diag(np.diag(matrix))                              # (P, P) remote rows
+    predicted = 2 * (off[rank].sum() + off[:, rank].sum()) * row_bytes   # forward + backward
+    nodes = costs.node_traffic(home, one.stats.ids, kept, per_rank, ranks_per_node)
+    return {"identical": comm.allgather(ep.traffic.remote("rows") == predicted) == [True] * world,
+            "measured": comm.allgather(ep.traffic.remote("rows")),
+            "predicted": comm.allgather(int(predicted)), "matrix": matrix.tolist(),
+            "within": nodes.within, "across": nodes.across, "deduplicated": nodes.deduplicated,
+            "max_nodes": nodes.max_nodes, "imbalance": costs.imbalance(matrix.sum(axis=0)),
+            "bytes_by_kind": {k: int(v.sum() - v[rank]) for k, v in ep.traffic.sent.items()}}
+
+
 def _rows_received(comm, layer) -> list:
     """Rows each rank's experts received in the last forward (rank order)."""
     return comm.allgather(int(layer._cache.plan.recv_rows.sum()))
@@ -122,7 +152,8 @@ def run_cases(comm, cases: list) -> list:
             fields = fields | {"precision": PrecisionConfig(**fields["precision"])}
         config = SparseConfig(**fields)
         dtype = np.dtype(case.pop("dtype", "float64"))
-        run = compare_training if case.pop("training_steps", False) else compare_step
+        run = {"step": compare_step, "training": compare_training,
+               "traffic": traffic_step}[case.pop("kind", "step")]
         results.append({"name": name} | run(comm, config, dtype=dtype, **case))
     return results
 

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from moe_np.dispatch.plan import Plan, plan_token_choice
+from moe_np.parallel.groups import AgreedError
 
 
 class Layout(NamedTuple):
@@ -50,10 +51,10 @@ def check_layout(fn: str, num_experts: int, ep: int, dp: int, world_size: int) -
     """E divisible by the expert-parallel size, and dp * ep = the world size: checked on
     every rank from what each rank knows alone, before any communication."""
     if ep < 1 or dp < 1 or dp * ep != world_size:
-        raise ValueError(f"{fn}: dp * ep must equal the world size; got dp={dp}, ep={ep}, "
+        raise AgreedError(f"{fn}: dp * ep must equal the world size; got dp={dp}, ep={ep}, "
                          f"world size {world_size}")
     if num_experts % ep:
-        raise ValueError(f"{fn}: num_experts={num_experts} is not divisible by the "
+        raise AgreedError(f"{fn}: num_experts={num_experts} is not divisible by the "
                          f"expert-parallel size ep={ep}; each rank must hold E / ep experts")
 
 
