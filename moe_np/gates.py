@@ -121,8 +121,8 @@ GATES = {
 
 
 def gate_kind(kind: str) -> GateKind:
-    if kind not in GATES:
-        raise ValueError(f"gates: gate must be one of {sorted(GATES)}, got {kind!r}")
+    """The registered gate `kind` (the registry is the one list of gate kinds)."""
+    validate.one_of("gate_kind", "gate", kind, GATES)
     return GATES[kind]
 
 

@@ -64,8 +64,7 @@ class SGD(Optimizer):
 
     def __init__(self, params: dict, lr: float, momentum: float = 0.0, schedule=None):
         super().__init__(params, lr, schedule)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
+        validate.probability("SGD", "momentum", momentum)
         self.momentum = momentum
 
     def step(self, grads: dict) -> None:
@@ -95,8 +94,7 @@ class Adam(Optimizer):
         super().__init__(params, lr, schedule)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"{type(self).__name__}: betas must lie in [0, 1), got {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay}")
+        validate.non_negative(type(self).__name__, "weight_decay", weight_decay)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
     def step(self, grads: dict) -> None:
@@ -158,15 +156,14 @@ class WarmupCosine:
     t counts updates from 0, W = warmup_steps, T = total_steps. The first
     update already uses peak / W (never 0). The schedule is a pure function
     of t and has no state of its own: the optimizer's t is what a checkpoint
-    saves. `config()` gives its settings (for a run's config.json).
+    saves.
     """
 
     def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0,
                  floor_lr: float = 0.0):
         validate.positive("WarmupCosine", "peak_lr", peak_lr)
-        for name, v in (("total_steps", total_steps), ("warmup_steps", warmup_steps)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"WarmupCosine: {name} must be an integer >= 0, got {v!r}")
+        validate.integer("WarmupCosine", "total_steps", total_steps, minimum=0)
+        validate.integer("WarmupCosine", "warmup_steps", warmup_steps, minimum=0)
         if warmup_steps > total_steps:
             raise ValueError(f"WarmupCosine: warmup_steps={warmup_steps} exceeds "
                              f"total_steps={total_steps}")
@@ -176,15 +173,10 @@ class WarmupCosine:
             int(warmup_steps), float(floor_lr)
 
     def lr(self, step: int) -> float:
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"WarmupCosine.lr: step must be an integer >= 0, got {step!r}")
+        validate.integer("WarmupCosine.lr", "step", step, minimum=0)
         if step < self.warmup:
             return self.peak * (step + 1) / self.warmup
         if step >= self.total:
             return self.floor
         progress = (step - self.warmup) / (self.total - self.warmup)
         return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def config(self) -> dict:
-        return {"peak_lr": self.peak, "total_steps": self.total, "warmup_steps": self.warmup,
-                "floor_lr": self.floor}

@@ -64,13 +64,10 @@ class ReMoEConfig:
 
     def __post_init__(self):
         own = "ReMoEConfig"
-        for name in ("d_model", "num_experts", "d_hidden", "k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{own}: {name} must be an integer >= 1, got {value!r}")
+        validate.sizes(own, d_model=self.d_model, num_experts=self.num_experts,
+                       d_hidden=self.d_hidden, k=self.k)
         validate.top_k(own, self.k, self.num_experts)
-        if self.expert not in EXPERTS:
-            raise ValueError(f"{own}: expert must be one of {sorted(EXPERTS)}, got {self.expert!r}")
+        validate.one_of(own, "expert", self.expert, EXPERTS)
         if not self.alpha > 1:
             raise ValueError(f"{own}: alpha must be > 1, got alpha={self.alpha}")
         validate.positive(own, "l1_init", self.l1_init)
@@ -97,23 +94,12 @@ class ReMoECache(NamedTuple):
 
 def _check_input(x, params: dict, kind: str, l1_coef: float) -> None:
     fn = "remoe_forward"
-    if not l1_coef >= 0:
-        raise ValueError(f"{fn}: l1_coef must be >= 0, got {l1_coef!r}")
-    missing = sorted({"w_router", *expert_kind(kind).names} - set(params))
-    if missing:
-        raise ValueError(f"{fn}: params is missing {missing} (kind={kind!r})")
-    validate.ndim(fn, "x", x, 2)
-    if len(x) == 0:
-        raise ValueError(f"{fn}: x must hold at least one token, got shape {x.shape}")
+    validate.non_negative(fn, "l1_coef", l1_coef)
+    num_experts = validate.routed_input(fn, x, params, "w_router", expert_kind(kind).names)
     w_router = params["w_router"]
-    validate.ndim(fn, "w_router", w_router, 2)
-    num_experts = params[EXPERTS[kind].names[0]].shape[0]
     if w_router.shape != (x.shape[1], num_experts):
         raise ValueError(f"{fn}: w_router must have shape (D, E) = {(x.shape[1], num_experts)}, "
                          f"got {w_router.shape}")
-    if x.dtype != w_router.dtype:
-        raise ValueError(f"{fn}: x is {x.dtype} but the parameters are {w_router.dtype}; "
-                         f"convert one of them")
 
 
 def active_plan(active) -> Plan:

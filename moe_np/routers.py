@@ -357,16 +357,19 @@ class RouterKind(NamedTuple):
     select: Callable      # (logits, config, extras) -> RouterOut, select_cache
     backward: Callable    # (dweights, dload, select_cache) -> dlogits, dx or None, {extra grads}
     extra_params: tuple   # parameters beyond w_router
+    softmax: bool         # scores are softmax(logits): the balance loss's P_i is defined
 
 
 ROUTERS = {
-    "softmax_topk": RouterKind(_select_topk(True), _logits_only(softmax_topk_backward), ()),
-    "softmax_topk_raw": RouterKind(_select_topk(False), _logits_only(softmax_topk_backward), ()),
-    "switch": RouterKind(_select_topk(False), _logits_only(softmax_topk_backward), ()),
-    "topk_softmax": RouterKind(_select_topk_softmax, _logits_only(topk_softmax_backward), ()),
-    "sigmoid_bias": RouterKind(_select_sigmoid_bias, _logits_only(sigmoid_topk_backward), ()),
-    "noisy_topk": RouterKind(_select_noisy, _noisy_backward, ("w_noise",)),
-    "expert_choice": RouterKind(_select_expert_choice, _logits_only(expert_choice_backward), ()),
+    "softmax_topk": RouterKind(_select_topk(True), _logits_only(softmax_topk_backward), (), True),
+    "softmax_topk_raw": RouterKind(_select_topk(False), _logits_only(softmax_topk_backward), (),
+                                   True),
+    "switch": RouterKind(_select_topk(False), _logits_only(softmax_topk_backward), (), True),
+    "topk_softmax": RouterKind(_select_topk_softmax, _logits_only(topk_softmax_backward), (), True),
+    "sigmoid_bias": RouterKind(_select_sigmoid_bias, _logits_only(sigmoid_topk_backward), (), False),
+    "noisy_topk": RouterKind(_select_noisy, _noisy_backward, ("w_noise",), False),
+    "expert_choice": RouterKind(_select_expert_choice, _logits_only(expert_choice_backward), (),
+                                False),
 }
 
 

@@ -46,13 +46,9 @@ class SoftMoEConfig:
     expert: str = "mlp"        # mlp (ReLU) | swiglu
 
     def __post_init__(self):
-        for name in ("d_model", "num_experts", "d_hidden", "num_slots"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SoftMoEConfig: {name} must be an integer >= 1, got {value!r}")
-        if self.expert not in EXPERTS:
-            raise ValueError(f"SoftMoEConfig: expert must be one of {sorted(EXPERTS)}, "
-                             f"got {self.expert!r}")
+        validate.sizes("SoftMoEConfig", d_model=self.d_model, num_experts=self.num_experts,
+                       d_hidden=self.d_hidden, num_slots=self.num_slots)
+        validate.one_of("SoftMoEConfig", "expert", self.expert, EXPERTS)
 
 
 class SoftCache(NamedTuple):
@@ -68,21 +64,11 @@ class SoftCache(NamedTuple):
 def _check_input(x, params: dict, kind: str) -> tuple:
     """-> (E, S) after checking x, phi and the expert weights against each other."""
     fn = "soft_moe_forward"
-    missing = sorted({"phi", *expert_kind(kind).names} - set(params))
-    if missing:
-        raise ValueError(f"{fn}: params is missing {missing} (kind={kind!r})")
-    validate.ndim(fn, "x", x, 2)
-    if len(x) == 0:
-        raise ValueError(f"{fn}: x must hold at least one token, got shape {x.shape}")
+    num_experts = validate.routed_input(fn, x, params, "phi", expert_kind(kind).names)
     phi = params["phi"]
-    validate.ndim(fn, "phi", phi, 2)
-    num_experts = params[EXPERTS[kind].names[0]].shape[0]
     if phi.shape[0] != x.shape[1] or phi.shape[1] % num_experts:
         raise ValueError(f"{fn}: phi must have shape (D, E*S) with D={x.shape[1]} and a multiple "
                          f"of E={num_experts} columns, got {phi.shape}")
-    if x.dtype != phi.dtype:
-        raise ValueError(f"{fn}: x is {x.dtype} but the parameters are {phi.dtype}; "
-                         f"convert one of them")
     return num_experts, phi.shape[1] // num_experts
 
 

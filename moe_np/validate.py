@@ -11,6 +11,7 @@ the function (or config), the argument and the value it got:
     probability  in [0, 1)                    float_dtype  a floating-point dtype
     ndim, shape, same_shape, finite           arrays
     top_k        1 <= k <= num_experts
+    routed_input x and the parameters of a layer with one router matrix (ReMoE, Soft MoE)
 """
 from __future__ import annotations
 
@@ -95,3 +96,20 @@ def top_k(fn: str, k: int, num_experts: int) -> None:
     integer(fn, "k", k)
     if k > num_experts:
         raise ValueError(f"{fn}: k={k} exceeds num_experts={num_experts}")
+
+
+def routed_input(fn: str, x, params: dict, router: str, expert_names) -> int:
+    """The input check of the layers whose router is one weight matrix over stacked experts
+    (ReMoE, Soft MoE): params holds `router` and every expert weight; x is (N, D) with
+    N >= 1; params[router] is 2-D with x's dtype.   -> E, the number of experts."""
+    missing = sorted({router, *expert_names} - set(params))
+    if missing:
+        raise ValueError(f"{fn}: params is missing {missing}")
+    ndim(fn, "x", x, 2)
+    if len(x) == 0:
+        raise ValueError(f"{fn}: x must hold at least one token, got shape {np.shape(x)}")
+    ndim(fn, router, params[router], 2)
+    if x.dtype != params[router].dtype:
+        raise ValueError(f"{fn}: x is {x.dtype} but the parameters are {params[router].dtype}; "
+                         f"convert one of them")
+    return params[expert_names[0]].shape[0]

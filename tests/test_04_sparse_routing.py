@@ -386,7 +386,7 @@ def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
 
 @pytest.mark.parametrize("call, message", [
     (lambda: routers.softmax_topk_forward(np.zeros((2, 3)), 4), "k=4 exceeds num_experts=3"),
-    (lambda: routers.topk_softmax_forward(np.zeros((2, 3)), 0), "k must be an integer >= 1, got k=0"),
+    (lambda: routers.topk_softmax_forward(np.zeros((2, 3)), 0), "k must be an integer >= 1, got 0"),
     (lambda: routers.sigmoid_topk_forward(np.array([[0.0, np.nan]]), 1), "logits has 1 non-finite"),
     (lambda: routers.softmax_topk_forward(np.array([[np.inf, 0.0]]), 1), "logits has 1 non-finite"),
     (lambda: routers.sigmoid_topk_forward(np.zeros((2, 3)), 1, bias=np.zeros(2)), "bias must have shape"),
@@ -399,7 +399,7 @@ def test_sigmoid_layer_updates_its_bias_toward_balance(rng):
     (lambda: dispatch.capacity(8, 4, 2, 0.0), "capacity_factor must be > 0, got 0.0"),
     (lambda: dispatch.capacity(8, 4, 2, -1.0), "capacity_factor must be > 0"),
     (lambda: cfg(capacity_factor=0.0), "capacity_factor must be > 0"),
-    (lambda: cfg(k=0), "k must be an integer >= 1, got k=0"),
+    (lambda: cfg(k=0), "k must be an integer >= 1, got 0"),
     (lambda: cfg(router="hash"), "router must be one of"),
     (lambda: cfg(drop_policy="lifo"), "drop_policy must be one of"),
     (lambda: cfg(dispatch="cuda"), "dispatch must be one of"),

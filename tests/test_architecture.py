@@ -228,3 +228,58 @@ def test_config_is_frozen_and_keyword_only():
     with pytest.raises(TypeError):
         SparseConfig(D, E, H)
     assert replace(c, k=1).k == 1
+
+
+# -- one list per kind, one check per rule ---------------------------------------------------
+
+def test_every_kind_list_is_read_from_its_registry():
+    from moe_np import config, dispatch, experts, gates, routers
+    assert config.ROUTER_KINDS == tuple(routers.ROUTERS)
+    assert config.EXPERT_KINDS == tuple(experts.EXPERTS)
+    assert config.GATE_KINDS == tuple(gates.GATES)
+    assert config.DROP_POLICIES == dispatch.POLICIES
+    assert config.DISPATCH_STRATEGIES == dispatch.STRATEGIES
+    assert config.SOFTMAX_ROUTERS == ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: v.one_of("f", "kind", "hash", ("a", "b")), r"f: kind must be one of \('a', 'b'\), got 'hash'"),
+    (lambda v: v.integer("f", "n", True), "f: n must be an integer >= 1, got True"),
+    (lambda v: v.integer("f", "n", 2.0), "f: n must be an integer >= 1, got 2.0"),
+    (lambda v: v.integer("f", "n", -1, minimum=0), "f: n must be an integer >= 0, got -1"),
+    (lambda v: v.sizes("f", a=3, b=0), "f: b must be an integer >= 1, got 0"),
+    (lambda v: v.non_negative("f", "c", float("nan")), "f: c must be >= 0, got nan"),
+    (lambda v: v.float_dtype("f", np.int64), "f: dtype must be a floating-point dtype, got int64"),
+    (lambda v: v.float_dtype("f", "no such type"), "f: dtype must be a floating-point dtype"),
+])
+def test_validate_names_function_argument_and_value(call, message):
+    from moe_np import validate
+    with pytest.raises(ValueError, match=message):
+        call(validate)
+
+
+def test_validate_accepts_what_it_should():
+    from moe_np import validate
+    validate.integer("f", "n", np.int64(3))
+    validate.integer("f", "n", 0, minimum=0)
+    validate.non_negative("f", "c", 0.0)
+    assert validate.float_dtype("f", "float32") == np.float32
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda p: (np.zeros((3, D)), {k: v for k, v in p.items() if k != "w1"}), r"params is missing \['w1'\]"),
+    (lambda p: (np.zeros((0, D)), p), r"x must hold at least one token, got shape \(0, 6\)"),
+    (lambda p: (np.zeros((3, D), np.float32), p), "x is float32 but the parameters are float64"),
+    (lambda p: (np.zeros((3, D, 1)), p), r"x must have 2 dimensions, got shape \(3, 6, 1\)"),
+])
+@pytest.mark.parametrize("which", ["remoe", "soft"])
+def test_remoe_and_soft_moe_share_one_input_check(which, bad, message):
+    from moe_np.remoe import ReMoE, ReMoEConfig, remoe_forward
+    from moe_np.soft import SoftMoE, SoftMoEConfig, soft_moe_forward
+    if which == "remoe":
+        params, forward = ReMoE(ReMoEConfig(d_model=D, num_experts=E, d_hidden=H)).params, remoe_forward
+    else:
+        params, forward = SoftMoE(SoftMoEConfig(d_model=D, num_experts=E, d_hidden=H)).params, soft_moe_forward
+    fn = {"remoe": "remoe_forward", "soft": "soft_moe_forward"}[which]
+    with pytest.raises(ValueError, match=f"{fn}: {message}"):
+        forward(*bad(params))
