@@ -1,9 +1,9 @@
-"""Experts: E feed-forward networks with stacked weights, applied as one batch.
+"""Experts: E feed-forward networks, their matrices stacked over experts, applied as one batch.
 
     ReLU MLP expert   f_e(x) = relu(x W1[e] + b1[e]) W2[e] + b2[e]
     SwiGLU expert     f_e(x) = (silu(x Wg[e]) * (x Wu[e])) Wd[e]      (Mixtral's FFN)
 
-Weights are stacked over experts: W1 (E, D, H), W2 (E, H, D) and so on.
+The matrices are stacked over experts: W1 (E, D, H), W2 (E, H, D) and so on.
 The input is either shared by every expert, x (N, D) -> y (E, N, D) (the
 dense mixture), or one batch of rows per expert, x (E, M, D) -> y (E, M, D)
 (a padded sparse layout, (E, C, D)). Backward returns dx in the shape x
@@ -11,7 +11,8 @@ came in: for a shared x the experts' contributions are summed.
 
 The ragged pair runs a sparse layer's expert-contiguous buffer x_sorted
 (M, D), expert e on rows offsets[e]:offsets[e+1], one GEMM chain per
-expert, with biases and ReLU applied in place.
+expert, with biases and ReLU applied in place. Its backward can gather the input
+rows again instead of keeping them, and write dx over dy (see ragged_experts_backward).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _batched(fn, x, w_in):
     if np.ndim(x) not in (2, 3):
         raise ValueError(f"{fn}: x must be (N, D) or (E, M, D), got shape {np.shape(x)}")
     if x.shape[-1] != w_in.shape[1]:
-        raise ValueError(f"{fn}: x has D={x.shape[-1]} but the expert weights have D={w_in.shape[1]}")
+        raise ValueError(f"{fn}: x has D={x.shape[-1]} but the expert matrices have D={w_in.shape[1]}")
     if x.ndim == 3 and x.shape[0] != w_in.shape[0]:
         raise ValueError(f"{fn}: x has {x.shape[0]} expert batches but there are E={w_in.shape[0]} experts")
     return x if x.ndim == 3 else x[None]                           # (E or 1, M, D)
@@ -124,8 +125,8 @@ def swiglu_experts_backward(dy, cache: SwigluExpertsCache):
 
 
 class ExpertKind(NamedTuple):
-    forward: Callable     # (x, *weights) -> y, cache
-    backward: Callable    # (dy, cache) -> dx, *dweights (in `names` order)
+    forward: Callable     # (x, *matrices) -> y, cache
+    backward: Callable    # (dy, cache) -> dx, *dmatrices (in `names` order)
     names: tuple          # parameter names, in the order forward takes them
 
 
@@ -151,11 +152,12 @@ def experts_selection(kind: str, cache):
 
 class RaggedCache(NamedTuple):
     kind: str
-    x_sorted: np.ndarray   # (M, D)
+    x_sorted: np.ndarray | None   # (M, D), or None when the rows are gathered again from source
     offsets: np.ndarray    # (E+1,)
-    weights: tuple         # the expert weights, in EXPERTS[kind].names order
+    matrices: tuple        # the expert weight matrices (and biases), in EXPERTS[kind].names order
     hidden: tuple          # mlp: (h,) relu output (M, H); swiglu: (a, b) pre-activations (M, H)
     gemm: Callable         # every matrix product: np.matmul, or a low-precision one
+    source: tuple | None   # (x (N, D), rows_token (M,)) with x_sorted[m] = x[rows_token[m]], or None
 
 
 def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
@@ -165,24 +167,41 @@ def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
         raise ValueError(f"{fn}: offsets must rise from 0 to M={rows}, got {offsets[:6]}...")
 
 
-def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.matmul):
+def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.matmul,
+                           source=None):
     """y_sorted[lo:hi] = f_e(x_sorted[lo:hi]) for lo, hi = offsets[e], offsets[e+1].
 
-    x_sorted: (M, D), params: the stacked expert weights (E, ...) -> y_sorted (M, D).
+    x_sorted: (M, D), params: the stacked expert matrices (E, ...) -> y_sorted (M, D).
     Only what backward cannot cheaply recompute is kept: the hidden
-    activations (M, H); the ReLU mask is recovered as h > 0. gemm(a, b, out=)
-    computes every matrix product, forward and backward: np.matmul, or a
-    simulated low-precision product (lowp.gemm_for).
+    activations (M, H); the ReLU mask is recovered as h > 0. With source =
+    (x (N, D), rows_token (M,)), the rows x_sorted was gathered from, not even
+    x_sorted is kept: the backward gathers each expert's rows again, one
+    segment at a time (the same values, so the same gradients, one (M, D)
+    buffer less). gemm(a, b, out=) computes every matrix product, forward and
+    backward: np.matmul, or a simulated low-precision product (lowp.gemm_for).
     """
-    weights = tuple(params[k] for k in expert_kind(kind).names)
+    matrices = tuple(params[k] for k in expert_kind(kind).names)
     validate.ndim("ragged_experts_forward", "x_sorted", x_sorted, 2)
-    if x_sorted.shape[1] != weights[0].shape[1]:
+    if x_sorted.shape[1] != matrices[0].shape[1]:
         raise ValueError(f"ragged_experts_forward: x_sorted has D={x_sorted.shape[1]} but the "
-                         f"expert weights have D={weights[0].shape[1]}")
-    check_offsets("ragged_experts_forward", offsets, len(x_sorted), weights[0].shape[0])
+                         f"expert matrices have D={matrices[0].shape[1]}")
+    check_offsets("ragged_experts_forward", offsets, len(x_sorted), matrices[0].shape[0])
+    if source is not None:
+        _check_source(source, x_sorted)
     run = _ragged_mlp_forward if kind == "mlp" else _ragged_swiglu_forward
-    y_sorted, hidden = run(x_sorted, weights, offsets, gemm)       # (M, D)
-    return y_sorted, RaggedCache(kind, x_sorted, offsets, weights, hidden, gemm)
+    y_sorted, hidden = run(x_sorted, matrices, offsets, gemm)      # (M, D)
+    kept = x_sorted if source is None else None
+    return y_sorted, RaggedCache(kind, kept, offsets, matrices, hidden, gemm, source)
+
+
+def _check_source(source, x_sorted) -> None:
+    """source = (x (N, D), rows_token (M,)) from which x_sorted was gathered."""
+    x, rows_token = source
+    if x.ndim != 2 or x.shape[1] != x_sorted.shape[1] or x.dtype != x_sorted.dtype \
+            or rows_token.shape != (len(x_sorted),):
+        raise ValueError(f"ragged_experts_forward: source must be (x (N, D={x_sorted.shape[1]}) "
+                         f"{x_sorted.dtype}, rows_token (M={len(x_sorted)},)), got x "
+                         f"{x.shape} {x.dtype} and rows_token {rows_token.shape}")
 
 
 def _segments(offsets):
@@ -191,8 +210,8 @@ def _segments(offsets):
             if hi > lo]
 
 
-def _ragged_mlp_forward(x, weights, offsets, gemm):
-    w1, b1, w2, b2 = weights
+def _ragged_mlp_forward(x, matrices, offsets, gemm):
+    w1, b1, w2, b2 = matrices
     h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
     y = np.empty_like(x)                                           # (M, D)
     for e, lo, hi in _segments(offsets):
@@ -204,8 +223,8 @@ def _ragged_mlp_forward(x, weights, offsets, gemm):
     return y, (h,)
 
 
-def _ragged_swiglu_forward(x, weights, offsets, gemm):
-    w_gate, w_up, w_down = weights
+def _ragged_swiglu_forward(x, matrices, offsets, gemm):
+    w_gate, w_up, w_down = matrices
     a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
     b = np.empty_like(a)                                           # (M, H)
     y = np.empty_like(x)                                           # (M, D)
@@ -222,49 +241,76 @@ def ragged_experts_selection(cache: RaggedCache):
     return (cache.hidden[0] > 0,) if cache.kind == "mlp" else ()
 
 
-def ragged_experts_backward(dy_sorted, cache: RaggedCache):
-    """-> dx_sorted (M, D), grads {name: (E, ...)}; experts with no rows get zero gradients."""
-    validate.same_shape("ragged_experts_backward", "dy_sorted", dy_sorted, "x_sorted", cache.x_sorted)
-    grads = tuple(np.zeros_like(w) for w in cache.weights)
-    dx = np.zeros_like(dy_sorted)                                  # (M, D)
+class Segment(NamedTuple):
+    """One expert's rows during the backward, and the scratch its products write into."""
+    e: int
+    x: np.ndarray        # (M_e, D) its input rows (a slice of x_sorted, or gathered again)
+    dy: np.ndarray       # (M_e, D) its upstream gradient rows
+    dx: np.ndarray       # (M_e, D) where its input gradient goes (may be dy's own memory)
+    hidden: tuple        # its rows of cache.hidden, (M_e, H) each
+    scratch: np.ndarray  # (M_e, H) a work buffer for the hidden-layer gradient
+
+
+def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = False):
+    """-> dx_sorted (M, D), grads {name: (E, ...)}; experts with no rows get zero gradients.
+
+    overwrite=True writes dx_sorted over dy_sorted (each expert's rows of dy
+    are read in full before its rows of dx are written) and returns it: the
+    caller must own dy_sorted and need it no more. Work buffers are sized by
+    the largest expert, so the backward allocates little beyond the gradients."""
+    rows = len(dy_sorted)
+    if dy_sorted.ndim != 2 or dy_sorted.shape[1] != cache.matrices[0].shape[1] \
+            or rows != cache.offsets[-1] or dy_sorted.dtype != cache.hidden[0].dtype:
+        raise ValueError(f"ragged_experts_backward: dy_sorted must be (M={cache.offsets[-1]}, "
+                         f"D={cache.matrices[0].shape[1]}) {cache.hidden[0].dtype}, got "
+                         f"{dy_sorted.shape} {dy_sorted.dtype}")
+    grads = tuple(np.zeros_like(w) for w in cache.matrices)
+    dx = dy_sorted if overwrite else np.empty_like(dy_sorted)      # (M, D) every row written
+    widest = int(np.diff(cache.offsets).max(initial=0))
+    scratch = np.empty((widest, cache.hidden[0].shape[1]), dtype=dy_sorted.dtype)   # (M_max, H)
+    rows_x = None if cache.source is None else np.empty((widest, dy_sorted.shape[1]), dy_sorted.dtype)
     run = _ragged_mlp_backward if cache.kind == "mlp" else _ragged_swiglu_backward
     for e, lo, hi in _segments(cache.offsets):
-        run(e, lo, hi, dy_sorted, dx, grads, cache)
+        if cache.source is None:
+            x = cache.x_sorted[lo:hi]                              # (M_e, D)
+        else:
+            x = np.take(cache.source[0], cache.source[1][lo:hi], axis=0, out=rows_x[:hi - lo])
+        seg = Segment(e, x, dy_sorted[lo:hi], dx[lo:hi], tuple(a[lo:hi] for a in cache.hidden),
+                      scratch[:hi - lo])
+        run(seg, grads, cache)
     return dx, dict(zip(expert_kind(cache.kind).names, grads))
 
 
-def _ragged_mlp_backward(e, lo, hi, dy, dx, grads, cache):
-    """One expert's segment: writes dx[lo:hi] and the expert's slices of the gradients."""
-    w1, _, w2, _ = cache.weights
+def _ragged_mlp_backward(seg: Segment, grads, cache):
+    """One expert's segment: its slices of the gradients, then dx (after dy's last read)."""
+    w1, _, w2, _ = cache.matrices
     dw1, db1, dw2, db2 = grads
-    gemm = cache.gemm
-    h, x, dye = cache.hidden[0][lo:hi], cache.x_sorted[lo:hi], dy[lo:hi]   # (M_e, H), (M_e, D)
-    gemm(h.T, dye, out=dw2[e])                                     # (H, D)
-    db2[e] = dye.sum(axis=0)                                       # (D,)
-    da = gemm(dye, w2[e].T)                                        # (M_e, H)
+    gemm, e, h = cache.gemm, seg.e, seg.hidden[0]                  # h: (M_e, H)
+    gemm(h.T, seg.dy, out=dw2[e])                                  # (H, D)
+    db2[e] = seg.dy.sum(axis=0)                                    # (D,)
+    da = gemm(seg.dy, w2[e].T, out=seg.scratch)                    # (M_e, H)
     da *= h > 0                                                    # ReLU mask from the activations
-    gemm(x.T, da, out=dw1[e])                                      # (D, H)
+    gemm(seg.x.T, da, out=dw1[e])                                  # (D, H)
     db1[e] = da.sum(axis=0)                                        # (H,)
-    gemm(da, w1[e].T, out=dx[lo:hi])                               # (M_e, D)
+    gemm(da, w1[e].T, out=seg.dx)                                  # (M_e, D)
 
 
-def _ragged_swiglu_backward(e, lo, hi, dy, dx, grads, cache):
-    w_gate, w_up, w_down = cache.weights
+def _ragged_swiglu_backward(seg: Segment, grads, cache):
+    w_gate, w_up, w_down = cache.matrices
     dw_gate, dw_up, dw_down = grads
-    a, b = cache.hidden[0][lo:hi], cache.hidden[1][lo:hi]          # (M_e, H) each
-    x, dye, gemm = cache.x_sorted[lo:hi], dy[lo:hi], cache.gemm    # (M_e, D) each
+    gemm, e, (a, b) = cache.gemm, seg.e, seg.hidden                # (M_e, H) each
     u, glu_cache = layers.swiglu_forward(a, b)                     # (M_e, H) recomputed
-    gemm(u.T, dye, out=dw_down[e])                                 # (H, D)
-    da, db = layers.swiglu_backward(gemm(dye, w_down[e].T), glu_cache)   # (M_e, H) each
-    gemm(x.T, da, out=dw_gate[e])                                  # (D, H)
-    gemm(x.T, db, out=dw_up[e])                                    # (D, H)
-    gemm(da, w_gate[e].T, out=dx[lo:hi])                           # (M_e, D)
-    dx[lo:hi] += gemm(db, w_up[e].T)
+    gemm(u.T, seg.dy, out=dw_down[e])                              # (H, D)
+    da, db = layers.swiglu_backward(gemm(seg.dy, w_down[e].T, out=seg.scratch), glu_cache)
+    gemm(seg.x.T, da, out=dw_gate[e])                              # (D, H)
+    gemm(seg.x.T, db, out=dw_up[e])                                # (D, H)
+    dx = gemm(da, w_gate[e].T, out=seg.dx)                         # (M_e, D)
+    dx += gemm(db, w_up[e].T)
 
 
 def init_experts(kind: str, num_experts: int, d_model: int, d_hidden: int, rng,
                  dtype=np.float64):
-    """Random expert parameters in `dtype`: He-scaled normal weights, zero biases."""
+    """Random expert parameters in `dtype`: He-scaled normal matrices, zero biases."""
     expert_kind(kind)
     if min(num_experts, d_model, d_hidden) < 1:
         raise ValueError(f"init_experts: num_experts, d_model, d_hidden must be >= 1, "

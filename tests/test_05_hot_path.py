@@ -300,6 +300,40 @@ def test_numba_strategy_runs_the_kernels(monkeypatch):
                                  "sum_rows"], (mask, changes, calls)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_ragged_backward_regathers_and_overwrites_with_the_same_bits(kind):
+    """Keeping (x, rows) instead of x_sorted and writing dx over dy change no bit of any
+    gradient; idle experts still get zero gradients."""
+    rng = np.random.default_rng(17)
+    ids = draw_ids(rng, 30, 5, 2, "idle")                              # (N, K): 3 experts idle
+    plan = spec.plan_token_choice(ids, 5, None, np.arange(30))
+    x = rng.standard_normal((30, 6)).astype(np.float32)                # (N, D)
+    params = experts.init_experts(kind, 5, 6, 7, rng, np.float32)
+    x_sorted = x[plan.rows_token]                                      # (M, D)
+    dy = rng.standard_normal(x_sorted.shape).astype(np.float32)        # (M, D)
+    y, kept = experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets)
+    y2, lean = experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets,
+                                              source=(x, plan.rows_token))
+    assert lean.x_sorted is None and kept.x_sorted is x_sorted and np.array_equal(y, y2)
+    dx, grads = experts.ragged_experts_backward(dy, kept)
+    dy_owned = dy.copy()
+    dx2, grads2 = experts.ragged_experts_backward(dy_owned, lean, overwrite=True)
+    assert dx2 is dy_owned and np.array_equal(dx, dx2) and not np.array_equal(dx, dy)
+    assert all(np.array_equal(grads[k], grads2[k]) for k in grads)
+    idle = np.setdiff1d(np.arange(5), ids)
+    assert all(np.all(g[idle] == 0) for g in grads2.values())
+
+
+def test_layer_cache_keeps_no_gathered_input():
+    """After a forward the ragged strategies keep x and the plan's rows, not x_sorted (M, D)."""
+    x = np.random.default_rng(18).standard_normal((16, 6))            # (N, D)
+    for s in ("numpy", "numba"):
+        layer = SparseMoE(layer_config("softmax_topk", dispatch=s), seed=0)
+        layer.forward(x)
+        cache = layer._cache.experts_cache
+        assert cache.x_sorted is None and cache.source[0] is x, s
+
+
 def test_float32_layer_strategies_agree():
     rng = np.random.default_rng(10)
     x, dy = rng.standard_normal((2, 40, 6)).astype(np.float32)        # (N, D) each

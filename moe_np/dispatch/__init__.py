@@ -8,8 +8,10 @@ around the experts, behind one interface, chosen by `SparseConfig.dispatch`:
         eligible (N, K) bool: False leaves an assignment out (a padding token's);
         seq_len: capacity counted per sequence of seq_len tokens (cap slots each)
     gather_forward(x, plan) -> x_disp, cache       gather_backward(dx_disp, cache) -> dx
-    experts_forward(x_disp, params, kind, plan)    -> y_disp, cache
-    experts_backward(dy_disp, cache)               -> dx_disp, grads
+    experts_forward(x_disp, params, kind, plan, x=None) -> y_disp, cache
+        given x, a ragged strategy keeps (x, plan rows) instead of x_disp
+    experts_backward(dy_disp, cache, overwrite=False)   -> dx_disp, grads
+        overwrite=True may write dx_disp over dy_disp (the caller owns it)
     experts_selection(cache)                       -> the experts' discrete choices
     combine_forward(y_disp, weights, plan) -> y, cache
     combine_backward(dy, cache) -> dy_disp, dweights

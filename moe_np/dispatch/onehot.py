@@ -124,16 +124,18 @@ def gather_backward(dx_disp, cache: GatherCache):
     return contract("nec,ecd->nd", cache.dispatch, dx_disp)   # (N, D)
 
 
-def experts_forward(x_disp, params: dict, kind: str, plan: Plan):
-    """y_disp[e] = f_e(x_disp[e]) on all C slots, padding included.   (E, C, D) -> (E, C, D)."""
+def experts_forward(x_disp, params: dict, kind: str, plan: Plan, x=None):
+    """y_disp[e] = f_e(x_disp[e]) on all C slots, padding included.   (E, C, D) -> (E, C, D).
+    x is accepted for the common interface and unused: the stacked pair keeps x_disp."""
     check_padded("experts_forward", "x_disp", x_disp, plan)
     pair = experts.expert_kind(kind)
     y_disp, inner = pair.forward(x_disp, *(params[k] for k in pair.names))   # (E, C, D)
     return y_disp, ExpertsCache(kind, inner, slots(plan))
 
 
-def experts_backward(dy_disp, cache: ExpertsCache):
-    """-> dx_disp (E, C, D), grads {name: (E, ...)} from the stacked pair."""
+def experts_backward(dy_disp, cache: ExpertsCache, overwrite: bool = False):
+    """-> dx_disp (E, C, D), grads {name: (E, ...)} from the stacked pair (always a fresh dx_disp:
+    overwrite is accepted for the common interface)."""
     pair = experts.expert_kind(cache.kind)
     dx_disp, *grads = pair.backward(dy_disp, cache.inner)              # (E, C, D), ...
     return dx_disp, dict(zip(pair.names, grads))

@@ -66,13 +66,16 @@ def combine_backward(dy, cache: CombineCache):
     return cache.w_rows[:, None] * dy_rows, dweights.reshape(cache.weights_shape)
 
 
-def experts_forward(x_sorted, params: dict, kind: str, plan: Plan):
-    """Each expert on its own contiguous rows (see experts.ragged_experts_forward)."""
-    return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets)
+def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None):
+    """Each expert on its own contiguous rows (see experts.ragged_experts_forward). Given x, the
+    input x_sorted was gathered from, the cache keeps x and the plan's rows instead of x_sorted."""
+    source = None if x is None else (x, plan.rows_token)
+    return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets, source=source)
 
 
-def experts_backward(dy_sorted, cache):
-    return experts.ragged_experts_backward(dy_sorted, cache)
+def experts_backward(dy_sorted, cache, overwrite: bool = False):
+    """-> dx_sorted (M, D), grads; overwrite=True writes dx_sorted over dy_sorted."""
+    return experts.ragged_experts_backward(dy_sorted, cache, overwrite)
 
 
 def experts_selection(cache):
