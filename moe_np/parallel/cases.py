@@ -158,11 +158,40 @@ def run_cases(comm, cases: list) -> list:
     return results
 
 
+FAULTS = ("experts", "sizes", "config", "seed", "batch")
+
+
+def fault(comm, name: str) -> None:
+    """Build or run a layer wrongly on purpose (the tests check that every rank ends, with the
+    message): experts not divisible by ep; dp * ep != world size; one rank with another k;
+    one rank with another seed; one rank given a batch with a NaN."""
+    rank, world = comm.Get_rank(), comm.Get_size()
+    config = SparseConfig(d_model=6, num_experts=4 * world, d_hidden=5, k=2)
+    options = {"seed": 0}
+    if name == "experts":
+        config = dataclasses.replace(config, num_experts=4 * world + 1)
+    elif name == "sizes":
+        options |= {"ep": world, "dp": 2}
+    elif name == "config" and rank == world - 1:
+        config = dataclasses.replace(config, k=3)
+    elif name == "seed" and rank == world - 1:
+        options["seed"] = 1
+    layer = ExpertParallelMoE(config, comm, **options)
+    x, _, _ = global_batch(config, 4, rank, np.float64)
+    if name == "batch" and rank == world - 1:
+        x[2, 3] = np.nan
+    layer.forward(x)
+    print(f"rank {rank}: no error", flush=True)
+
+
 def main(argv=None) -> int:
     from moe_np.parallel.launch import stop_everyone_on_error, world
     argv = sys.argv[1:] if argv is None else argv
     comm = world()
     with stop_everyone_on_error(comm):
+        if argv[0] == "--fault":
+            fault(comm, argv[1])
+            return 0
         cases = json.loads(open(argv[0]).read() if not argv[0].startswith("[") else argv[0])
         for result in run_cases(comm, cases):
             if comm.Get_rank() == 0:

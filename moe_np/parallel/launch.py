@@ -15,7 +15,6 @@ rank and comm.Abort ends the whole job within moments.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -38,7 +37,13 @@ def mpiexec_path() -> str | None:
 
 
 def mpi_available() -> bool:
-    return importlib.util.find_spec("mpi4py") is not None and mpiexec_path() is not None
+    """mpi4py importable (the package only: MPI itself starts when mpi4py.MPI is imported)
+    and an mpiexec to launch ranks with."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return mpiexec_path() is not None
 
 
 def world():
