@@ -9,6 +9,8 @@
                            [--precision fp32|fp16|bf16|fp8] [--steps N] [--seed S] [--resume] ...
     python -m moe_np plot RUN_DIR [RUN_DIR ...]  figures of one run (or several, overlaid)
     python -m moe_np bench ...                   time the hot path (moe_np/bench.py)
+    mpiexec -n 4 python -m moe_np parallel [--dp D --ep P] [--router R] [--steps N]
+                                                 expert parallelism over MPI (chapter 10)
     python -m moe_np train-lm --out RUN_DIR [--preset P] [--model moe|dense-active|dense-total]
                               [--tokenizer byte|bpe] [--precision ...] [--steps N] [--seed S] [--resume]
     python -m moe_np generate RUN_DIR --prompt "def " [--tokens N] [--temperature T] [--top-k K] [--seed S]
@@ -274,6 +276,16 @@ def _bench_unavailable(reason: str) -> int:
     return USAGE_EXIT
 
 
+def _add_parallel(sub, wanted: bool) -> None:
+    """The parallel sub-command (moe_np/parallel/cli.py), configured only when asked for."""
+    p = sub.add_parser("parallel", help="expert parallelism over MPI, checked against one process "
+                       "(start with mpiexec -n 4)")
+    if wanted:
+        cli = importlib.import_module("moe_np.parallel.cli")
+        cli.configure(p)
+        p.set_defaults(run=cli.run)
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser(argv) -> Parser:
@@ -321,6 +333,7 @@ def build_parser(argv) -> Parser:
 
     _add_lm(sub, wanted=argv[0] if argv else None)
     _add_bench(sub, wanted=bool(argv) and argv[0] == "bench")
+    _add_parallel(sub, wanted=bool(argv) and argv[0] == "parallel")
     return parser
 
 

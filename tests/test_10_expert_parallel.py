@@ -8,7 +8,9 @@ mpi4py they are reported as skipped, with the install command as the reason.
 """
 import json
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from moe_np.parallel.groups import AgreedError
 from moe_np.parallel.launch import INSTALL, mpi_available, run_mpi
 
 needs_mpi = pytest.mark.skipif(not mpi_available(), reason=f"needs mpi4py and mpiexec: {INSTALL}")
+ROOT = Path(__file__).resolve().parent.parent
 BASE = {"d_model": 6, "num_experts": 8, "d_hidden": 5, "k": 2}
 
 
@@ -240,3 +243,22 @@ def test_node_limited_routing_in_the_paper_model_cuts_infiniband_bytes():
 
 def test_nodes_spanned_ignores_negative_entries():
     assert costs.nodes_spanned(np.array([[0, 0, 1], [-1, 2, 2], [-1, -1, -1]])).tolist() == [2, 1, 0]
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def test_parallel_command_without_mpiexec_says_how_to_start_it():
+    done = subprocess.run([sys.executable, "-m", "moe_np", "parallel"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "mpiexec -n 4 python -m moe_np parallel" in done.stderr
+
+
+@needs_mpi
+def test_parallel_command_checks_trains_and_reports():
+    done = run_mpi(["-m", "moe_np", "parallel", "--steps", "1", "--tokens-per-rank", "8"], 2,
+                   timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("bit-identical") == 2
+    for words in ("rows received per rank", "imbalance max/mean", "alpha", "bandwidth",
+                  "bytes sent to other ranks"):
+        assert words in done.stdout

@@ -77,7 +77,7 @@ def compare_step(comm, config: SparseConfig, *, tokens_per_rank: int = 8, seed: 
     agreed = comm.allgather(all(verdict.values()))
     return {"identical": all(agreed), "checks": verdict, "max_abs_diff": worst,
             "dropped": int(one.stats.num_dropped), "rows_received": _rows_received(comm, ep),
-            "bytes": ep.traffic.remote()}
+            "bytes": ep.traffic.remote(), "bytes_by_kind": _bytes_by_kind(ep)}
 
 
 def compare_training(comm, config: SparseConfig, *, steps: int = 3, tokens_per_rank: int = 8,
@@ -133,7 +133,12 @@ def traffic_step(comm, config: SparseConfig, *, tokens_per_rank: int = 16, seed:
             "predicted": comm.allgather(int(predicted)), "matrix": matrix.tolist(),
             "within": nodes.within, "across": nodes.across, "deduplicated": nodes.deduplicated,
             "max_nodes": nodes.max_nodes, "imbalance": costs.imbalance(matrix.sum(axis=0)),
-            "bytes_by_kind": {k: int(v.sum() - v[rank]) for k, v in ep.traffic.sent.items()}}
+            "bytes_by_kind": _bytes_by_kind(ep)}
+
+
+def _bytes_by_kind(layer) -> dict:
+    """Bytes this rank sent to other ranks, by kind (counts, meta, rows, aux, grads)."""
+    return {k: layer.traffic.remote(k) for k in layer.traffic.sent}
 
 
 def _rows_received(comm, layer) -> list:
