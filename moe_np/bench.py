@@ -469,9 +469,12 @@ def measure(quick: bool = False, repeats: int = 5, use_torch: bool = True) -> di
     progress("peak memory of one forward+backward, in a fresh process")
     memory = peak_memory(size)
     rows, notes = scaling(size, STRATEGIES, 3, _START[0] + BUDGET_S)
+    progress("the language model's training step (chapter 9, bench_lm.py)")
+    from moe_np.bench_lm import measure_lm
+    lm = measure_lm(quick=quick, repeats=repeats, use_torch=use_torch)
     return assemble(size, repeats, layer_times, stages, memcpy_s, jit, memory, rows,
                     notes + ([] if quick else [f"einsum stages: median of {stage_repeats['einsum']} runs"]),
-                    torch_difference)
+                    torch_difference) | lm
 
 
 def assemble(size, repeats, layer_times, stages, memcpy_s, jit, memory, rows, notes,
@@ -532,6 +535,9 @@ def format_report(r: dict) -> str:
     for s in STRATEGIES:
         points = [f"E={row['E']}: {row['us_per_token']:.1f}" for row in r["scaling"] if row["strategy"] == s]
         lines.append(f"  {s:<8}" + ",  ".join(points))
+    if "lm_step_s" in r:
+        from moe_np.bench_lm import format_lm
+        lines += [""] + format_lm(r)
     lines += [""] + [f"{'met ' if t['met'] else 'MISS'} {t['name']}: {t['value']:.3f} (target "
                      f"{t['bound']})" for t in r["targets"]] + r["notes"]
     return "\n".join(lines)

@@ -427,3 +427,87 @@ def cmd_generate(args) -> int:
                    args.top_k, args.seed)
     sys.stdout.write(args.prompt + out.decode("utf-8", errors="replace") + "\n")
     return 0
+
+
+# ---------------------------------------------------------------- the chapter's experiment
+
+def run_key(config: LMTrainConfig) -> str:
+    """A run's identity: the SHA-256 of its config (as JSON, keys sorted), 16 hex digits."""
+    import hashlib
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_cache_path(config: LMTrainConfig) -> Path:
+    import tempfile
+    return Path(tempfile.gettempdir()) / "moe_np_lm_models" / f"{run_key(config)}.npz"
+
+
+def run_record(run: LMRun, seconds: float) -> dict:
+    """What the chapter keeps of a run: config, sizes, the validation curve, the time."""
+    records = run.trainer.history.records
+    return {"config": run.config.to_dict(), "params": run.model.num_params(),
+            "active": run.model.active_params(), "seconds": round(seconds, 1),
+            "corpus": run.data.corpus.describe()["hash"],
+            "steps": [r["step"] + 1 for r in records],
+            "train_loss": [round(r["loss"], 5) for r in records],
+            "val_bpb": [round(r["val_bpb"], 5) for r in records],
+            "val_loss": [round(r["val_loss"], 5) for r in records]}
+
+
+def experiment(configs, cache_path=None, log=print) -> list[dict]:
+    """Train every config (in order) and return its run_record.
+
+    cache_path: a JSON file of records by run_key; a config found there is not trained
+    again (delete the file to rerun everything). Each trained model's state goes to
+    model_cache_path(config), so a chapter can study it without training it again."""
+    cache = {}
+    if cache_path is not None and Path(cache_path).is_file():
+        cache = json.loads(Path(cache_path).read_text())
+    out = []
+    for config in configs:
+        key = run_key(config)
+        if key not in cache:
+            start = time.perf_counter()
+            run = train_lm_quietly(config)
+            cache[key] = run_record(run, time.perf_counter() - start)
+            save_model(run.model, model_cache_path(config))
+            if cache_path is not None:
+                ckpt.write_json_atomic(cache_path, cache)
+            log(f"trained {config.model} seed {config.seed}: {cache[key]['val_bpb'][-1]:.3f} bpb "
+                f"in {cache[key]['seconds']:.0f} s")
+        out.append(cache[key])
+    return out
+
+
+def save_model(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **model.state_dict())
+
+
+def trained_model(config: LMTrainConfig, tokenizer=None):
+    """The model `experiment` trained for config (from its cache, else trained now)."""
+    from moe_np.transformer import MoETransformer
+    path = model_cache_path(config)
+    if not path.is_file():
+        run = train_lm_quietly(config, tokenizer)
+        save_model(run.model, path)
+        return run.model
+    vocab = 256 if config.tokenizer == "byte" else config.vocab_size
+    model = MoETransformer(config.lm_config(vocab), seed=config.seed, dtype=np.float32)
+    with np.load(path) as z:
+        model.load_state_dict({k: z[k] for k in z.files})
+    return model
+
+
+def experiment_configs(quick: bool, seeds=(0, 1, 2)) -> list[LMTrainConfig]:
+    """Chapter 9's runs: the Mixtral-shaped MoE and its dense models matched to its active and
+    its total parameters, same data, steps and tokens, each with every seed."""
+    if quick:
+        base = LMTrainConfig(max_files=20, d_model=32, layers=1, context=32, batch_size=8,
+                             steps=20, warmup=2, log_every=10, eval_bytes=1024)
+        seeds = seeds[:2]
+    else:
+        base = LMTrainConfig(d_model=64, layers=2, context=128, batch_size=16, steps=300,
+                             warmup=30, log_every=50, eval_bytes=8192)
+    return [LMTrainConfig(**(base.to_dict() | {"model": m, "seed": s}))
+            for s in seeds for m in MODELS]

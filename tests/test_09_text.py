@@ -137,15 +137,16 @@ def test_labels_by_hand():
 
 
 def test_token_class_is_first_solid_byte(bpe):
-    src = b"def f(x):\n    return x\n"
+    src = b"def f(x):\n    return x if x else None\n"
     ids, cls = atlas.token_classes(bpe, src)
     pieces = [bpe.table[i] for i in ids]
     assert b"".join(pieces) == src
+    assert b" None" in pieces and b"\n    " in pieces
     for piece, c in zip(pieces, cls):
-        if piece.strip(b" \t") == b"return":
-            assert atlas.CLASSES[c] == "keyword"
+        if piece.strip(b" \t") in (b"if", b"else", b"return", b"def", b"None"):
+            assert atlas.CLASSES[c] == "keyword", piece
         if piece.startswith(b"\n"):
-            assert atlas.CLASSES[c] == "newline"
+            assert atlas.CLASSES[c] == "newline", piece
 
 
 def test_every_validation_file_is_labelled(corpus):
