@@ -184,7 +184,7 @@ def attend_backward(do, cache: AttendCache):
     dog = do.reshape(qg.shape)                                     # (B, P, A/P T, F)
     dv = np.swapaxes(p, -1, -2) @ dog                              # (B, P, L, F)
     dp = dog @ np.swapaxes(v, -1, -2)                              # (B, P, A/P T, L)
-    ds = functional.softmax_backward(dp, (p, -1, temperature))     # (B, P, A/P T, L), / sqrt(F)
+    ds = functional.softmax_backward(dp, functional.SoftmaxCache(p, -1, temperature))   # (B, P, A/P T, L), / sqrt(F)
     dq = ds @ k                                                    # (B, P, A/P T, F)
     dk = np.swapaxes(ds, -1, -2) @ qg                              # (B, P, L, F)
     return dq.reshape(do.shape), dk, dv

@@ -16,26 +16,38 @@ vector-Jacobian product dz = p * (g - sum(g * p)), never a (V, V) Jacobian.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from moe_np import validate
 
 
+class SoftmaxCache(NamedTuple):
+    p: np.ndarray           # the softmax itself, z's shape
+    axis: int               # the axis it normalizes over
+    temperature: float      # T
+
+
+class LogSoftmaxCache(NamedTuple):
+    p: np.ndarray           # softmax(z), z's shape
+    axis: int
+
+
 def softmax_forward(z, axis: int = -1, temperature: float = 1.0):
-    """p = exp(z/T - max) / sum exp(z/T - max) along axis.   cache (p, axis, T)."""
+    """p = exp(z/T - max) / sum exp(z/T - max) along axis.   SoftmaxCache(p, axis, T)."""
     validate.positive("softmax_forward", "temperature", temperature)
     s = z / temperature                                  # same shape as z
     e = np.exp(s - s.max(axis=axis, keepdims=True))      # same shape; largest entry is 1
     p = e / e.sum(axis=axis, keepdims=True)              # same shape; sums to 1 along axis
-    return p, (p, axis, temperature)
+    return p, SoftmaxCache(p, axis, temperature)
 
 
-def softmax_backward(dp, cache):
+def softmax_backward(dp, cache: SoftmaxCache):
     """dz = p * (dp - sum(dp * p, axis)) / T."""
-    p, axis, temperature = cache
-    inner = np.sum(dp * p, axis=axis, keepdims=True)     # one value per softmax row
-    return p * (dp - inner) / temperature
+    p = cache.p                                          # z's shape
+    inner = np.sum(dp * p, axis=cache.axis, keepdims=True)   # one value per softmax row
+    return p * (dp - inner) / cache.temperature
 
 
 def logsumexp(z, axis: int = -1):
@@ -45,16 +57,15 @@ def logsumexp(z, axis: int = -1):
 
 
 def log_softmax_forward(z, axis: int = -1):
-    """y = z - logsumexp(z).   cache (softmax(z), axis)."""
+    """y = z - logsumexp(z).   LogSoftmaxCache(softmax(z), axis)."""
     lse = np.expand_dims(logsumexp(z, axis), axis)       # (N, 1)
     y = z - lse                                          # same shape as z
-    return y, (np.exp(y), axis)
+    return y, LogSoftmaxCache(np.exp(y), axis)
 
 
-def log_softmax_backward(dy, cache):
+def log_softmax_backward(dy, cache: LogSoftmaxCache):
     """dz = dy - softmax(z) * sum(dy, axis)."""
-    p, axis = cache
-    return dy - p * np.sum(dy, axis=axis, keepdims=True)
+    return dy - cache.p * np.sum(dy, axis=cache.axis, keepdims=True)
 
 
 def sigmoid(x):

@@ -29,14 +29,14 @@ def _check_x(fn, x, w):
 
 class LinearGateCache(NamedTuple):
     linear_cache: tuple     # (x, W)
-    softmax_cache: tuple    # (g, axis, T)
+    softmax_cache: functional.SoftmaxCache   # (g, axis, T)
 
 
 class MlpGateCache(NamedTuple):
     linear1: tuple          # (x, W1)
-    mask: np.ndarray        # (N, G) the ReLU pattern
+    mask: np.ndarray        # (N, J) the ReLU pattern
     linear2: tuple          # (h, W2)
-    softmax_cache: tuple
+    softmax_cache: functional.SoftmaxCache
 
 
 def softmax_gate_forward(x, w, b, temperature: float = 1.0):
@@ -56,28 +56,28 @@ def softmax_gate_backward(dg, cache):
 def mlp_gate_forward(x, w1, b1, w2, b2, temperature: float = 1.0):
     """g = softmax((relu(x W1 + b1) W2 + b2) / T).
 
-    x: (N, D)  W1: (D, G)  b1: (G,)  W2: (G, E)  b2: (E,)  ->  g: (N, E)
-    (G is the gate's own hidden width.)
+    x: (N, D)  W1: (D, J)  b1: (J,)  W2: (J, E)  b2: (E,)  ->  g: (N, E)
+    (J is the gate's own hidden width, `gate_hidden`.)
     """
     _check_x("mlp_gate_forward", x, w1)
-    a, c1 = layers.linear_forward(x, w1, b1)                       # (N, G)
-    h, c2 = layers.relu_forward(a)                                 # (N, G)
+    a, c1 = layers.linear_forward(x, w1, b1)                       # (N, J)
+    h, c2 = layers.relu_forward(a)                                 # (N, J)
     logits, c3 = layers.linear_forward(h, w2, b2)                  # (N, E)
     g, c4 = functional.softmax_forward(logits, temperature=temperature)  # (N, E)
     return g, MlpGateCache(c1, c2, c3, c4)
 
 
 def mlp_gate_selection(cache: MlpGateCache):
-    """The hidden ReLU pattern (N, G): the gate's only kink."""
+    """The hidden ReLU pattern (N, J): the gate's only kink."""
     return cache.mask
 
 
 def mlp_gate_backward(dg, cache: MlpGateCache):
-    """-> dx (N, D), dW1 (D, G), db1 (G,), dW2 (G, E), db2 (E,)."""
+    """-> dx (N, D), dW1 (D, J), db1 (J,), dW2 (J, E), db2 (E,)."""
     dlogits = functional.softmax_backward(dg, cache.softmax_cache)    # (N, E)
-    dh, dw2, db2 = layers.linear_backward(dlogits, cache.linear2) # (N, G), (G, E), (E,)
-    da = layers.relu_backward(dh, cache.mask)                     # (N, G)
-    dx, dw1, db1 = layers.linear_backward(da, cache.linear1)      # (N, D), (D, G), (G,)
+    dh, dw2, db2 = layers.linear_backward(dlogits, cache.linear2) # (N, J), (J, E), (E,)
+    da = layers.relu_backward(dh, cache.mask)                     # (N, J)
+    dx, dw1, db1 = layers.linear_backward(da, cache.linear1)      # (N, D), (D, J), (J,)
     return dx, dw1, db1, dw2, db2
 
 
@@ -137,9 +137,9 @@ def init_gate(kind: str, d_model: int, num_experts: int, rng, gate_hidden: int =
     gate_kind(kind)
     normal = lambda shape, std: (std * rng.standard_normal(shape)).astype(dtype)
     if kind == "mlp":
-        return {"w_router1": normal((d_model, gate_hidden), np.sqrt(2 / d_model)),   # (D, G)
-                "b_router1": np.zeros(gate_hidden, dtype=dtype),                     # (G,)
-                "w_router2": normal((gate_hidden, num_experts), scale),              # (G, E)
+        return {"w_router1": normal((d_model, gate_hidden), np.sqrt(2 / d_model)),   # (D, J)
+                "b_router1": np.zeros(gate_hidden, dtype=dtype),                     # (J,)
+                "w_router2": normal((gate_hidden, num_experts), scale),              # (J, E)
                 "b_router2": np.zeros(num_experts, dtype=dtype)}                     # (E,)
     width = num_experts * (d_model if kind == "per_dim" else 1)
     return {"w_router": normal((d_model, width), scale),                            # (D, E[*D])

@@ -1,6 +1,6 @@
-"""Module: the small base class every layer, model and optimizer state sits on.
+"""Module: the state every layer and model keeps (layer.py adds the forward/backward protocol).
 
-A module holds three dicts of arrays and knows its children:
+A module holds three dicts of arrays and one of random streams, and knows its children:
 
     params    trained by gradient        (name -> array, updated in place)
     grads     one array per param        (same keys, same dtype and shape)

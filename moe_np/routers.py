@@ -58,7 +58,7 @@ def _scatter_rows(values, ids, num_experts: int):
 # -- top-K of the logits, then softmax over the K ------------------------------
 
 class TopkSoftmaxCache(NamedTuple):
-    softmax_cache: tuple    # of the softmax over the K selected logits
+    softmax_cache: functional.SoftmaxCache   # of the softmax over the K selected logits
     ids: np.ndarray         # (N, K)
     num_experts: int
 
@@ -80,7 +80,7 @@ def topk_softmax_backward(dweights, cache: TopkSoftmaxCache):
 # -- softmax then top-K ------------------------------------------------------
 
 class SoftmaxTopkCache(NamedTuple):
-    softmax_cache: tuple    # of the softmax over all E experts
+    softmax_cache: functional.SoftmaxCache   # of the softmax over all E experts
     ids: np.ndarray         # (N, K)
 
 
@@ -109,8 +109,8 @@ def softmax_topk_backward(dweights, cache):
     """Renormalized: as topk_softmax. Raw: dlogits = softmax_backward(scatter(dweights))."""
     if isinstance(cache, TopkSoftmaxCache):
         return topk_softmax_backward(dweights, cache)
-    p = cache.softmax_cache[0]                                         # (N, E)
-    return functional.softmax_backward(_scatter_rows(dweights, cache.ids, p.shape[1]),
+    num_experts = cache.softmax_cache.p.shape[1]
+    return functional.softmax_backward(_scatter_rows(dweights, cache.ids, num_experts),
                                        cache.softmax_cache)            # (N, E)
 
 
@@ -255,7 +255,7 @@ def noisy_topk_backward(dout, cache: NoisyTopkCache):
 # -- expert choice (Zhou et al. 2022) ------------------------------------------
 
 class ExpertChoiceCache(NamedTuple):
-    softmax_cache: tuple    # softmax over experts, (N, E)
+    softmax_cache: functional.SoftmaxCache   # softmax over experts, (N, E)
     token_ids: np.ndarray   # (E, C)
 
 
@@ -278,7 +278,7 @@ def expert_choice_forward(logits, capacity: int):
 
 def expert_choice_backward(dweights, cache: ExpertChoiceCache):
     """dlogits = softmax_backward(dp), dp[token_ids[e, c], e] = dweights[e, c]."""
-    num_tokens = cache.softmax_cache[0].shape[0]
+    num_tokens = cache.softmax_cache.p.shape[0]
     dp_t = _scatter_rows(dweights, cache.token_ids, num_tokens)        # (E, N)
     return functional.softmax_backward(dp_t.T, cache.softmax_cache)    # (N, E)
 

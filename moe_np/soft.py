@@ -55,8 +55,8 @@ class SoftCache(NamedTuple):
     kind: str
     x: np.ndarray              # (N, D)
     phi: np.ndarray            # (D, E*S)
-    dispatch: np.ndarray       # (N, E*S) softmax over tokens
-    combine: np.ndarray        # (N, E*S) softmax over slots
+    dispatch_cache: functional.SoftmaxCache   # p (N, E*S): softmax over tokens (axis 0)
+    combine_cache: functional.SoftmaxCache    # p (N, E*S): softmax over slots (axis 1)
     y_slots: np.ndarray        # (E*S, D) the experts' outputs
     experts_cache: tuple       # the stacked experts' cache, input (E, S, D)
 
@@ -80,14 +80,14 @@ def soft_moe_forward(x, params: dict, kind: str = "mlp"):
     e, s = _check_input(x, params, kind)
     phi = params["phi"]
     logits = x @ phi                                                   # (N, E*S)
-    dispatch, _ = functional.softmax_forward(logits, axis=0)           # (N, E*S) columns sum to 1
-    combine, _ = functional.softmax_forward(logits, axis=1)            # (N, E*S) rows sum to 1
+    dispatch, dispatch_cache = functional.softmax_forward(logits, axis=0)   # (N, E*S) columns sum to 1
+    combine, combine_cache = functional.softmax_forward(logits, axis=1)     # (N, E*S) rows sum to 1
     slots = dispatch.T @ x                                             # (E*S, D)
-    weights = (params[k] for k in expert_kind(kind).names)
-    y_exp, experts_cache = expert_kind(kind).forward(slots.reshape(e, s, -1), *weights)   # (E, S, D)
+    expert_params = (params[k] for k in expert_kind(kind).names)       # each (E, ...)
+    y_exp, experts_cache = expert_kind(kind).forward(slots.reshape(e, s, -1), *expert_params)   # (E, S, D)
     y_slots = y_exp.reshape(e * s, -1)                                 # (E*S, D)
     y = combine @ y_slots                                              # (N, D)
-    return y, SoftCache(kind, x, phi, dispatch, combine, y_slots, experts_cache)
+    return y, SoftCache(kind, x, phi, dispatch_cache, combine_cache, y_slots, experts_cache)
 
 
 def soft_moe_backward(dy, cache: SoftCache):
@@ -99,15 +99,15 @@ def soft_moe_backward(dy, cache: SoftCache):
     kind = expert_kind(cache.kind)
     validate.same_shape("soft_moe_backward", "dy", dy, "x", cache.x)
     d_combine = dy @ cache.y_slots.T                                   # (N, E*S)
-    dy_slots = cache.combine.T @ dy                                    # (E*S, D)
+    dy_slots = cache.combine_cache.p.T @ dy                            # (E*S, D)
     e = cache.experts_cache.xb.shape[0]
-    dslots, *dweights = kind.backward(dy_slots.reshape(e, -1, dy.shape[1]), cache.experts_cache)
+    dslots, *dexpert_params = kind.backward(dy_slots.reshape(e, -1, dy.shape[1]), cache.experts_cache)
     dslots = dslots.reshape(dy_slots.shape)                            # (E*S, D)
     d_dispatch = cache.x @ dslots.T                                    # (N, E*S)
-    dlogits = functional.softmax_backward(d_dispatch, (cache.dispatch, 0, 1.0)) + \
-        functional.softmax_backward(d_combine, (cache.combine, 1, 1.0))   # (N, E*S)
-    dx = cache.dispatch @ dslots + dlogits @ cache.phi.T               # (N, D)
-    grads = {"phi": cache.x.T @ dlogits} | dict(zip(kind.names, dweights))   # phi (D, E*S)
+    dlogits = functional.softmax_backward(d_dispatch, cache.dispatch_cache) + \
+        functional.softmax_backward(d_combine, cache.combine_cache)    # (N, E*S)
+    dx = cache.dispatch_cache.p @ dslots + dlogits @ cache.phi.T       # (N, D)
+    grads = {"phi": cache.x.T @ dlogits} | dict(zip(kind.names, dexpert_params))   # phi (D, E*S)
     return dx, grads
 
 
@@ -150,7 +150,7 @@ class SoftMoE(Layer):
     def forward(self, x):
         """x (N, D), one group of tokens -> y (N, D)."""
         y, self._cache = soft_moe_forward(x, self.params, self.config.expert)
-        self.stats = SoftStats(self._cache.dispatch, self._cache.combine)
+        self.stats = SoftStats(self._cache.dispatch_cache.p, self._cache.combine_cache.p)
         return y                                                       # (N, D)
 
     def backward(self, dy, aux_scale: float = 1.0):

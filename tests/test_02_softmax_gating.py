@@ -166,3 +166,17 @@ def test_gate_dropout_sums_to_one_only_in_expectation():
     assert sums.max() == pytest.approx(1 / (1 - rho))              # nothing dropped
     assert abs(np.mean(sums == 0) - rho**3) < 0.005                # everything dropped
     assert np.allclose(draws.mean(axis=0), g, atol=0.01)           # each weight unbiased
+
+
+def test_softmax_caches_are_read_by_field_name():
+    """The caches are NamedTuples: a caller (a router, Soft MoE, attention) names what it reads."""
+    z = np.random.default_rng(0).standard_normal((3, 4))
+    p, cache = functional.softmax_forward(z, axis=0, temperature=2.0)
+    assert isinstance(cache, functional.SoftmaxCache)
+    assert cache.p is p and cache.axis == 0 and cache.temperature == 2.0
+    y, log_cache = functional.log_softmax_forward(z, axis=1)
+    assert isinstance(log_cache, functional.LogSoftmaxCache) and log_cache.axis == 1
+    assert np.allclose(log_cache.p, np.exp(y), rtol=0, atol=0)
+    g = np.cos(z)                                                      # (3, 4)
+    by_field = functional.softmax_backward(g, functional.SoftmaxCache(p=p, axis=0, temperature=2.0))
+    assert np.array_equal(functional.softmax_backward(g, cache), by_field)
