@@ -188,7 +188,7 @@ class FFN(Layer):
         super().__init__(dtype)
         validate.sizes("FFN", d_model=d_model, d_hidden=d_hidden)
         validate.integer("FFN", "seed", seed, minimum=0)
-        self.kind = expert_kind(expert)
+        self.kind, self.d_model = expert_kind(expert), d_model
         self.params = init_experts(expert, 1, d_model, d_hidden, np.random.default_rng(seed),
                                    self.dtype)
         self.init_grads()
@@ -229,6 +229,11 @@ class ResidualNet(Layer):
         self.embed = Linear(d_in, d_model, seed=seed, dtype=self.dtype)
         self.head = Linear(d_model, d_out, seed=seed + 1, dtype=self.dtype)
         _check_parts("ResidualNet", self.children(), self.dtype)
+        for b, block in enumerate(self.blocks):
+            width = getattr(getattr(block, "config", None), "d_model", getattr(block, "d_model", None))
+            if width is not None and width != d_model:
+                raise ValueError(f"ResidualNet: block{b} ({type(block).__name__}) has width "
+                                 f"d_model={width} but the net's d_model is {d_model}")
         self.params = {f"{n}.{k}": v for n, m in self.children().items() for k, v in m.params.items()}
         self._collect_grads()
 

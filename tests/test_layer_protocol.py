@@ -166,6 +166,10 @@ CONTRADICTIONS = [
     (lambda: SoftMoE(SoftMoEConfig(d_model=D, num_experts=E, d_hidden=H), seed=0.5),
      "SoftMoE: seed must be an integer >= 0, got 0.5"),
     (lambda: FFN(D, 0), "FFN: d_hidden must be an integer >= 1, got 0"),
+    (lambda: ResidualNet(3, D, 2, [FFN(D, H), SparseMoE(sparse_config(d_model=D + 1))]),
+     "ResidualNet: block1 .SparseMoE. has width d_model=7 but the net's d_model is 6"),
+    (lambda: ResidualNet(3, D + 1, 2, [FFN(D, H)]),
+     "ResidualNet: block0 .FFN. has width d_model=6 but the net's d_model is 7"),
 ]
 
 
