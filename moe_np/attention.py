@@ -154,7 +154,7 @@ class AttendCache(NamedTuple):
     k: np.ndarray         # (B, P, L, F)
     v: np.ndarray         # (B, P, L, F)
     p: np.ndarray         # (B, P, A/P T, L) attention probabilities (0 where masked)
-    temperature: float    # sqrt(F): scores are q k^T / sqrt(F)
+    softmax: tuple        # the softmax's own cache (p, its axis, temperature sqrt(F))
 
 
 def attend_forward(q, k, v):
@@ -173,18 +173,18 @@ def attend_forward(q, k, v):
     s = qg @ np.swapaxes(k, -1, -2)                                # (B, P, A/P T, L)
     s5 = s.reshape(b, g, a // g, t, length)                        # (B, P, A/P, T, L), a view
     s5 += np.where(causal_mask(t, length), 0.0, -np.inf).astype(s.dtype)   # (T, L) broadcast
-    p, _ = functional.softmax_forward(s, temperature=temperature)  # (B, P, A/P T, L)
+    p, softmax_cache = functional.softmax_forward(s, temperature=temperature)   # (B, P, A/P T, L)
     o = p @ v                                                      # (B, P, A/P T, F)
-    return o.reshape(b, a, t, f), AttendCache(qg, k, v, p, temperature)
+    return o.reshape(b, a, t, f), AttendCache(qg, k, v, p, softmax_cache)
 
 
 def attend_backward(do, cache: AttendCache):
     """-> dq (B, A, T, F), dk (B, P, L, F), dv (B, P, L, F); a group's heads' dk, dv add up."""
-    qg, k, v, p, temperature = cache
+    qg, k, v, p, softmax_cache = cache
     dog = do.reshape(qg.shape)                                     # (B, P, A/P T, F)
     dv = np.swapaxes(p, -1, -2) @ dog                              # (B, P, L, F)
     dp = dog @ np.swapaxes(v, -1, -2)                              # (B, P, A/P T, L)
-    ds = functional.softmax_backward(dp, functional.SoftmaxCache(p, -1, temperature))   # (B, P, A/P T, L), / sqrt(F)
+    ds = functional.softmax_backward(dp, softmax_cache)            # (B, P, A/P T, L), / sqrt(F), / sqrt(F)
     dq = ds @ k                                                    # (B, P, A/P T, F)
     dk = np.swapaxes(ds, -1, -2) @ qg                              # (B, P, L, F)
     return dq.reshape(do.shape), dk, dv

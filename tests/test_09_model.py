@@ -275,3 +275,205 @@ def test_bad_heads_and_head_dim_in_the_pairs():
         att.attention_forward(np.zeros((1, 5, 6)), params, 4, 3, cos, sin)
     with pytest.raises(ValueError, match="head_dim must be even and >= 2, got head_dim=5"):
         att.rope_tables(5, 5, 10000.0, np.float64)
+
+
+# -- the whole-model HF Rosetta -----------------------------------------------------------------
+
+from moe_np import interop_lm  # noqa: E402
+
+HF_CONFIGS = {
+    "mixtral": {"vocab_size": 11, "hidden_size": 8, "intermediate_size": 6, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 9,
+                "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                "tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.02, "sliding_window": None},
+    "qwen2_moe": {"vocab_size": 11, "hidden_size": 8, "intermediate_size": 10, "moe_intermediate_size": 3,
+                  "shared_expert_intermediate_size": 5, "num_hidden_layers": 3, "num_attention_heads": 2,
+                  "num_key_value_heads": 1, "max_position_embeddings": 9, "rms_norm_eps": 1e-6,
+                  "rope_theta": 10000.0, "tie_word_embeddings": False, "num_experts": 5,
+                  "num_experts_per_tok": 2, "norm_topk_prob": False, "decoder_sparse_step": 2,
+                  "mlp_only_layers": [], "qkv_bias": True, "use_sliding_window": False},
+}
+
+
+def hf_arrays(arch, config, style="fused", seed=0):
+    """A causal LM's state dict with HF's own names and shapes, random float64 values."""
+    c, rng = config, np.random.default_rng(seed)
+    d, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    f = d // heads
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], d), "model.norm.weight": (d,),
+              "lm_head.weight": (c["vocab_size"], d)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (heads * f, d), p + "self_attn.k_proj.weight": (kv * f, d),
+                   p + "self_attn.v_proj.weight": (kv * f, d), p + "self_attn.o_proj.weight": (d, heads * f),
+                   p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
+        if arch == "qwen2_moe":
+            shapes |= {p + "self_attn.q_proj.bias": (heads * f,), p + "self_attn.k_proj.bias": (kv * f,),
+                       p + "self_attn.v_proj.bias": (kv * f,)}
+        shapes |= hf_ffn_shapes(arch, c, i, style)
+    return {k: rng.standard_normal(s) * (0.3 if len(s) == 2 else 1.0) + (1.0 if len(s) == 1 else 0.0)
+            for k, s in shapes.items()}
+
+
+def hf_ffn_shapes(arch, c, i, style):
+    d, p = c["hidden_size"], f"model.layers.{i}.mlp."
+    if arch == "qwen2_moe" and (i + 1) % c["decoder_sparse_step"]:
+        w = c["intermediate_size"]
+        return {p + "gate_proj.weight": (w, d), p + "up_proj.weight": (w, d), p + "down_proj.weight": (d, w)}
+    e = c.get("num_local_experts", c.get("num_experts"))
+    h = c.get("moe_intermediate_size", c["intermediate_size"])
+    if style == "per_expert":                                          # Mixtral before fused experts
+        p = f"model.layers.{i}.block_sparse_moe."
+        shapes = {p + "gate.weight": (e, d)}
+        for j in range(e):
+            shapes |= {p + f"experts.{j}.w1.weight": (h, d), p + f"experts.{j}.w3.weight": (h, d),
+                       p + f"experts.{j}.w2.weight": (d, h)}
+        return shapes
+    shapes = {p + "gate.weight": (e, d), p + "experts.gate_up_proj": (e, 2 * h, d),
+              p + "experts.down_proj": (e, d, h)}
+    if arch == "qwen2_moe":
+        s = c["shared_expert_intermediate_size"]
+        shapes |= {p + "shared_expert.gate_proj.weight": (s, d), p + "shared_expert.up_proj.weight": (s, d),
+                   p + "shared_expert.down_proj.weight": (d, s), p + "shared_expert_gate.weight": (1, d)}
+    return shapes
+
+
+def hf_reference_logits(arch, sd, c, ids):
+    """A NumPy transcription of HF's causal-LM forward (eager attention, fused experts), float64."""
+    silu = lambda z: z / (1 + np.exp(-z))
+    norm = lambda x, w: w * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + c["rms_norm_eps"])
+    heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    d = c["hidden_size"]
+    f, t = d // heads, ids.shape[1]
+    theta = c.get("rope_theta") or c["rope_parameters"]["rope_theta"]
+    freqs = np.arange(t)[:, None] * theta ** (-np.arange(0, f, 2) / f)
+    cos, sin = np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))
+    rot = lambda z: z * cos + np.concatenate([-z[..., f // 2:], z[..., :f // 2]], -1) * sin
+    x = sd["model.embed_tokens.weight"][ids]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        q, k, v = (h @ sd[p + f"self_attn.{n}_proj.weight"].T + sd.get(p + f"self_attn.{n}_proj.bias", 0)
+                   for n in "qkv")
+        q = rot(q.reshape(*ids.shape, heads, f).transpose(0, 2, 1, 3))
+        k, v = (z.reshape(*ids.shape, kv, f).transpose(0, 2, 1, 3).repeat(heads // kv, axis=1) for z in (k, v))
+        s = q @ rot(k).transpose(0, 1, 3, 2) / np.sqrt(f)
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        o = (a / a.sum(-1, keepdims=True)) @ v
+        x = x + o.transpose(0, 2, 1, 3).reshape(*ids.shape, d) @ sd[p + "self_attn.o_proj.weight"].T
+        x = x + hf_reference_ffn(arch, sd, c, i, norm(x, sd[p + "post_attention_layernorm.weight"]), silu)
+    return norm(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def hf_reference_ffn(arch, sd, c, i, h, silu):
+    p = f"model.layers.{i}.mlp."
+    mlp = lambda z, q: (silu(z @ sd[q + "gate_proj.weight"].T) * (z @ sd[q + "up_proj.weight"].T)) \
+        @ sd[q + "down_proj.weight"].T
+    if p + "gate.weight" not in sd:
+        return mlp(h, p)
+    logits = h @ sd[p + "gate.weight"].T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, -1)[..., :c["num_experts_per_tok"]]
+    w = np.take_along_axis(probs, top, -1)
+    if arch == "mixtral" or c["norm_topk_prob"]:
+        w = w / w.sum(-1, keepdims=True)
+    hh = c.get("moe_intermediate_size", c["intermediate_size"])
+    out = np.zeros_like(h)
+    for e in range(sd[p + "gate.weight"].shape[0]):
+        gu, down = sd[p + "experts.gate_up_proj"][e], sd[p + "experts.down_proj"][e]
+        y = (silu(h @ gu[:hh].T) * (h @ gu[hh:].T)) @ down.T
+        out += y * np.where(top == e, w, 0).sum(-1, keepdims=True)
+    if arch == "qwen2_moe":
+        gate = 1 / (1 + np.exp(-(h @ sd[p + "shared_expert_gate.weight"].T)))
+        out += gate * mlp(h, p + "shared_expert.")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_from_hf_model_computes_hf_logits(arch):
+    config = HF_CONFIGS[arch]
+    sd = hf_arrays(arch, config)
+    model = interop_lm.from_hf_model(arch, sd, config)
+    ids = random_ids((2, 7), vocab=11, seed=2)
+    np.testing.assert_allclose(model.forward(ids), hf_reference_logits(arch, sd, config, ids),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch, style", [("mixtral", "fused"), ("mixtral", "per_expert"),
+                                         ("qwen2_moe", "fused")])
+def test_hf_model_round_trip_is_bit_for_bit(arch, style):
+    config = HF_CONFIGS[arch]
+    sd = hf_arrays(arch, config, style)
+    model = interop_lm.from_hf_model(arch, sd, config)
+    back, back_config = interop_lm.to_hf_model(arch, model, style)
+    assert set(back) == set(sd)
+    for key in sd:
+        assert back[key].shape == sd[key].shape and np.array_equal(back[key], sd[key]), key
+    again = interop_lm.from_hf_model(arch, back, back_config)
+    assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
+    np.testing.assert_array_equal(model.params["block0.attn.wq"], sd["model.layers.0.self_attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(model.params["embed.weight"], sd["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(model.params["head.weight"], sd["lm_head.weight"].T)
+
+
+def test_tied_hf_model_has_no_head_key():
+    config = HF_CONFIGS["mixtral"] | {"tie_word_embeddings": True}
+    sd = hf_arrays("mixtral", config)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].copy()
+    model = interop_lm.from_hf_model("mixtral", sd, config)
+    back, _ = interop_lm.to_hf_model("mixtral", model)
+    assert "lm_head.weight" not in back and model.head is None
+    sd["lm_head.weight"][0, 0] += 1.0
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        interop_lm.from_hf_model("mixtral", sd, config)
+
+
+def _mis_shape(sd, key):
+    sd[key] = sd[key][..., :-1]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"), "missing key 'model.layers.1.self_attn.k_proj.weight'"),
+    (lambda sd: sd.pop("model.norm.weight"), "missing key 'model.norm.weight'"),
+    (lambda sd: sd.update({"model.layers.0.self_attn.rotary.inv_freq": np.ones(2)}),
+     "unexpected key 'model.layers.0.self_attn.rotary.inv_freq'"),
+    (lambda sd: sd.update({"model.layers.5.input_layernorm.weight": np.ones(8)}),
+     "unexpected key 'model.layers.5.input_layernorm.weight'"),
+    (lambda sd: _mis_shape(sd, "model.layers.0.self_attn.q_proj.bias"),
+     "key 'model.layers.0.self_attn.q_proj.bias' has shape \\(7,\\), expected \\(8,\\)"),
+    (lambda sd: sd.pop("model.layers.1.mlp.shared_expert_gate.weight"),
+     "layer 1 \\(keys model.layers.1.mlp.\\*\\).*missing key 'shared_expert_gate.weight'"),
+    (lambda sd: _mis_shape(sd, "model.layers.1.mlp.experts.down_proj"),
+     "layer 1 .*'experts.down_proj' has shape"),
+    (lambda sd: sd.update({"model.layers.0.mlp.gate.weight": np.ones((5, 8))}),
+     "unexpected key 'model.layers.0.mlp.gate.weight'"),
+])
+def test_a_bad_hf_state_dict_names_the_key(change, message):
+    sd = hf_arrays("qwen2_moe", HF_CONFIGS["qwen2_moe"])
+    change(sd)
+    with pytest.raises(ValueError, match=message):
+        interop_lm.from_hf_model("qwen2_moe", sd, HF_CONFIGS["qwen2_moe"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(sliding_window=4), "sliding_window=4 < max_position_embeddings=9 cannot be represented"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "RoPE scaling"),
+    (dict(num_key_value_heads=3), "num_kv_heads=3 must divide num_heads=2"),
+    (dict(head_dim=2), "head_dim=2 differs from hidden_size / num_attention_heads"),
+])
+def test_a_bad_hf_config_is_refused(fields, message):
+    config = HF_CONFIGS["mixtral"] | fields
+    with pytest.raises(ValueError, match=message):
+        interop_lm.from_hf_model("mixtral", hf_arrays("mixtral", HF_CONFIGS["mixtral"]), config)
+
+
+def test_to_hf_model_refuses_what_hf_cannot_hold():
+    dense_first = MoETransformer(lm_presets.mixtral_lm(vocab_size=11, d_model=16, num_layers=2,
+                                                      context_length=8, moe_every=2, d_ffn=8))
+    with pytest.raises(ValueError, match="mixtral cannot represent moe_every=2"):
+        interop_lm.to_hf_model("mixtral", dense_first)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        interop_lm.to_hf_model("deepseek_v3", dense_first)
