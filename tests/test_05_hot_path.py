@@ -133,6 +133,7 @@ def test_kernels_equal_their_twins_bit_for_bit(dtype):
         w_flat = rng.random(num_w).astype(dtype)                       # (W,)
         got = kernels.gather_rows(x, plan.rows_token, np.empty((m, d), dtype))
         assert np.array_equal(got, kernels.gather_rows_twin(x, plan.rows_token))
+        assert np.array_equal(kernels.copy_rows(got, np.empty_like(got)), kernels.copy_rows_twin(got))
         got = kernels.combine_rows(rows, w_flat, plan.rows_weight, plan.token_rows,
                                    np.full((n, d), np.nan, dtype))     # stale values must go
         assert got.dtype == dtype and np.array_equal(
@@ -525,12 +526,87 @@ def test_einsum_selection_ignores_padding_rows():
 
 # -- the benchmark, at quick sizes --------------------------------------------------------
 
-def test_bench_quick_reports_every_key():
-    results = bench.measure(quick=True, repeats=1, use_torch=False)
-    for key in ("moe_fwd_bwd_s", "gemm_floor_s", "gather_gbps", "memcpy_gbps", "combine_numba_s",
-                "combine_add_at_s", "jit_compile_s", "jit_cached_s", "peak_mem_mib", "scaling"):
-        assert key in results and results[key], key
-    assert {(r["E"], r["strategy"]) for r in results["scaling"]} >= {(8, "numba"), (64, "einsum")}
-    assert set(results["strategies"]) == set(dispatch.STRATEGIES)
+def test_bench_timings_memory_and_report_at_quick_size():
+    """Every measurement of one thread setting, in this process, at the quick size; the
+    assembled report judges nothing at this size and prints one line per target."""
+    core = bench.timing_core(list(bench.QUICK), 1, False, True)
+    assert set(core["stages"]) == set(dispatch.STRATEGIES)
+    assert all(v > 0 for st in core["stages"].values() for v in st.values())
+    assert {r["E"] for r in core["scaling"]} == set(bench.SCALING_E)
+    assert 0 < core["lowp"]["fp16_step_ratio"] and 0 < core["lowp"]["fp8_step_ratio"]
+    memory = bench.memory_run(list(bench.QUICK)) | bench.memory_model(bench.QUICK)
+    stages = [name for name, *_ in memory["stages"]]
+    assert stages[:6] == ["route", "plan", "gather", "experts", "combine", "combine_bwd"]
+    assert stages[-1] == "end" and memory["traced_peak_mib"] >= max(m for _, m, _ in memory["stages"])
+    jit = {"jit_compile_s": None, "jit_cached_s": 1.0, "jit_import_s": 0.5, "jit_cached_first_call_s": 0.5}
+    results = bench.assemble(bench.QUICK, 1, {"default": core, "one": core}, jit, memory)
     json.loads(json.dumps(results))
-    assert "fwd+bwd / GEMM floor" in bench.format_report(results)
+    assert results["judged"] is False and all(t["met"] is None for t in results["targets"])
+    assert {"fp16_step_ratio", "fp8_step_ratio", "threads"} <= set(results)
+    assert set(results["threads"]) >= {"default", "one"}
+    report = bench.format_report(results)
+    assert "smoke test" in report and "MISS" not in report and " met" not in report
+    names = [t["name"] for t in results["targets"]]
+    assert len(names) == len(set(names)) and all(report.count(n + " (target") == 1 for n in names)
+
+
+def synthetic_core(seconds):
+    """A timing_core result in which every measured time is `seconds`."""
+    stage = {name: seconds for name in bench.STAGES}
+    layer = {"forward_s": seconds, "fwd_bwd_s": 2 * seconds}
+    return {"layer_times": {"numpy": layer, "numba": layer, "gemm_floor": layer},
+            "stages": {"numpy": stage, "numba": stage}, "memcpy_s": seconds, "copy_loop_s": seconds,
+            "scaling": [{"E": 8, "strategy": "numba", "us_per_token": 2.0},
+                        {"E": 64, "strategy": "numba", "us_per_token": 3.0}]}
+
+
+def test_bench_bandwidths_have_known_values():
+    """A gather and a memcpy that take the same time have the same bandwidth, and a copy
+    reads and writes its bytes once each: 2 * M * D * 4 bytes over the time."""
+    size = bench.Size(1000, 250, 8, 4, 2)                              # M*D*4 = 2,000,000 bytes
+    r = bench.derive(size, synthetic_core(0.01))
+    assert r["memcpy_gbps"] == pytest.approx(0.4) and r["gather_gbps"] == pytest.approx(0.4)
+    assert r["copy_loop_gbps"] == pytest.approx(0.4)
+    values = bench.target_values(r)
+    assert values["gather_over_memcpy"] == pytest.approx(1.0)
+    assert values["scaling_ratio_64_8"] == pytest.approx(1.5)
+    rows = {t["key"]: t for t in bench.targets(values, judged=True)}
+    assert rows["gather_over_memcpy"]["met"] and not rows["scaling_ratio_64_8"]["met"]
+
+
+def test_memory_model_counts_the_arrays_backward_keeps():
+    """Each part of the memory model is the size of the array a real forward keeps."""
+    size = bench.Size(48, 8, 12, 6, 2)
+    layer = bench.make_layer(size, "numba")
+    x, _ = bench.make_inputs(size)
+    layer.forward(x)
+    cache = layer._cache
+    real = {"h": cache.experts_cache.hidden[0], "y_sorted": cache.combine_cache.y_sorted,
+            "offsets": cache.plan.offsets, "rows_token": cache.plan.rows_token,
+            "rows_weight": cache.plan.rows_weight, "token_rows": cache.plan.token_rows}
+    parts = bench.memory_parts(size)
+    assert {k: parts[k] for k in real} == {k: v.nbytes for k, v in real.items()}
+    assert parts["ids"] == 8 * size.n * size.k and parts["probs"] == 4 * size.n * size.e
+    assert bench.memory_model(size)["must_keep_mib"] * 2**20 == sum(parts.values())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_ffn_size_counts_an_experts_parameters(kind):
+    """models.ffn_size is what init_experts allocates for one expert, and dense_width gives
+    the FFN whose size is closest to the sparse block it is matched to."""
+    from moe_np import models
+    for d, h in [(4, 6), (16, 48), (30, 7)]:
+        counted = sum(v.size for v in experts.init_experts(kind, 1, d, h, np.random.default_rng(0)).values())
+        assert models.ffn_size(kind, d, h) == counted, (kind, d, h)
+    config = SparseConfig(d_model=16, num_experts=8, d_hidden=40, k=2, expert=kind)
+    for match, experts_used in (("active", 2), ("total", 8)):
+        width = models.dense_width(config, match)
+        target = 16 * 8 + experts_used * models.ffn_size(kind, 16, 40)
+        size = lambda w: sum(v.size for v in models.FFN(16, w, kind).params.values())   # noqa: E731
+        assert abs(size(width) - target) <= min(abs(size(width + 1) - target), abs(size(width - 1) - target))
+
+
+def test_thread_settings_are_the_defaults_and_one_thread():
+    default, one = bench.thread_env("default"), bench.thread_env("one")
+    assert not any(k in default for k in bench.THREAD_VARIABLES)
+    assert all(one[k] == "1" for k in bench.THREAD_VARIABLES)

@@ -1,7 +1,8 @@
 """The hot path's loops: Numba kernels for the plan, gather and combine, with NumPy twins.
 
-    plan_kernel        ids (N, K)            -> Plan arrays   one stable counting sort
+    plan_kernel        ids (N, K), eligible  -> Plan arrays   one stable counting sort
     gather_rows        x (N, D)              -> out (M, D)    x_sorted[m] = x[rows_token[m]]
+    copy_rows          src (M, D)            -> out (M, D)    the same bytes without an index
     combine_rows       y_sorted (M, D), w    -> out (N, D)    y[n] = sum_j w_j y_sorted[row_j]
     combine_grad_rows  dy (N, D)             -> (M, D), (W,)  dy_sorted, dweights
     sum_rows           dx_sorted (M, D)      -> out (N, D)    dx[n] = sum_j dx_sorted[row_j]
@@ -102,6 +103,22 @@ def gather_rows(x, rows_token, out):
 def gather_rows_twin(x, rows_token):
     """NumPy twin of gather_rows: fancy indexing."""
     return x[rows_token]                               # (M, D)
+
+
+@njit(cache=True, parallel=True)
+def copy_rows(src, out):
+    """out[m] = src[m].   src (M, D), out (M, D) -> out. The gather without the index: what a
+    compiled row loop can do with the same bytes (the benchmark's yardstick for gather_rows)."""
+    m, d = src.shape
+    for i in prange(m):
+        for c in range(d):
+            out[i, c] = src[i, c]
+    return out
+
+
+def copy_rows_twin(src):
+    """NumPy twin of copy_rows: a plain copy."""
+    return src.copy()                                  # (M, D)
 
 
 # -- combine: the weighted sum of each token's rows ---------------------------------------
