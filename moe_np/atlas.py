@@ -194,6 +194,58 @@ def atlas(experts, classes, num_experts: int, context: int, shuffles: int = 200,
     return Atlas(real, low, high, counts, shuffles)
 
 
+def conditional_mi(experts, classes, tokens, num_experts: int, num_classes: int) -> float:
+    """I(expert; class | token) in bits: how much the class tells about the expert among
+    tokens with the same id (0 when routing depends on the token id alone)."""
+    v = int(tokens.max()) + 1
+    joint = np.bincount((tokens * num_experts + experts) * num_classes + classes,
+                        minlength=v * num_experts * num_classes).reshape(v, num_experts, num_classes)
+    joint = joint.astype(np.float64) / len(tokens)                       # (V, E, J) p(v, e, c)
+    p_v = joint.sum((1, 2), keepdims=True)                               # (V, 1, 1)
+    p_ve = joint.sum(2, keepdims=True)                                   # (V, E, 1)
+    p_vc = joint.sum(1, keepdims=True)                                   # (V, 1, J)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(joint > 0, joint * p_v / (p_ve * p_vc), 1.0)    # (V, E, J)
+    return float((joint * np.log2(ratio)).sum())
+
+
+def shuffle_within(experts, tokens, rng) -> np.ndarray:
+    """The experts permuted at random among positions holding the same token id.   -> (N,)"""
+    grouped = np.argsort(tokens, kind="stable")                          # (N,)
+    mixed = np.lexsort((rng.random(len(tokens)), tokens))                # (N,)
+    out = np.empty_like(experts)                                         # (N,)
+    out[mixed] = experts[grouped]
+    return out
+
+
+def context_atlas(experts, classes, tokens, num_experts: int, shuffles: int = 200,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """I(expert; class | token) and its 95% interval when the experts are shuffled among
+    positions of the same token: does the router tell the same token apart by its syntax?
+    -> (real, low, high) in bits."""
+    experts, classes, tokens = (np.asarray(a, dtype=np.int64) for a in (experts, classes, tokens))
+    if not experts.shape == classes.shape == tokens.shape:
+        raise ValueError(f"context_atlas: experts {experts.shape}, classes {classes.shape} and "
+                         f"tokens {tokens.shape} must have one shape")
+    j = len(CLASSES)
+    rng = np.random.default_rng(seed)
+    real = conditional_mi(experts, classes, tokens, num_experts, j)
+    runs = [conditional_mi(shuffle_within(experts, tokens, rng), classes, tokens, num_experts, j)
+            for _ in range(shuffles)]
+    return real, float(np.percentile(runs, 2.5)), float(np.percentile(runs, 97.5))
+
+
+def strongest(at: Atlas, count: int = 4) -> list[tuple]:
+    """The expert-class pairs outside chance with the most tokens above what chance gives.
+    -> [(e, j, excess tokens)]"""
+    n = at.counts.sum()
+    expected = np.outer(at.counts.sum(1), at.counts.sum(0)) / max(n, 1)  # (E, J)
+    excess = np.where(outside(at), at.counts - expected, -np.inf)        # (E, J)
+    order = np.argsort(-excess, axis=None)[:count]
+    return [(*np.unravel_index(i, excess.shape), float(excess.flat[i])) for i in order
+            if np.isfinite(excess.flat[i]) and excess.flat[i] > 0]
+
+
 def outside(at: Atlas) -> np.ndarray:
     """(E, J) True where the real share lies outside the shuffled 95% interval."""
     return (at.real.share < at.low.share) | (at.real.share > at.high.share)
@@ -212,3 +264,50 @@ def summary(at: Atlas, name: str = "") -> str:
              f"{int(sig.sum())} of {int(np.isfinite(r.share).sum())} expert-class shares "
              f"outside chance"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+
+def share_heatmap(ax, at: Atlas, title: str, min_count: int = 20):
+    """Expert x class share relative to uniform, log2 colour scale (white = 1 = chance); a dot
+    marks a share outside the shuffled 95% interval. Classes seen fewer than min_count times
+    are left out.   -> the image (for a colour bar)."""
+    keep = np.flatnonzero(at.counts.sum(0) >= min_count)                 # (J',)
+    share = at.real.share[:, keep]                                       # (E, J')
+    img = ax.imshow(np.log2(np.clip(share, 0.25, 4.0)), cmap="RdBu_r", vmin=-2, vmax=2,
+                    aspect="auto")
+    sig = outside(at)[:, keep]                                           # (E, J')
+    ys, xs = np.nonzero(sig)
+    ax.scatter(xs, ys, s=6, c="k", marker="o")
+    ax.set_xticks(range(len(keep)))
+    ax.set_xticklabels([CLASSES[j] for j in keep], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(share.shape[0]))
+    ax.set_ylabel("expert")
+    ax.set_title(title, fontsize=9)
+    return img
+
+
+def routing_snippet(ax, pieces, experts, num_experts: int, title: str, fontsize: float = 7.5):
+    """Source text with each token's characters on the colour of its first-choice expert.
+
+    pieces: the bytes of each token, in order (ASCII text reads best); experts: (N,)."""
+    import matplotlib.pyplot as plt
+    cmap = plt.get_cmap("tab10")
+    line = col = width = 0
+    for piece, e in zip(pieces, experts):
+        for ch in piece.decode("utf-8", errors="replace"):
+            if ch == "\n":
+                line, col = line + 1, 0
+                continue
+            ax.add_patch(plt.Rectangle((col, line), 1, 1, color=cmap(int(e) % 10), alpha=0.55,
+                                       lw=0))
+            if ch != " ":
+                ax.text(col + 0.5, line + 0.55, ch, ha="center", va="center", fontsize=fontsize,
+                        family="monospace")
+            col += 1
+            width = max(width, col)
+    ax.set_xlim(0, width)
+    ax.set_ylim(line + 1, 0)
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    return [plt.Rectangle((0, 0), 1, 1, color=cmap(e % 10), alpha=0.55) for e in range(num_experts)]

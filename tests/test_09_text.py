@@ -187,6 +187,22 @@ def test_planted_specialisation_is_found():
     assert atlas.atlas(sticky, classes, 8, context=64, shuffles=50).real.repeat > 0.5
 
 
+def test_context_measure_separates_syntax_from_token_identity():
+    rng = np.random.default_rng(2)
+    n = 16384
+    tokens, classes = rng.integers(0, 20, n), rng.integers(0, 9, n)
+    by_token = tokens % 8                                    # routing by the token id alone
+    real, low, high = atlas.context_atlas(by_token, classes, tokens, 8, shuffles=50)
+    assert real == low == high == 0.0
+    noisy = np.where(rng.random(n) < 0.5, by_token, rng.integers(0, 8, n))
+    real, low, high = atlas.context_atlas(noisy, classes, tokens, 8, shuffles=50)
+    assert low <= real <= high                               # chance, although I(e; c | v) > 0
+    by_class = np.where(rng.random(n) < 0.5, by_token, classes % 8)   # the class moves the choice
+    real, low, high = atlas.context_atlas(by_class, classes, tokens, 8, shuffles=50)
+    assert real > 2 * high
+    assert atlas.atlas(by_token, classes, 8, context=64, shuffles=50).real.mutual_info < 0.05
+
+
 def test_atlas_bad_input():
     with pytest.raises(ValueError, match="whole windows"):
         atlas.atlas(np.zeros(10, int), np.zeros(10, int), 2, context=3)
