@@ -149,45 +149,77 @@ def causal_mask(num_queries: int, num_keys: int) -> np.ndarray:
     return np.arange(num_keys)[None, :] <= offset + np.arange(num_queries)[:, None]   # (T, L)
 
 
-class AttendCache(NamedTuple):
-    q: np.ndarray         # (B, P, A/P T, F) queries, the A/P heads of a group stacked
-    k: np.ndarray         # (B, P, L, F)
-    v: np.ndarray         # (B, P, L, F)
-    p: np.ndarray         # (B, P, A/P T, L) attention probabilities (0 where masked)
+QUERY_BLOCK = 64     # query positions per block: a block skips the keys no query in it may see
+
+
+class AttendBlock(NamedTuple):
+    """One block j of query positions [lo, hi): it attends over keys [0, end)."""
+    lo: int
+    hi: int
+    end: int              # L_j = L - T + hi: the keys block j's last query sees
+    p: np.ndarray         # (B, P, A/P T_j, L_j) probabilities (0 where masked), T_j = hi - lo
     softmax: tuple        # the softmax's own cache (p, its axis, temperature sqrt(F))
 
 
-def attend_forward(q, k, v):
+class AttendCache(NamedTuple):
+    q: np.ndarray         # (B, P, A/P, T, F) queries, grouped by the key/value head they read
+    k: np.ndarray         # (B, P, L, F)
+    v: np.ndarray         # (B, P, L, F)
+    blocks: list          # AttendBlock per block of query positions
+
+
+def query_blocks(num_queries: int, num_keys: int, block: int) -> list[tuple[int, int, int]]:
+    """[(lo, hi, end)]: query positions [lo, hi) see keys [0, end), end = L - T + hi."""
+    offset = num_keys - num_queries
+    return [(lo, min(lo + block, num_queries), offset + min(lo + block, num_queries))
+            for lo in range(0, num_queries, block)]
+
+
+def attend_forward(q, k, v, block: int = QUERY_BLOCK):
     """o = softmax(q k^T / sqrt(F) + mask) v, causal; query head a reads kv head a // (A/P).
 
     q (B, A, T, F), k, v (B, P, L, F), L >= T (the last T keys are the queries' own
-    positions) -> o (B, A, T, F). Masked scores are -inf, so their probability is 0.
-    The 1/sqrt(F) is the softmax's temperature sqrt(F), applied in the same pass."""
+    positions) -> o (B, A, T, F). Masked scores are -inf, so their probability is 0; the
+    1/sqrt(F) is the softmax's temperature sqrt(F), applied in the same pass. Queries go
+    in blocks of `block` positions, each over only the keys it may see: causal attention
+    then computes about half of the (T, L) scores, and every result is the same."""
     b, a, t, f = q.shape
     g, length = k.shape[1], k.shape[2]
-    if a % g or k.shape != (b, g, length, f) or v.shape != k.shape:
+    if a % g or k.shape != (b, g, length, f) or v.shape != k.shape or length < t:
         raise ValueError(f"attend_forward: q {q.shape} needs k and v (B, P, L, F) with P dividing "
-                         f"A={a}, got k {k.shape}, v {v.shape}")
-    temperature = float(f) ** 0.5                                  # a Python float: keeps the dtype
-    qg = q.reshape(b, g, (a // g) * t, f)                          # (B, P, A/P T, F)
-    s = qg @ np.swapaxes(k, -1, -2)                                # (B, P, A/P T, L)
-    s5 = s.reshape(b, g, a // g, t, length)                        # (B, P, A/P, T, L), a view
-    s5 += np.where(causal_mask(t, length), 0.0, -np.inf).astype(s.dtype)   # (T, L) broadcast
-    p, softmax_cache = functional.softmax_forward(s, temperature=temperature)   # (B, P, A/P T, L)
-    o = p @ v                                                      # (B, P, A/P T, F)
-    return o.reshape(b, a, t, f), AttendCache(qg, k, v, p, softmax_cache)
+                         f"A={a} and L >= T={t}, got k {k.shape}, v {v.shape}")
+    r, temperature = a // g, float(f) ** 0.5                       # a Python float: keeps the dtype
+    q5 = q.reshape(b, g, r, t, f)                                  # (B, P, A/P, T, F)
+    o5 = np.empty_like(q5)                                         # (B, P, A/P, T, F)
+    blocks = []
+    for lo, hi, end in query_blocks(t, length, block):
+        qb = q5[:, :, :, lo:hi].reshape(b, g, r * (hi - lo), f)    # (B, P, A/P T_j, F)
+        s = qb @ np.swapaxes(k[:, :, :end], -1, -2)                # (B, P, A/P T_j, L_j)
+        s.reshape(b, g, r, hi - lo, end)[...] += np.where(
+            causal_mask(hi - lo, end), 0.0, -np.inf).astype(s.dtype)   # (T_j, L_j) broadcast
+        p, softmax_cache = functional.softmax_forward(s, temperature=temperature)   # as s
+        o5[:, :, :, lo:hi] = (p @ v[:, :, :end]).reshape(b, g, r, hi - lo, f)
+        blocks.append(AttendBlock(lo, hi, end, p, softmax_cache))
+    return o5.reshape(b, a, t, f), AttendCache(q5, k, v, blocks)
 
 
 def attend_backward(do, cache: AttendCache):
-    """-> dq (B, A, T, F), dk (B, P, L, F), dv (B, P, L, F); a group's heads' dk, dv add up."""
-    qg, k, v, p, softmax_cache = cache
-    dog = do.reshape(qg.shape)                                     # (B, P, A/P T, F)
-    dv = np.swapaxes(p, -1, -2) @ dog                              # (B, P, L, F)
-    dp = dog @ np.swapaxes(v, -1, -2)                              # (B, P, A/P T, L)
-    ds = functional.softmax_backward(dp, softmax_cache)            # (B, P, A/P T, L), / sqrt(F), / sqrt(F)
-    dq = ds @ k                                                    # (B, P, A/P T, F)
-    dk = np.swapaxes(ds, -1, -2) @ qg                              # (B, P, L, F)
-    return dq.reshape(do.shape), dk, dv
+    """-> dq (B, A, T, F), dk (B, P, L, F), dv (B, P, L, F); a group's heads' dk, dv add up,
+    and so do the blocks' (each block adds into the keys it saw)."""
+    q5, k, v, blocks = cache
+    b, g, r, t, f = q5.shape
+    do5 = do.reshape(q5.shape)                                     # (B, P, A/P, T, F)
+    dq5 = np.empty_like(q5)                                        # (B, P, A/P, T, F)
+    dk, dv = np.zeros_like(k), np.zeros_like(v)                    # (B, P, L, F) each, summed into
+    for lo, hi, end, p, softmax_cache in blocks:
+        dob = do5[:, :, :, lo:hi].reshape(b, g, r * (hi - lo), f)  # (B, P, A/P T_j, F)
+        qb = q5[:, :, :, lo:hi].reshape(dob.shape)                 # (B, P, A/P T_j, F)
+        dv[:, :, :end] += np.swapaxes(p, -1, -2) @ dob             # (B, P, L_j, F)
+        dp = dob @ np.swapaxes(v[:, :, :end], -1, -2)              # (B, P, A/P T_j, L_j)
+        ds = functional.softmax_backward(dp, softmax_cache)        # as dp, includes the 1/sqrt(F)
+        dq5[:, :, :, lo:hi] = (ds @ k[:, :, :end]).reshape(b, g, r, hi - lo, f)
+        dk[:, :, :end] += np.swapaxes(ds, -1, -2) @ qb             # (B, P, L_j, F)
+    return dq5.reshape(do.shape), dk, dv
 
 
 # -- the attention sublayer: projections, RoPE, attend, output ---------------------------------

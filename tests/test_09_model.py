@@ -122,6 +122,15 @@ def test_grouped_heads_equal_multi_head_with_repeated_keys_and_values():
     np.testing.assert_allclose(y, plain_multi_head(x, mha, 4), rtol=1e-12, atol=1e-12)
 
 
+def test_query_blocks_change_nothing():
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((2, 4, 7, 4)), *rng.standard_normal((2, 2, 2, 10, 4))
+    whole, _ = att.attend_forward(q, k, v, block=64)
+    for block in (1, 3):
+        np.testing.assert_allclose(att.attend_forward(q, k, v, block=block)[0], whole, rtol=1e-13, atol=1e-13)
+    assert [b[:3] for b in att.attend_forward(q, k, v, block=3)[1].blocks] == [(0, 3, 6), (3, 6, 9), (6, 7, 10)]
+
+
 @pytest.mark.parametrize("preset", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_kv_cached_decoding_gives_the_full_forward_logits(preset):
     config = lm_presets.LM_PRESETS[preset](vocab_size=11, d_model=16, num_layers=2, context_length=10)
@@ -158,7 +167,7 @@ def test_float32_in_float32_everywhere():
     logits, kv = model.prefill(ids)
     assert logits.dtype == np.float32 and {k.dtype for k in kv.keys + kv.values} == {np.dtype(np.float32)}
     attn = model.blocks[0].attn._cache
-    assert {attn.x.dtype, attn.ctx.dtype, attn.attend.p.dtype, attn.rope[0].dtype} == {np.dtype(np.float32)}
+    assert {attn.x.dtype, attn.ctx.dtype, attn.attend.blocks[0].p.dtype, attn.rope[0].dtype} == {np.dtype(np.float32)}
 
 
 def test_loss_ignores_padding_and_knows_its_value():

@@ -51,14 +51,16 @@ def _rope(seed):
 
 @register("lm:attend", chapter=9)
 def _attend(seed):
-    """Causal grouped-query attention: L = T, and 3 new queries over 5 cached keys (L = 8)."""
+    """Causal grouped-query attention: L = T in one query block and in blocks of 2 positions,
+    and 3 new queries over 5 cached keys (L = 8)."""
     rows = []
-    for t, length in ((T, T), (3, 8)):
+    for t, length, block in ((T, T, att.QUERY_BLOCK), (T, T, 2), (3, 8, 2)):
         rng = np.random.default_rng(seed)
         inputs = {"q": rng.standard_normal((B, A, t, F)), "k": rng.standard_normal((B, P, length, F)),
                   "v": rng.standard_normal((B, P, length, F))}
-        rows += check_pair(f"lm:attend(T={t},L={length})", att.attend_forward, att.attend_backward,
-                           inputs, seed=seed)
+        fwd = lambda q, k, v: att.attend_forward(q, k, v, block=block)
+        rows += check_pair(f"lm:attend(T={t},L={length},block={min(block, t)})", fwd,
+                           att.attend_backward, inputs, seed=seed)
     return rows
 
 
