@@ -17,6 +17,7 @@ from moe_np import validate
 from moe_np.dispatch import POLICIES, STRATEGIES
 from moe_np.experts import EXPERTS
 from moe_np.gates import GATES
+from moe_np.precision import FORMATS
 from moe_np.routers import ROUTERS, check_groups
 
 # the kinds a config may name: read from the registries that implement them
@@ -29,7 +30,7 @@ BIAS_UPDATES = ("sign", "centred")
 CAPACITY_SCOPES = ("batch", "sequence")
 BALANCE_SCOPES = ("batch", "sequence")
 DISPATCH_STRATEGIES = STRATEGIES
-COMPUTE_FORMATS = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+COMPUTE_FORMATS = ("fp32",) + tuple(FORMATS)
 ROUTER_PRECISIONS = ("fp32", "compute")
 FP8_SCALINGS = ("tensor", "tile", "mx")
 

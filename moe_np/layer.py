@@ -49,7 +49,8 @@ class Layer(Module):
         self.dtype = validate.float_dtype(type(self).__name__, dtype)
         self._cache = None        # what backward needs; None until a forward has run
         self._aux = 0.0           # this layer's own auxiliary loss from the last forward
-        self.stats = None         # this layer's own RoutingStats (routed layers only)
+        self.stats = None         # this layer's own statistics of the last forward, or None
+                                  # (SparseMoE: RoutingStats; ReMoE: ReMoEStats; SoftMoE: SoftStats)
 
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__}.forward")

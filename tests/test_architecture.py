@@ -240,6 +240,8 @@ def test_every_kind_list_is_read_from_its_registry():
     assert config.DROP_POLICIES == dispatch.POLICIES
     assert config.DISPATCH_STRATEGIES == dispatch.STRATEGIES
     assert config.SOFTMAX_ROUTERS == ("softmax_topk", "softmax_topk_raw", "switch", "topk_softmax")
+    from moe_np import precision
+    assert config.COMPUTE_FORMATS == ("fp32",) + tuple(precision.FORMATS)
 
 
 @pytest.mark.parametrize("call, message", [
