@@ -28,15 +28,15 @@ import numpy as np
 from moe_np import functional, validate
 
 
-def check_ids(fn: str, ids, vocab_size: int) -> None:
+def check_ids(fn: str, ids, vocab_size: int, name: str = "ids") -> None:
     """ids: a 2-D integer array with every entry in [0, vocab_size)."""
     ids = np.asarray(ids)
-    validate.ndim(fn, "ids", ids, 2)
+    validate.ndim(fn, name, ids, 2)
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{fn}: ids must be integers, got {ids.dtype}")
+        raise ValueError(f"{fn}: {name} must be integers, got {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids.min() if ids.min() < 0 else ids.max()
-        raise ValueError(f"{fn}: ids must lie in [0, vocab_size={vocab_size}), got {int(bad)}")
+        raise ValueError(f"{fn}: {name} must lie in [0, vocab_size={vocab_size}), got {int(bad)}")
 
 
 # -- token embedding ---------------------------------------------------------------------

@@ -25,8 +25,12 @@ config's fields as a plain dict. Each MoE block goes through interop.from_hf / t
 The MoE prefix is "mlp." except for Mixtral's per-expert layout (releases before the
 fused experts), whose block was "block_sparse_moe.". RoPE needs no mapping: moe_np pairs
 dimension i with i + F/2 as HF's rotate_half does. Differences of the forward, all
-rounding: HF forms RoPE's angles in float32 (moe_np in float64, then rounds), computes
-RMSNorm in float32 and the router in float32 whatever the model's dtype (interop.py).
+rounding: whatever the model's dtype, HF forms RoPE's angles, RMSNorm's mean square, the
+attention softmax and the router's softmax in float32 (moe_np computes in the model's
+dtype, and forms RoPE's angles in float64). Measured against transformers 5.25 (torch
+2.13, eager attention and experts) in float64 at d_model 32, 3 layers, 12 positions:
+logits differ by at most 1.4e-6 to 2.2e-6 (logits up to about 3.5); with those four
+float32 steps patched to float64 in HF, by at most 6e-15.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def lm_head_backward(dlogits, cache):
 
 class LMLossCache(NamedTuple):
     p: np.ndarray          # (N, V) softmax of the logits
-    targets: np.ndarray    # (N,) target ids, IGNORE_ID where none
+    targets: np.ndarray    # (N,) target ids (0 at ignored positions)
     valid: np.ndarray      # (N,) bool, positions that count
     shape: tuple           # (B, T, V) of the logits
 
@@ -77,7 +77,7 @@ def lm_loss_forward(logits, targets, ignore_id: int = IGNORE_ID):
     validate.shape("lm_loss_forward", "targets", targets, logits.shape[:2])
     v = logits.shape[-1]
     valid = (targets != ignore_id).reshape(-1)                     # (N,)
-    check_ids("lm_loss_forward", np.where(targets == ignore_id, 0, targets), v)
+    check_ids("lm_loss_forward", np.where(targets == ignore_id, 0, targets), v, "targets")
     logp, (p, _) = log_softmax_forward(logits.reshape(-1, v))      # (N, V)
     tgt = np.where(valid, targets.reshape(-1), 0)                  # (N,)
     picked = logp[np.arange(len(tgt)), tgt]                        # (N,)
@@ -332,6 +332,7 @@ class MoETransformer(Layer):
         """ids (B, T) -> logits (B, T, V); mask (B, T) bool, False at (right) padding."""
         self.check_input("MoETransformer.forward", ids)
         if mask is not None:
+            mask = np.asarray(mask)
             validate.shape("MoETransformer.forward", "mask", mask, np.shape(ids))
         x = self.embed.forward(ids)                                # (B, T, D)
         for block in self.blocks:

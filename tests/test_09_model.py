@@ -182,6 +182,13 @@ def test_loss_ignores_padding_and_knows_its_value():
     assert lm_loss_forward(logits, targets)[0] == pytest.approx(np.log(5))
 
 
+def test_bad_targets_are_refused():
+    with pytest.raises(ValueError, match="targets must lie in \\[0, vocab_size=5\\), got 7"):
+        lm_loss_forward(np.zeros((1, 2, 5)), np.array([[1, 7]]))
+    with pytest.raises(ValueError, match="targets must have shape \\(1, 2\\)"):
+        lm_loss_forward(np.zeros((1, 2, 5)), np.array([1, 2]))
+
+
 def test_embedding_backward_adds_repeated_tokens():
     table = np.arange(12.0, dtype=np.float32).reshape(4, 3)
     ids = np.array([[2, 0, 2]])
