@@ -156,8 +156,9 @@ def assignment_heatmap(ax, weights, groups, title: str):
     """Tokens (rows, sorted by their true group) against experts (columns), coloured by
     the routing weight each expert got (0: not chosen).   weights: (N, E), groups: (N,)."""
     order = np.argsort(groups, kind="stable")                      # (N,)
-    ax.imshow(np.asarray(weights)[order], aspect="auto", cmap="viridis", interpolation="nearest",
-              vmin=0)
+    image = ax.imshow(np.asarray(weights)[order], aspect="auto", cmap="viridis",
+                      interpolation="nearest", vmin=0)
+    ax.figure.colorbar(image, ax=ax, label="routing weight (0: not chosen)", fraction=0.08)
     cuts = np.flatnonzero(np.diff(np.asarray(groups)[order])) + 0.5   # (G - 1,)
     for c in cuts:
         ax.axhline(c, color="w", lw=0.6)
@@ -213,8 +214,8 @@ def read_run(run_dir) -> RunRecords:
     return RunRecords(path, config, metrics, ckpt.read_jsonl(path / ckpt.ROUTING_FILE))
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, rect=(0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -255,10 +256,11 @@ def routing_figures(run: RunRecords, out: Path) -> list:
     blocks, experts = loads.shape[1], loads.shape[2]
     fig, axes = plt.subplots(1, blocks, figsize=(4.2 * blocks, 3.2), squeeze=False)
     for b in range(blocks):
-        load_over_training(axes[0, b], steps, loads[:, b], f"block {b}: share of assignments")
+        handles = load_over_training(axes[0, b], steps, loads[:, b], f"block {b}: share of assignments")
     fig.suptitle(f"Expert load over training (dotted: equal shares 1/E = {1 / experts:.3f})",
                  fontsize=10)
-    written = [_save(fig, out / "expert-load.png")]
+    fig.legend(handles, [f"expert {e}" for e in range(experts)], loc="center right", fontsize=7)
+    written = [_save(fig, out / "expert-load.png", rect=(0, 0, 0.88, 1))]
     _, vio = _routing_series(run, "max_vio")                        # (T, B)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     metric_curves(ax, {f"block {b}": (steps, vio[:, b]) for b in range(blocks)},
@@ -308,7 +310,7 @@ def load_trained(run: RunRecords):
     computes the same numbers, and the einsum one's (N, E, C) one-hot tensors would not
     fit a 22,500-point routing map in memory."""
     from moe_np import checkpoint as ckpt
-    from moe_np.train import build_run, config_from_dict
+    from moe_np.training import build_run, config_from_dict
     config = config_from_dict(run.config, f"{run.path}/config.json")
     built = build_run(replace(config, dispatch="numpy"))
     ckpt.load_checkpoint(run.path / ckpt.CHECKPOINT_FILE, built.model, built.optimizer,
