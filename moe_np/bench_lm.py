@@ -52,13 +52,17 @@ def _instrument(run) -> dict:
 
 
 def _head_time(run, ids) -> float:
-    """Seconds of the LM head's forward and backward alone (inside the model's own calls)."""
+    """Seconds of the LM head's forward and backward alone (median of 3): the model calls
+    them inside its own forward and backward, where no clock reaches."""
     from moe_np.transformer import lm_head_backward, lm_head_forward
     h = np.zeros((*ids.shape, run.model.config.d_model), dtype=np.float32)     # (B, T, D)
-    start = time.perf_counter()
-    logits, cache = lm_head_forward(h, run.model.head_weight())                # (B, T, V)
-    lm_head_backward(logits, cache)
-    return time.perf_counter() - start
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        logits, cache = lm_head_forward(h, run.model.head_weight())            # (B, T, V)
+        lm_head_backward(logits, cache)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def time_steps(run, repeats: int) -> tuple[float, dict]:

@@ -5,6 +5,8 @@ on 20 files) so the file stays fast; the chapter's run is the full-size one.
 """
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -59,19 +61,21 @@ def test_trainer_draws_the_batchers_windows():
     assert np.array_equal(t.x[rows], batch[:, :-1]) and np.array_equal(t.target[rows], batch[:, 1:])
 
 
-class StopAt:
+class CtrlCAt:
+    """Sends this process a SIGINT (what Ctrl-C sends) after the given step."""
+
     def __init__(self, step):
         self.step = step
 
     def on_step(self, trainer, record):
         if trainer.step == self.step:
-            trainer.stop = True
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_resume_is_bit_identical(tmp_path):
     config = LMTrainConfig(**TINY)
     straight = train_lm_in_dir(config, tmp_path / "a", log=lambda *_: None)
-    stopped = train_lm_in_dir(config, tmp_path / "b", log=lambda *_: None, callbacks=[StopAt(13)])
+    stopped = train_lm_in_dir(config, tmp_path / "b", log=lambda *_: None, callbacks=[CtrlCAt(13)])
     assert stopped.trainer.history.interrupted and stopped.trainer.step == 13
     resumed = train_lm_in_dir(config, tmp_path / "b", resume=True, log=lambda *_: None)
     assert resumed.trainer.step == config.steps
