@@ -6,7 +6,7 @@
     first_choices(model, windows) -> {block: (N,)}   each MoE block's first-choice expert
     atlas(experts, classes, num_experts, context)    the measures and their shuffled baseline
 
-Classes (J of them): a NAME is a `keyword` (hard or soft), a `builtin` (a name in
+Classes (Y of them): a NAME is a `keyword` (hard or soft), a `builtin` (a name in
 `builtins`) or an `identifier`; OP is `operator`; NUMBER, STRING (docstrings and
 f-strings included), COMMENT as named; NEWLINE and NL are `newline`; INDENT and the
 bytes between tokens are `whitespace`. A byte that tokenize does not reach (a file it
@@ -20,7 +20,7 @@ The baseline: the same first choices, randomly permuted among the tokens. Every
 expert keeps exactly its load; any link between expert and class, or between
 neighbours, is destroyed. Each measure is recomputed on R such shuffles, and the
 2.5th and 97.5th percentiles give the chance interval a real measure is compared with.
-Shape letters: N tokens, E experts, J classes, R shuffles.
+Shape letters: N tokens, E experts, Y classes (README glossary), B windows of T positions.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def stream_classes(tok, texts) -> tuple[np.ndarray, np.ndarray]:
 def first_choices(model, windows, batch: int = 16) -> dict:
     """Each routed block's first-choice expert for every position of windows (eval mode).
 
-    windows: (W, T) token ids; returns {block name: (W T,)} in row-major order."""
+    windows: (B, T) token ids; returns {block name: (B T,)} in row-major order."""
     found: dict[str, list] = {}
     model.eval()
     try:
@@ -136,7 +136,7 @@ def first_choices(model, windows, batch: int = 16) -> dict:
 # ---------------------------------------------------------------- the measures
 
 class Measures(NamedTuple):
-    share: np.ndarray          # (E, J) P(class j | expert e) / P(class j): 1 = no preference
+    share: np.ndarray          # (E, Y) P(class j | expert e) / P(class j): 1 = no preference
     entropy: np.ndarray        # (E,) H(class | expert e) in bits: lower = more selective
     mutual_info: float         # I(expert; class) in bits
     repeat: float              # share of neighbouring positions with the same first choice
@@ -145,19 +145,19 @@ class Measures(NamedTuple):
 def measures(experts, classes, num_experts: int, num_classes: int, context: int) -> Measures:
     """The atlas's measures of one assignment.   experts, classes: (N,), N a multiple of context."""
     counts = np.bincount(experts * num_classes + classes,
-                         minlength=num_experts * num_classes).reshape(num_experts, num_classes)  # (E, J)
+                         minlength=num_experts * num_classes).reshape(num_experts, num_classes)  # (E, Y)
     counts = counts.astype(np.float64)
     n = counts.sum()
-    p_e, p_j = counts.sum(1) / n, counts.sum(0) / n                      # (E,), (J,)
-    cond = counts / np.maximum(counts.sum(1, keepdims=True), 1)          # (E, J)
+    p_e, p_j = counts.sum(1) / n, counts.sum(0) / n                      # (E,), (Y,)
+    cond = counts / np.maximum(counts.sum(1, keepdims=True), 1)          # (E, Y)
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(p_j > 0, cond / p_j, np.nan)                    # (E, J)
-        logs = np.where(cond > 0, np.log2(np.where(cond > 0, cond, 1)), 0.0)     # (E, J)
-        joint = counts / n                                               # (E, J)
-        ratio = np.where(joint > 0, joint / np.outer(p_e, p_j), 1.0)     # (E, J)
+        share = np.where(p_j > 0, cond / p_j, np.nan)                    # (E, Y)
+        logs = np.where(cond > 0, np.log2(np.where(cond > 0, cond, 1)), 0.0)     # (E, Y)
+        joint = counts / n                                               # (E, Y)
+        ratio = np.where(joint > 0, joint / np.outer(p_e, p_j), 1.0)     # (E, Y)
     entropy = -(cond * logs).sum(1)                                      # (E,)
     mutual = float((joint * np.log2(ratio)).sum())
-    rows = experts.reshape(-1, context)                                  # (W, T)
+    rows = experts.reshape(-1, context)                                  # (B, T)
     repeat = float(np.mean(rows[:, 1:] == rows[:, :-1]))
     return Measures(share, entropy, mutual, repeat)
 
@@ -166,7 +166,7 @@ class Atlas(NamedTuple):
     real: Measures
     low: Measures              # 2.5th percentile of each measure over the shuffles
     high: Measures             # 97.5th percentile
-    counts: np.ndarray         # (E, J) tokens of class j whose first choice is e
+    counts: np.ndarray         # (E, Y) tokens of class j whose first choice is e
     shuffles: int
 
 
@@ -200,12 +200,12 @@ def conditional_mi(experts, classes, tokens, num_experts: int, num_classes: int)
     v = int(tokens.max()) + 1
     joint = np.bincount((tokens * num_experts + experts) * num_classes + classes,
                         minlength=v * num_experts * num_classes).reshape(v, num_experts, num_classes)
-    joint = joint.astype(np.float64) / len(tokens)                       # (V, E, J) p(v, e, c)
+    joint = joint.astype(np.float64) / len(tokens)                       # (V, E, Y) p(v, e, c)
     p_v = joint.sum((1, 2), keepdims=True)                               # (V, 1, 1)
     p_ve = joint.sum(2, keepdims=True)                                   # (V, E, 1)
-    p_vc = joint.sum(1, keepdims=True)                                   # (V, 1, J)
+    p_vc = joint.sum(1, keepdims=True)                                   # (V, 1, Y)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(joint > 0, joint * p_v / (p_ve * p_vc), 1.0)    # (V, E, J)
+        ratio = np.where(joint > 0, joint * p_v / (p_ve * p_vc), 1.0)    # (V, E, Y)
     return float((joint * np.log2(ratio)).sum())
 
 
@@ -239,15 +239,15 @@ def strongest(at: Atlas, count: int = 4) -> list[tuple]:
     """The expert-class pairs outside chance with the most tokens above what chance gives.
     -> [(e, j, excess tokens)]"""
     n = at.counts.sum()
-    expected = np.outer(at.counts.sum(1), at.counts.sum(0)) / max(n, 1)  # (E, J)
-    excess = np.where(outside(at), at.counts - expected, -np.inf)        # (E, J)
+    expected = np.outer(at.counts.sum(1), at.counts.sum(0)) / max(n, 1)  # (E, Y)
+    excess = np.where(outside(at), at.counts - expected, -np.inf)        # (E, Y)
     order = np.argsort(-excess, axis=None)[:count]
     return [(*np.unravel_index(i, excess.shape), float(excess.flat[i])) for i in order
             if np.isfinite(excess.flat[i]) and excess.flat[i] > 0]
 
 
 def outside(at: Atlas) -> np.ndarray:
-    """(E, J) True where the real share lies outside the shuffled 95% interval."""
+    """(E, Y) True where the real share lies outside the shuffled 95% interval."""
     return (at.real.share < at.low.share) | (at.real.share > at.high.share)
 
 
@@ -272,11 +272,11 @@ def share_heatmap(ax, at: Atlas, title: str, min_count: int = 20):
     """Expert x class share relative to uniform, log2 colour scale (white = 1 = chance); a dot
     marks a share outside the shuffled 95% interval. Classes seen fewer than min_count times
     are left out.   -> the image (for a colour bar)."""
-    keep = np.flatnonzero(at.counts.sum(0) >= min_count)                 # (J',)
-    share = at.real.share[:, keep]                                       # (E, J')
+    keep = np.flatnonzero(at.counts.sum(0) >= min_count)                 # (Y',)
+    share = at.real.share[:, keep]                                       # (E, Y')
     img = ax.imshow(np.log2(np.clip(share, 0.25, 4.0)), cmap="RdBu_r", vmin=-2, vmax=2,
                     aspect="auto")
-    sig = outside(at)[:, keep]                                           # (E, J')
+    sig = outside(at)[:, keep]                                           # (E, Y')
     ys, xs = np.nonzero(sig)
     ax.scatter(xs, ys, s=6, c="k", marker="o")
     ax.set_xticks(range(len(keep)))

@@ -124,9 +124,9 @@ def step_gemms(config, lm) -> list[tuple]:
 def gemm_floor(gemms, repeats: int) -> float:
     """Median seconds of all the products, float32, each into a preallocated output."""
     rng = np.random.default_rng(0)
-    bufs = [(rng.standard_normal((p, m, k), dtype=np.float32),              # (P, M, K)
-             rng.standard_normal((p, k, n), dtype=np.float32),              # (P, K, N)
-             np.empty((p, m, n), dtype=np.float32)) for p, m, k, n in gemms]   # (P, M, N)
+    bufs = [(rng.standard_normal((p, m, k), dtype=np.float32),              # (batch, rows, inner)
+             rng.standard_normal((p, k, n), dtype=np.float32),              # (batch, inner, columns)
+             np.empty((p, m, n), dtype=np.float32)) for p, m, k, n in gemms]   # (batch, rows, columns)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()

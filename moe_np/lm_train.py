@@ -119,8 +119,8 @@ class LMData(NamedTuple):
     corpus: text.Corpus
     tokenizer: object
     train: np.ndarray          # (N,) training stream
-    eval_windows: np.ndarray   # (W, T+1) validation windows
-    eval_bytes: np.ndarray     # (W, T) bytes spelled by each window's targets
+    eval_windows: np.ndarray   # (B, T+1) validation windows
+    eval_bytes: np.ndarray     # (B, T) bytes spelled by each window's targets
 
 
 def validation_text(corpus: text.Corpus, budget: int) -> list[bytes]:
@@ -141,16 +141,16 @@ def build_data(config: LMTrainConfig, tokenizer=None) -> LMData:
         tokenizer = text.make_tokenizer(config.tokenizer, corpus, config.vocab_size)
     train, _ = text.encode_stream(tokenizer, corpus.split("train"))          # (N,)
     val, lengths = text.encode_stream(tokenizer, validation_text(corpus, config.eval_bytes))
-    windows = text.eval_windows(val, config.context)                          # (W, T+1)
+    windows = text.eval_windows(val, config.context)                          # (B, T+1)
     count = len(windows) * config.context
-    spelled = lengths[1:count + 1].reshape(len(windows), config.context)     # (W, T)
+    spelled = lengths[1:count + 1].reshape(len(windows), config.context)     # (B, T)
     return LMData(corpus, tokenizer, train, windows, spelled)
 
 
 def evaluate_bpb(model, windows, spelled, batch: int = 16) -> dict:
     """Validation loss per token (nats) and bits per byte, in eval mode.
 
-    windows (W, T+1) token ids; spelled (W, T) bytes of each target token."""
+    windows (B, T+1) token ids; spelled (B, T) bytes of each target token."""
     from moe_np.transformer import lm_loss_forward
     nats, tokens = 0.0, 0
     model.eval()

@@ -412,11 +412,11 @@ class Batcher:
 
 def eval_windows(stream: np.ndarray, context: int, max_windows: int | None = None) -> np.ndarray:
     """Consecutive windows stream[iT : iT + T + 1]: every token after the first is a target
-    exactly once (the context restarts every T tokens).   -> (W, T+1)"""
+    exactly once (the context restarts every T tokens).   -> (B, T+1)"""
     count = (len(stream) - 1) // context
     if max_windows is not None:
         count = min(count, max_windows)
     if count < 1:
         raise ValueError(f"eval_windows: {len(stream)} tokens hold no window of context {context}")
-    starts = np.arange(count) * context                                    # (W,)
-    return stream[starts[:, None] + np.arange(context + 1)]                # (W, T+1)
+    starts = np.arange(count) * context                                    # (B,)
+    return stream[starts[:, None] + np.arange(context + 1)]                # (B, T+1)
