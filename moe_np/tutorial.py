@@ -6,6 +6,8 @@
 
 A python fence may be followed by a ```text fence: that is the output the
 fence printed, written by `--update` from a real run, never by hand.
+A fence whose first line is `# mpiexec -n N` is a program of its own, run on N MPI
+ranks by moe_np.parallel.launch.run_fence (or, without MPI, shown by its committed output).
 Chapter code reads `quick()` to pick small sizes (the test suite sets
 MOE_NP_QUICK=1; sizes are all it changes), draws random numbers from its own
 `stream(name)` per cell, saves figures through `figure_path(name)` and prints
@@ -31,6 +33,7 @@ FIGURES = ROOT / "figures"
 FENCE = re.compile(r"```python\n(.*?)```\n(?:\n*```text\n(.*?)```\n)?", re.S)
 TIMING_MARK = "  [wall-clock]"      # ends every line print_timing writes
 TIMING_MASKED = "<a wall-clock timing line>"
+MPI_FENCE = "# mpiexec -n "        # a fence starting with this line runs as its own MPI program
 
 
 def quick() -> bool:
@@ -129,11 +132,15 @@ def run_chapter(path: Path, update: bool = False, echo: bool = True) -> list[str
     matplotlib.use("Agg")
     markdown = Path(path).read_text()
     namespace = {"__name__": "__chapter__"}
-    outputs = []
+    outputs, committed = [], output_blocks(markdown)
     for i, code in enumerate(code_blocks(markdown)):
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            exec(compile(code, f"{Path(path).name}[fence {i + 1}]", "exec"), namespace)
+            if code.startswith(MPI_FENCE):       # its own program on N ranks (chapter 10)
+                from moe_np.parallel.launch import run_fence
+                run_fence(code, committed[i], f"{Path(path).name}[fence {i + 1}]")
+            else:
+                exec(compile(code, f"{Path(path).name}[fence {i + 1}]", "exec"), namespace)
         printed = buffer.getvalue()
         outputs.append(printed if printed.endswith("\n") or not printed else printed + "\n")
         if echo:

@@ -35,7 +35,7 @@ def case(name, kind="step", dtype="float64", **fields):
 
 
 def equivalence_cases():
-    """Router kinds, drop policies, capacities, masks, shared experts, dtypes, E = P and 4P."""
+    """Router kinds, drop policies, capacities, masks, shared experts, dtypes, E = ep and 4 ep."""
     out = []
     for dt in ("float64", "float32"):
         out += [case(f"softmax_topk {dt}", dtype=dt, balance_coef=0.01, z_coef=0.001),
@@ -46,7 +46,7 @@ def equivalence_cases():
                 case(f"noisy {dt}", dtype=dt, router="noisy_topk", cv_coef=0.01, capacity_factor=1.0),
                 case(f"capacity random {dt}", dtype=dt, capacity_factor=0.75, drop_policy="random"),
                 case(f"mask {dt}", dtype=dt, capacity_factor=1.0, balance_coef=0.01, mask_fraction=0.3),
-                case(f"E=4P {dt}", dtype=dt, num_experts=16, k=3, capacity_factor=1.5)]
+                case(f"E=4ep {dt}", dtype=dt, num_experts=16, k=3, capacity_factor=1.5)]
     out += [case("softmax_topk_raw", router="softmax_topk_raw"),
             case("topk_softmax", router="topk_softmax", capacity_factor=1.0),
             case("sigmoid unnormalized", router="sigmoid_bias", norm_topk_prob=False),
@@ -56,7 +56,7 @@ def equivalence_cases():
             case("mask sigmoid", router="sigmoid_bias", capacity_factor=1.0, bias_gamma=0.01,
                  mask_fraction=0.3),
             case("shared gated", num_shared=2, shared_gate=True, d_hidden_shared=3),
-            case("E=P", num_experts=4, capacity_factor=1.0),
+            case("E=ep", num_experts=4, capacity_factor=1.0),
             case("numpy dispatch", dispatch="numpy", capacity_factor=1.0, num_shared=1),
             case("uneven shards", sizes=[2, 9, 3, 6], capacity_factor=1.0),
             case("evaluation", training=False, router="noisy_topk", drop_policy="random",
@@ -77,8 +77,8 @@ SPECIAL = [case("allreduce", grad_sync="allreduce", num_shared=1, balance_coef=0
            case("traffic free", "traffic", router="sigmoid_bias", k=4),
            case("traffic one node", "traffic", router="sigmoid_bias", k=4, n_group=2, topk_group=1),
            case("traffic capacity", "traffic", dtype="float32", capacity_factor=0.75)]
-TWO_RANKS = [case("2 ranks E=P", num_experts=2, k=1, router="switch", capacity_factor=1.0),
-             case("2 ranks E=4P", capacity_factor=1.0, drop_policy="priority", num_shared=1),
+TWO_RANKS = [case("2 ranks E=ep", num_experts=2, k=1, router="switch", capacity_factor=1.0),
+             case("2 ranks E=4ep", capacity_factor=1.0, drop_policy="priority", num_shared=1),
              case("2 ranks float32 mask", dtype="float32", balance_coef=0.01, mask_fraction=0.25),
              case("2 ranks dp2 ep1", "training", ep=1, dp=2, capacity_factor=1.0,
                   reference={"capacity_scope": "sequence", "seq_len": 8})]
@@ -186,7 +186,7 @@ def test_owners_keep_exactly_the_assignments_one_process_keeps():
     keep_first, keep the same assignments as the one-process plan under capacity C."""
     rng = np.random.default_rng(3)
     a, k, e, ranks, cap = 24, 2, 8, 4, 4
-    ids = np.argsort(rng.random((a, e)), axis=1)[:, :k]                 # (A, K) distinct
+    ids = np.argsort(rng.random((a, e)), axis=1)[:, :k]                 # (Z, K) distinct
     order = rng.permutation(a)
     one = plan_token_choice(ids, e, cap, order)
     layout, pos = ep_plan.Layout(e, ranks), ep_plan.claim_positions(order)

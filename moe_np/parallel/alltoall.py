@@ -15,8 +15,8 @@ The rows of an expert are put in one process's order before its GEMMs
 the home buffer as they would hold in one process's buffer: so the experts,
 the combine and the gather's backward run the very same operations, and the
 result is bit for bit one process's. Shape letters: N tokens of this rank,
-D width, K choices, M rows it sends, I rows it receives, P ranks, L experts
-per rank.
+D width, K choices, M rows it sends, I rows it receives, Q ranks (E/Q experts
+each).
 """
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ from moe_np.parallel.exchange import Wire, exchange_counts, exchange_rows
 class RoutePlan(NamedTuple):
     """Who sends which rows to whom; known to both sides before any row moves."""
     home: dispatch.Plan          # this rank's kept assignments, expert-contiguous, M rows
-    send_rows: np.ndarray        # (P,) rows this rank sends to each rank
-    recv_rows: np.ndarray        # (P,) rows it receives from each rank
+    send_rows: np.ndarray        # (Q,) rows this rank sends to each rank
+    recv_rows: np.ndarray        # (Q,) rows it receives from each rank
     arrival: ep_plan.Arrival     # received rows -> this rank's experts' buffer (I rows)
 
 
 def _route_plan(home, layout, recv_rows, arrival) -> RoutePlan:
-    send_rows = ep_plan.rows_per_expert(home, layout).sum(axis=1)     # (P,)
+    send_rows = ep_plan.rows_per_expert(home, layout).sum(axis=1)     # (Q,)
     return RoutePlan(home, send_rows, np.asarray(recv_rows, dtype=np.int64), arrival)
 
 
@@ -52,7 +52,7 @@ def plan_exchange(ids, pos, eligible, cap, layout: ep_plan.Layout, num_tokens_al
     (None: dropless, or capacity already folded into eligible)."""
     order = ep_plan.local_order(pos)                                   # (N,)
     home = ep_plan.home_plan(ids, layout.num_experts, order, eligible)
-    counts_in = exchange_counts(wire, ep_plan.rows_per_expert(home, layout))   # (P, L)
+    counts_in = exchange_counts(wire, ep_plan.rows_per_expert(home, layout))   # (Q, E/Q)
     plan = _route_plan(home, layout, counts_in.sum(axis=1), None)
     claims = ep_plan.row_claims(home, layout, ids.shape[1], pos, num_tokens_all)   # (M, 2)
     claims_in = exchange_rows(wire, claims, plan.send_rows, plan.recv_rows, "meta")   # (I, 2)
@@ -64,7 +64,7 @@ def plan_exchange(ids, pos, eligible, cap, layout: ep_plan.Layout, num_tokens_al
                               "meta").astype(bool)                     # (M,)
     home = ep_plan.home_plan(ids, layout.num_experts, order,
                              ep_plan.drop_rows(eligible, home, keep_home))
-    recv_rows = ep_plan.kept_per_sender(keep_in, plan.recv_rows)       # (P,)
+    recv_rows = ep_plan.kept_per_sender(keep_in, plan.recv_rows)       # (Q,)
     return _route_plan(home, layout, recv_rows, ep_plan.arrange(claims_in[keep_in], layout.local))
 
 
@@ -78,8 +78,8 @@ class ExchangeCache(NamedTuple):
 
 def lone_rows(offsets, counts_all):
     """Local experts with one row here but more in the whole batch (other data-parallel
-    replicas hold the rest).   offsets (L+1,), counts_all (L,) -> (L,) bool."""
-    return (np.diff(offsets) == 1) & (counts_all > 1)                 # (L,)
+    replicas hold the rest).   offsets (E/Q+1,), counts_all (E/Q,) -> (E/Q,) bool."""
+    return (np.diff(offsets) == 1) & (counts_all > 1)                 # (E/Q,)
 
 
 def local_experts_forward(x_buf, params: dict, config, offsets, lone=None):
@@ -88,7 +88,7 @@ def local_experts_forward(x_buf, params: dict, config, offsets, lone=None):
 
     A one-row segment goes through BLAS's matrix-vector product, whose sum
     order differs from the matrix-matrix product one process used for that
-    expert's several rows. So an expert in `lone` (L,) bool gets its row
+    expert's several rows. So an expert in `lone` (E/Q,) bool gets its row
     twice (a 2-row segment, the same bits as in any taller product); padded
     (I,) says where each row sits, and the copy is dropped."""
     gemm = lowp.gemm_for(config.precision)
@@ -97,7 +97,7 @@ def local_experts_forward(x_buf, params: dict, config, offsets, lone=None):
     extra = np.repeat(lone, np.diff(offsets))                         # (I,) rows to duplicate
     take = np.repeat(np.arange(len(x_buf)), 1 + extra)                # (I_p,)
     padded = np.cumsum(1 + extra) - 1 - extra                         # (I,) first copy of each
-    offsets_p = offsets + np.concatenate([[0], np.cumsum(lone)])      # (L+1,)
+    offsets_p = offsets + np.concatenate([[0], np.cumsum(lone)])      # (E/Q+1,)
     y_p, cache = ragged_experts_forward(x_buf[take], params, config.expert, offsets_p, gemm=gemm)
     return y_p[padded], cache, padded
 

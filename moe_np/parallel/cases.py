@@ -24,13 +24,13 @@ from moe_np.sparse import SparseMoE
 
 
 def global_batch(config: SparseConfig, num_tokens: int, seed: int, dtype, mask_fraction=0.0):
-    """x (A, D), an upstream gradient dy (A, D) and a mask (A,) bool (None when no padding)."""
+    """x (Z, D), an upstream gradient dy (Z, D) and a mask (Z,) bool (None when no padding)."""
     rng = np.random.default_rng(seed + 1000)
-    x = rng.standard_normal((num_tokens, config.d_model)).astype(dtype)    # (A, D)
-    dy = rng.standard_normal((num_tokens, config.d_model)).astype(dtype)   # (A, D)
+    x = rng.standard_normal((num_tokens, config.d_model)).astype(dtype)    # (Z, D)
+    dy = rng.standard_normal((num_tokens, config.d_model)).astype(dtype)   # (Z, D)
     mask = None
     if mask_fraction:
-        mask = rng.random(num_tokens) >= mask_fraction                     # (A,)
+        mask = rng.random(num_tokens) >= mask_fraction                     # (Z,)
     return x, dy, mask
 
 
@@ -49,7 +49,7 @@ def _max_diff(a, b) -> float:
 def compare_step(comm, config: SparseConfig, *, tokens_per_rank: int = 8, seed: int = 0,
                  dtype=np.float64, mask_fraction: float = 0.0, aux_scale: float = 0.7,
                  sizes=None, training: bool = True, selection_bias=None, **layer_options) -> dict:
-    """One forward and backward on P ranks against one process; every array compared bit for
+    """One forward and backward on Q ranks against one process; every array compared bit for
     bit. sizes: tokens of each rank (default tokens_per_rank everywhere); selection_bias (E,)
     set on both layers (sigmoid_bias) steers tokens to chosen ranks."""
     world, rank = comm.Get_size(), comm.Get_rank()
@@ -96,7 +96,7 @@ def compare_training(comm, config: SparseConfig, *, steps: int = 3, tokens_per_r
         x, target, _ = global_batch(config, world * tokens_per_rank, seed + 7 * step, dtype)
         for layer, opt, xs, ts in ((one, opt_one, x, target), (ep, opt_ep, x[rows], target[rows])):
             y = layer.forward(xs)
-            layer.backward(((y - ts) / len(x)).astype(dtype))          # d/dy of 0.5 |y - t|^2 / A
+            layer.backward(((y - ts) / len(x)).astype(dtype))          # d/dy of 0.5 |y - t|^2 / Z
             opt.step(layer.grads)
     params = ep.gather_params()
     verdict = {f"param {k}": _same(params[k], one.params[k]) for k in sorted(one.params)}
@@ -120,12 +120,12 @@ def traffic_step(comm, config: SparseConfig, *, tokens_per_rank: int = 16, seed:
                            **layer_options)
     rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
     ep.backward(dy[rows] + 0 * ep.forward(x[rows]))
-    home = np.repeat(np.arange(world), tokens_per_rank)                  # (A,) home rank
-    kept = one._cache.plan.token_rows >= 0                               # (A, K) kept
+    home = np.repeat(np.arange(world), tokens_per_rank)                  # (Z,) home rank
+    kept = one._cache.plan.token_rows >= 0                               # (Z, K) kept
     per_rank = config.num_experts // ep.groups.ep
-    matrix = costs.rows_matrix(home, one.stats.ids, kept, per_rank, world)   # (P, P)
+    matrix = costs.rows_matrix(home, one.stats.ids, kept, per_rank, world)   # (Q, Q)
     row_bytes = config.d_model * np.dtype(dtype).itemsize
-    off = matrix - np.diag(np.diag(matrix))                              # (P, P) remote rows
+    off = matrix - np.diag(np.diag(matrix))                              # (Q, Q) remote rows
     predicted = 2 * (off[rank].sum() + off[:, rank].sum()) * row_bytes   # forward + backward
     nodes = costs.node_traffic(home, one.stats.ids, kept, per_rank, ranks_per_node)
     return {"identical": comm.allgather(ep.traffic.remote("rows") == predicted) == [True] * world,

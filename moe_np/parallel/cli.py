@@ -1,6 +1,6 @@
 """`mpiexec -n 4 python -m moe_np parallel [--dp D --ep P] [--router R] [--steps N] ...`
 
-Checks that P ranks compute what one process computes (bit for bit), trains a
+Checks that the ranks compute what one process computes (bit for bit), trains a
 few steps both ways and compares the parameters, then prints the bytes each
 rank moved, the load imbalance and a fitted alpha-beta model of the
 all-to-all. Started without mpiexec (one rank, or no mpi4py) it says how to

@@ -1,7 +1,7 @@
 """What expert parallelism costs: exact counts from a plan, a fitted alpha-beta model of the
 all-to-all, and a paper model of a DeepSeek-V3-sized layer.
 
-    rows_matrix        kept assignments -> (P, P) rows rank q sends to rank p
+    rows_matrix        kept assignments -> (Q, Q) rows rank q sends to rank p
     node_traffic       rows within a node, across nodes, and the (token, node) pairs a
                        deduplicating dispatcher would send across
     imbalance          max / mean of the rows each rank's experts receive
@@ -9,9 +9,9 @@ all-to-all, and a paper model of a DeepSeek-V3-sized layer.
     fit_alpha_beta     t(s) = alpha + beta s by least squares
     layer_model        a DeepSeek-V3-sized layer on paper: bytes, link times, expert compute
 
-Counts and bytes are exact; a timing of P ranks on fewer cores measures the
+Counts and bytes are exact; a timing of more ranks than cores measures the
 operating system's scheduler as much as MPI, and is reported beside the counts,
-never instead of them. Shape letters: A tokens, K choices, E experts, P ranks.
+never instead of them. Shape letters: Z tokens (of all ranks), K choices, E experts, Q ranks.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from moe_np.routers import group_limited_mask, top_k_indices
 
 def rows_matrix(token_rank, expert_ids, kept, experts_per_rank: int, ranks: int):
     """rows[q, p] = kept assignments of rank q's tokens to rank p's experts.
-    token_rank (A,) home rank of each token, expert_ids (A, K), kept (A, K) bool -> (P, P)."""
+    token_rank (Z,) home rank of each token, expert_ids (Z, K), kept (Z, K) bool -> (Q, Q)."""
     src = np.broadcast_to(token_rank[:, None], expert_ids.shape)[kept]    # (M,)
     dst = expert_ids[kept] // experts_per_rank                             # (M,)
     return np.bincount(src * ranks + dst, minlength=ranks * ranks).reshape(ranks, ranks)
@@ -46,12 +46,12 @@ class NodeTraffic(NamedTuple):
 
 
 def node_traffic(token_rank, expert_ids, kept, experts_per_rank: int, ranks_per_node: int):
-    """Rows within and across nodes for kept assignments (A, K) of tokens homed on token_rank."""
-    home_node = token_rank // ranks_per_node                               # (A,)
-    dst_rank = expert_ids // experts_per_rank                              # (A, K)
-    dst_node = dst_rank // ranks_per_node                                  # (A, K)
-    remote = kept & (dst_rank != token_rank[:, None])                      # (A, K) off this rank
-    across = remote & (dst_node != home_node[:, None])                     # (A, K)
+    """Rows within and across nodes for kept assignments (Z, K) of tokens homed on token_rank."""
+    home_node = token_rank // ranks_per_node                               # (Z,)
+    dst_rank = expert_ids // experts_per_rank                              # (Z, K)
+    dst_node = dst_rank // ranks_per_node                                  # (Z, K)
+    remote = kept & (dst_rank != token_rank[:, None])                      # (Z, K) off this rank
+    across = remote & (dst_node != home_node[:, None])                     # (Z, K)
     t_idx, k_idx = np.nonzero(across)                                      # (X,) each
     num_nodes = int(max(dst_node.max(initial=0), home_node.max(initial=0))) + 1
     pairs = np.unique(t_idx * num_nodes + dst_node[t_idx, k_idx]).size     # distinct (token, node)
@@ -60,11 +60,11 @@ def node_traffic(token_rank, expert_ids, kept, experts_per_rank: int, ranks_per_
 
 
 def nodes_spanned(nodes):
-    """How many distinct nodes each row names (entries < 0 are ignored).   (A, K) -> (A,)."""
-    s = np.sort(nodes, axis=1)                                             # (A, K)
-    new = np.ones_like(s, dtype=bool)                                      # (A, K)
+    """How many distinct nodes each row names (entries < 0 are ignored).   (Z, K) -> (Z,)."""
+    s = np.sort(nodes, axis=1)                                             # (Z, K)
+    new = np.ones_like(s, dtype=bool)                                      # (Z, K)
     new[:, 1:] = s[:, 1:] != s[:, :-1]
-    return ((s >= 0) & new).sum(axis=1)                                    # (A,)
+    return ((s >= 0) & new).sum(axis=1)                                    # (Z,)
 
 
 def time_alltoall(comm, sizes_bytes, repeats: int = 20):
@@ -72,7 +72,7 @@ def time_alltoall(comm, sizes_bytes, repeats: int = 20):
     rank's median, since a collective ends when its last rank does).   -> (S,) seconds."""
     ranks, out = comm.Get_size(), []
     for size in sizes_bytes:
-        send = np.ones(ranks * int(size), dtype=np.uint8)                  # (P s,)
+        send = np.ones(ranks * int(size), dtype=np.uint8)                  # (Q s,)
         recv = np.empty_like(send)
         times = []
         for _ in range(repeats):
@@ -85,9 +85,12 @@ def time_alltoall(comm, sizes_bytes, repeats: int = 20):
 
 
 def fit_alpha_beta(sizes_bytes, seconds):
-    """Least squares t = alpha + beta s: alpha the latency (s), 1 / beta the bandwidth (B/s)."""
-    a = np.stack([np.ones(len(sizes_bytes)), np.asarray(sizes_bytes, np.float64)], axis=1)
-    (alpha, beta), *_ = np.linalg.lstsq(a, np.asarray(seconds, np.float64), rcond=None)
+    """t = alpha + beta s fitted by least squares on *relative* errors (each equation divided
+    by its t), so sizes spanning decades all count: alpha the latency (s), 1 / beta the
+    bandwidth (B/s)."""
+    t = np.asarray(seconds, np.float64)                                    # (S,)
+    a = np.stack([np.ones(len(t)), np.asarray(sizes_bytes, np.float64)], axis=1) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(a, np.ones(len(t)), rcond=None)
     return float(alpha), float(beta)
 
 
@@ -129,12 +132,12 @@ def copies_per_token(shape: LayerShape, gpus_per_node: int, max_nodes: int | Non
     per node keeps the token on at most max_nodes nodes. The token's home GPU is GPU 0.
     -> (remote nodes, remote GPUs), means over `samples` tokens."""
     nodes = shape.ep // gpus_per_node
-    scores = np.random.default_rng(seed).random((samples, shape.num_experts))   # (A, E)
+    scores = np.random.default_rng(seed).random((samples, shape.num_experts))   # (Z, E)
     if max_nodes is not None:
         scores = np.where(group_limited_mask(scores, nodes, max_nodes), scores, -np.inf)
-    ids = top_k_indices(scores, shape.k)                                   # (A, K)
-    gpu = ids // (shape.num_experts // shape.ep)                           # (A, K)
-    node = gpu // gpus_per_node                                            # (A, K)
+    ids = top_k_indices(scores, shape.k)                                   # (Z, K)
+    gpu = ids // (shape.num_experts // shape.ep)                           # (Z, K)
+    node = gpu // gpus_per_node                                            # (Z, K)
     remote_nodes = nodes_spanned(np.where(node != 0, node, -1)).mean()
     remote_gpus = nodes_spanned(np.where(gpu != 0, gpu, -1)).mean()
     return float(remote_nodes), float(remote_gpus)

@@ -1,7 +1,7 @@
 """Process groups: the world split into expert-parallel and data-parallel groups, nodes,
 and the start-up check that every rank was built alike.
 
-A world of W = dp * ep ranks, rank w = a * ep + j:
+A world of dp * ep ranks, rank w = a * ep + j:
 
     expert-parallel group a   ranks a ep .. a ep + ep - 1   (consecutive: they trade tokens)
     data-parallel group j     ranks j, j + ep, j + 2 ep ... (the replicas of the same experts)
@@ -24,14 +24,14 @@ class AgreedError(ValueError):
 
 
 class Groups(NamedTuple):
-    world: object            # the world communicator (W ranks)
+    world: object            # the world communicator (dp * ep ranks)
     ep_comm: object          # this rank's expert-parallel group (ep ranks)
     dp_comm: object          # this rank's data-parallel group (dp ranks)
     ep: int
     dp: int
     ep_ranks: np.ndarray     # (ep,) world ranks of the expert-parallel group, in its order
     dp_ranks: np.ndarray     # (dp,) world ranks of the data-parallel group, in its order
-    world_ranks: np.ndarray  # (W,) 0 .. W-1
+    world_ranks: np.ndarray  # (dp*ep,) 0 .. dp*ep - 1
     ranks_per_node: int
 
     @property

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from moe_np.parallel.groups import AgreedError
 
 INSTALL = "python -m pip install -r requirements-mpi.txt   (or: pip install mpi4py mpich)"
 USAGE_EXIT = 2
+# one thread per library in each rank, and MPICH's waiting ranks yield the core at every
+# poll: with more ranks than cores, a spinning rank would hold the core its peer needs
 QUIET_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                 "NUMBA_NUM_THREADS": "1"}
+                 "NUMBA_NUM_THREADS": "1", "MPIR_CVAR_POLLS_BEFORE_YIELD": "1"}
 
 
 def mpiexec_path() -> str | None:
@@ -86,3 +89,23 @@ def run_mpi(args: list, ranks: int, timeout: float = 60.0, cwd=None, env=None):
     full_env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [full_env.get("PYTHONPATH")] if p])
     return subprocess.run([exe, "-n", str(ranks), sys.executable, *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd, env=full_env)
+
+
+def run_fence(code: str, committed: str, name: str, timeout: float = 300.0) -> None:
+    """Run a chapter fence that starts with `# mpiexec -n N` as a script on N ranks and print
+    what it printed. Without mpi4py or mpiexec, print the chapter's committed output instead
+    (and say so on stderr), so the chapter still reads through."""
+    ranks = int(code.splitlines()[0].split()[3])
+    if not mpi_available():
+        print(f"{name}: MPI is not installed ({INSTALL}); showing the committed output",
+              file=sys.stderr)
+        print(committed, end="")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "fence.py"
+        script.write_text(code)
+        # `python -m mpi4py script`: an uncaught error on one rank aborts them all
+        done = run_mpi(["-m", "mpi4py", str(script)], ranks, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed under mpiexec -n {ranks}:\n{done.stderr[-3000:]}")
+    print(done.stdout, end="")

@@ -3,11 +3,11 @@
     route    every rank routes its own N tokens (router replicated)     ids, weights (N, K)
     plan     counts (Alltoall), claims (Alltoallv), capacity verdicts   RoutePlan
     dispatch rows to the ranks that own their experts (Alltoallv)       (M, D) -> (I, D)
-    experts  each rank's L = E / ep experts on their rows               (I, D)
+    experts  each rank's E / ep experts on their rows                 (I, D)
     return   the results back home (Alltoallv)                          (I, D) -> (M, D)
     combine  at home, each token's rows in one process's order          (N, D)
     shared   replicated shared experts on the rank's own tokens         (N, D)
-    aux      on the gathered routing of all A tokens (same on every rank)
+    aux      on the gathered routing of all Z tokens (same on every rank)
 
 Backward mirrors it: the rows of dy go out, the rows of dx come back, the
 expert gradients stay with their owners (summed over data-parallel
@@ -23,7 +23,7 @@ loss, dx and (with "gather") every gradient equal one-process SparseMoE's
 bit for bit: capacity is global per expert (within each expert-parallel
 group) as in one process; a per-source-rank capacity is the one-process
 layer with capacity_scope="sequence" and seq_len = tokens per rank
-(`per_rank_capacity`). Shape letters: N tokens of this rank, A of all
+(`per_rank_capacity`). Shape letters: N tokens of this rank, Z of all
 ranks, D width, E experts, K choices, M rows sent, I rows received.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from moe_np.dispatch.plan import sequence_capacity_eligible
 from moe_np.experts import expert_kind, ragged_experts_backward
 from moe_np.layer import Layer, RoutingStats
 from moe_np.parallel import alltoall, groups as ep_groups, plan as ep_plan
-from moe_np.parallel.exchange import Traffic, Wire, gather_rows, sum_everywhere
+from moe_np.parallel.exchange import Traffic, Wire, gather_columns, gather_rows, sum_everywhere
 from moe_np.sparse import init_sparse_params, shared_experts_backward, shared_experts_forward
 
 GRAD_SYNCS = ("gather", "allreduce")
@@ -47,28 +47,29 @@ OWNER = "ExpertParallelMoE"
 
 
 class Draws(NamedTuple):
-    """One process's random draws for all A tokens (every rank draws the same)."""
-    noise: np.ndarray | None     # (A, E) noisy_topk's standard-normal draws
+    """One process's random draws for all Z tokens (every rank draws the same)."""
+    noise: np.ndarray | None     # (Z, E) noisy_topk's standard-normal draws
     drop_seed: int | None        # the random drop policy's seed
-    jitter: np.ndarray | None    # (A, D) the router's input noise
+    jitter: np.ndarray | None    # (Z, D) the router's input noise
     bias: np.ndarray | None      # (E,) the selection bias this forward used
 
 
 class Span(NamedTuple):
-    """This rank's tokens in the global batch: rows lo:hi of A, in world-rank order."""
+    """This rank's tokens in the global batch: rows lo:hi of Z, in world-rank order."""
     lo: int
     hi: int
-    total: int                   # A
+    total: int                   # Z
+    sizes: np.ndarray            # (dp*ep,) tokens of every world rank
 
 
 class Seen(NamedTuple):
-    """What every rank sees of all A tokens' routing (gathered only when something needs it)."""
-    ids: np.ndarray | None       # (A, K) for the aux loss and the selection-bias update
-    weights: np.ndarray | None   # (A, K) for the aux loss (importance)
-    logits: np.ndarray | None    # (A, E) for the aux loss
+    """What every rank sees of all Z tokens' routing (gathered only when something needs it)."""
+    ids: np.ndarray | None       # (Z, K) for the aux loss and the selection-bias update
+    weights: np.ndarray | None   # (Z, K) for the aux loss (importance)
+    logits: np.ndarray | None    # (Z, E) for the aux loss
     load: np.ndarray | None      # (E,) noisy_topk's load estimate over all tokens
-    mask: np.ndarray | None      # (A,) real tokens, None when every token is real
-    top: np.ndarray | None       # (A, 1) each token's top weight (the priority drop policy)
+    mask: np.ndarray | None      # (Z,) real tokens, None when every token is real
+    top: np.ndarray | None       # (Z, 1) each token's top weight (the priority drop policy)
 
 
 class EPCache(NamedTuple):
@@ -80,7 +81,7 @@ class EPCache(NamedTuple):
     plan: alltoall.RoutePlan
     exchange: alltoall.ExchangeCache
     shared_cache: tuple | None
-    aux_cache: balance.AuxCache | None   # on all A tokens, None when there is no aux loss
+    aux_cache: balance.AuxCache | None   # on all Z tokens, None when there is no aux loss
 
 
 def per_rank_capacity(config: SparseConfig, tokens_per_rank: int) -> SparseConfig:
@@ -128,7 +129,7 @@ class ExpertParallelMoE(Layer):
     same arguments; the parameters are SparseMoE(config, seed=seed)'s, the
     routed experts split over the ep ranks of each expert-parallel group.
     `params` holds the replicated router and shared experts whole and this
-    rank's L experts under the usual names ((L, ...) arrays); `gather_params()`
+    rank's E / ep experts under the usual names ((E/Q, ...) arrays); `gather_params()`
     and `gather_grads()` give the whole set on every rank.
     """
 
@@ -161,7 +162,7 @@ class ExpertParallelMoE(Layer):
         return expert_kind(self.config.expert).names
 
     def _local_params(self, full: dict) -> dict:
-        """Replicated parameters whole; routed experts: this rank's L of them (copies)."""
+        """Replicated parameters whole; routed experts: this rank's E / ep of them (copies)."""
         lo = self.layout.first_expert(self.groups.ep_rank)
         hi = lo + self.layout.local
         return {k: (v[lo:hi].copy() if k in self._expert_names() else v) for k, v in full.items()}
@@ -212,21 +213,21 @@ class ExpertParallelMoE(Layer):
             validate.finite(fn, "x", x)
 
     def _span(self, n: int) -> Span:
-        sizes = np.asarray(self.groups.world.allgather(n), dtype=np.int64)   # (W,)
+        sizes = np.asarray(self.groups.world.allgather(n), dtype=np.int64)   # (dp*ep,)
         lo = int(sizes[:self.groups.world.Get_rank()].sum())
-        return Span(lo, lo + n, int(sizes.sum()))
+        return Span(lo, lo + n, int(sizes.sum()), sizes)
 
     def _draws(self, total: int) -> Draws:
-        """SparseMoE's draws for all A tokens, in its order (noise, drop seed, jitter)."""
+        """SparseMoE's draws for all Z tokens, in its order (noise, drop seed, jitter)."""
         c, stream = self.config, self.rngs["routing"]
         noise = drop_seed = jitter = None
         if self.training and c.router == "noisy_topk":
-            noise = stream.standard_normal((total, c.num_experts)).astype(self.dtype)   # (A, E)
+            noise = stream.standard_normal((total, c.num_experts)).astype(self.dtype)   # (Z, E)
         if c.drop_policy == "random":
             drop_seed = int(stream.integers(2**31)) if self.training else 0
         if self.training and c.jitter:
             jitter = stream.uniform(1 - c.jitter, 1 + c.jitter,
-                                    (total, c.d_model)).astype(self.dtype)   # (A, D)
+                                    (total, c.d_model)).astype(self.dtype)   # (Z, D)
         bias = self.buffers.get("selection_bias")
         return Draws(noise, drop_seed, jitter, None if bias is None else bias.copy())
 
@@ -246,7 +247,7 @@ class ExpertParallelMoE(Layer):
         draws = self._draws(span.total)
         route, router_cache = self._route(x, span, draws)
         mask = np.ones(len(x), dtype=bool) if mask is None else mask   # (N,)
-        seen = self._gather_routing(route, router_cache, mask)
+        seen = self._gather_routing(route, router_cache, mask, span)
         self._aux, aux_cache = self._aux_forward(seen)
         plan, dropped = self._plan(route, mask, span, draws, seen)
         y, exchange_cache = alltoall.exchange_forward(x, route.weights, plan, self.params, c,
@@ -260,38 +261,40 @@ class ExpertParallelMoE(Layer):
         self._after_forward(route, plan, dropped, seen)
         return y                                                       # (N, D)
 
-    def _gather_routing(self, route, router_cache, mask) -> Seen:
-        """Gather over the world what the aux loss, the bias update and the priority order
-        need of every token (each piece only if something uses it)."""
-        c, world = self.config, self.wire("world")
+    def _gather_routing(self, route, router_cache, mask, span: Span) -> Seen:
+        """Gather over the world, in one Allgatherv, what the aux loss, the bias update and the
+        priority order need of every token (each piece only if something uses it)."""
+        c = self.config
         aux_on = bool(c.balance_coef or c.z_coef or c.cv_coef or c.seq_aux_coef)
         need_ids = aux_on or (self.training and c.bias_gamma > 0)
-        gather = lambda a: gather_rows(world, a, "aux")                # noqa: E731
-        ids = gather(route.ids) if need_ids else None                  # (A, K)
-        weights = gather(route.weights) if aux_on else None            # (A, K)
-        logits = gather(route.logits) if aux_on else None              # (A, E)
+        wanted = {"ids": (need_ids, route.ids), "weights": (aux_on, route.weights),
+                  "logits": (aux_on, route.logits), "mask": (need_ids, mask),
+                  "top": (c.drop_policy == "priority", route.weights[:, :1]),
+                  "z": (aux_on and route.load_estimate is not None,
+                        getattr(router_cache.select_cache, "z", None))}
+        got = gather_columns(self.wire("world"), {k: v for k, (on, v) in wanted.items() if on},
+                             "aux", span.sizes)
         load = None
-        if aux_on and route.load_estimate is not None:
-            z_all = gather(router_cache.select_cache.z)                # (A, E)
-            load = functional.normal_cdf(z_all).sum(axis=0)            # (E,) as one process sums
-        mask_all = gather(mask.astype(np.uint8)).astype(bool) if need_ids else None   # (A,)
+        if "z" in got:
+            load = functional.normal_cdf(got["z"]).sum(axis=0)         # (E,) as one process sums
+        mask_all = got.get("mask")                                     # (Z,) bool
         if mask_all is not None and mask_all.all():
             mask_all = None
-        top = gather(route.weights[:, :1]) if c.drop_policy == "priority" else None   # (A, 1)
-        return Seen(ids, weights, logits, load, mask_all, top)
+        return Seen(got.get("ids"), got.get("weights"), got.get("logits"), load, mask_all,
+                    got.get("top"))
 
     def _aux_forward(self, seen: Seen):
-        """The aux loss of all A tokens, computed alike on every rank (0.0 and no cache if off)."""
+        """The aux loss of all Z tokens, computed alike on every rank (0.0 and no cache if off)."""
         if seen.logits is None or (seen.mask is not None and not seen.mask.any()):
             return 0.0, None
         route_all = routers.RouterOut(seen.ids, seen.weights, seen.logits, None, seen.load)
         return balance.aux_forward(route_all, self.config, seen.mask, seq_len=self.config.seq_len)
 
     def _plan(self, route, mask, span: Span, draws: Draws, seen: Seen):
-        """The claiming order of all A tokens, eligibility and capacity, then plan_exchange."""
+        """The claiming order of all Z tokens, eligibility and capacity, then plan_exchange."""
         c = self.config
-        top = seen.top if seen.top is not None else np.zeros((span.total, 1))   # (A, 1)
-        order_all = dispatch.token_order(top, c.drop_policy, draws.drop_seed)   # (A,)
+        top = seen.top if seen.top is not None else np.zeros((span.total, 1))   # (Z, 1)
+        order_all = dispatch.token_order(top, c.drop_policy, draws.drop_seed)   # (Z,)
         pos = ep_plan.claim_positions(order_all)[span.lo:span.hi]     # (N,)
         eligible = np.repeat(mask[:, None], c.k, axis=1)               # (N, K)
         cap = None
@@ -313,14 +316,14 @@ class ExpertParallelMoE(Layer):
         the whole batch (alltoall.local_experts_forward runs them as two)."""
         if self.groups.dp == 1:
             return None
-        counts_all = sum_everywhere(self.wire("dp"), np.diff(plan.arrival.offsets), "meta")   # (L,)
+        counts_all = sum_everywhere(self.wire("dp"), np.diff(plan.arrival.offsets), "meta")   # (E/Q,)
         return alltoall.lone_rows(plan.arrival.offsets, counts_all)
 
     def _after_forward(self, route, plan, dropped: int, seen: Seen) -> None:
         """Statistics of all tokens (counts and drops summed over the world); the bias step."""
         c, world = self.config, self.wire("world")
-        counts = sum_everywhere(world, plan.home.counts, "aux")        # (E,) int64
-        total_dropped = int(sum_everywhere(world, np.array([dropped], dtype=np.int64), "aux")[0])
+        both = sum_everywhere(world, np.append(plan.home.counts, dropped), "aux")   # (E+1,) int64
+        counts, total_dropped = both[:-1], int(both[-1])               # (E,), scalar
         self.stats = RoutingStats(route.ids, route.weights, counts, total_dropped, route.logits)
         if self.training and c.bias_gamma > 0:
             bias = self.buffers["selection_bias"]
@@ -351,13 +354,16 @@ class ExpertParallelMoE(Layer):
         return lowp.round_output(dx, c.precision)                      # (N, D)
 
     def _replicated_backward_gathered(self, dy, dweights, aux_scale, cache: EPCache):
-        """Gather x, dy and dweights of all A tokens and run the router's and the shared
+        """Gather x, dy and dweights of all Z tokens and run the router's and the shared
         experts' backward on them exactly as one process does; keep this rank's rows of dx."""
         c, world, d = self.config, self.wire("world"), cache.draws
         rows = slice(cache.span.lo, cache.span.hi)
-        x_all = gather_rows(world, cache.x, "grads")                   # (A, D)
-        dweights_all = gather_rows(world, dweights, "grads")           # (A, K)
-        x_router = x_all if d.jitter is None else x_all * d.jitter     # (A, D)
+        pieces = {"x": cache.x, "dweights": dweights}
+        if cache.shared_cache is not None:
+            pieces["dy"] = dy
+        got = gather_columns(world, pieces, "grads", cache.span.sizes)
+        x_all, dweights_all = got["x"], got["dweights"]                # (Z, D), (Z, K)
+        x_router = x_all if d.jitter is None else x_all * d.jitter     # (Z, D)
         _, router_cache = routers.router_forward(x_router, self.params, c, bias=d.bias,
                                                  noise=d.noise)       # recomputed, same bits
         aux_grads = None if cache.aux_cache is None else balance.aux_backward(aux_scale,
@@ -366,9 +372,8 @@ class ExpertParallelMoE(Layer):
         dx_router = dx_router[rows] if d.jitter is None else dx_router[rows] * d.jitter[rows]
         if cache.shared_cache is None:
             return None, dx_router, grads
-        dy_all = gather_rows(world, dy, "grads")                       # (A, D)
         _, shared_cache = shared_experts_forward(x_all, self.params, c)
-        dx_shared, shared_grads = shared_experts_backward(dy_all, shared_cache, self.params, c)
+        dx_shared, shared_grads = shared_experts_backward(got["dy"], shared_cache, self.params, c)
         return dx_shared[rows], dx_router, grads | shared_grads
 
     def _replicated_backward_local(self, dy, dweights, aux_scale, cache: EPCache):
@@ -377,7 +382,7 @@ class ExpertParallelMoE(Layer):
         rows = slice(cache.span.lo, cache.span.hi)
         aux_grads = None
         if cache.aux_cache is not None:
-            g = balance.aux_backward(aux_scale, cache.aux_cache)       # on all A tokens
+            g = balance.aux_backward(aux_scale, cache.aux_cache)       # on all Z tokens
             aux_grads = balance.AuxGrads(None if g.dlogits is None else g.dlogits[rows],
                                          None if g.dweights is None else g.dweights[rows],
                                          g.dload)
@@ -400,9 +405,10 @@ class ExpertParallelMoE(Layer):
         if self.grad_sync == "allreduce":
             return {k: sum_everywhere(wire, v) for k, v in grads.items()}
         arrival = cache.plan.arrival
-        claims = gather_rows(wire, arrival.claims, "grads")            # (I_all, 2)
-        x_buf = gather_rows(wire, cache.exchange.x_buf, "grads")   # (I_all, D)
-        dy_all = gather_rows(wire, dy_buf, "grads")                    # (I_all, D)
+        sizes = wire.comm.allgather(len(dy_buf))                       # (dp,) rows of each replica
+        claims = gather_rows(wire, arrival.claims, "grads", sizes)     # (I_all, 2)
+        x_buf = gather_rows(wire, cache.exchange.x_buf, "grads", sizes)   # (I_all, D)
+        dy_all = gather_rows(wire, dy_buf, "grads", sizes)             # (I_all, D)
         merged = ep_plan.arrange(claims, self.layout.local)
         _, experts_cache, _ = alltoall.local_experts_forward(x_buf[merged.perm], self.params,
                                                              self.config, merged.offsets)

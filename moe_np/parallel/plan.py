@@ -1,8 +1,8 @@
 """The expert-parallel plan: which rows each rank sends to whom, and where they land.
 
-P ranks share E experts, L = E / P each: rank p owns experts p L .. p L + L - 1.
+Q ranks share E experts, E / Q each: rank p owns experts p E/Q .. (p + 1) E/Q - 1.
 One process's dispatch buffer is expert-contiguous (dispatch/plan.py), so
-it splits into P contiguous pieces, piece p holding the rows of rank p's
+it splits into Q contiguous pieces, piece p holding the rows of rank p's
 experts. A rank builds that buffer for its own N tokens (the *home plan*)
 and sends piece p to rank p.
 
@@ -11,16 +11,16 @@ gradient (a sum over its rows), so the owner puts the rows it receives
 back into the order one process would have used: expert by expert, and
 within an expert by the *claim* of each row,
 
-    claim = r * A + pos(token),
+    claim = r * Z + pos(token),
 
 r the choice rank (every first choice before any second choice, as the
 plan's rank-major visit) and pos the token's place in the global claiming
-order of the drop policy over all A tokens. The claim is also what decides
+order of the drop policy over all Z tokens. The claim is also what decides
 capacity: expert e keeps its C rows of smallest claim, exactly the
 assignments one process keeps.
 
-Shape letters: N tokens of this rank, A tokens of all ranks, K choices, E
-experts, P ranks, L experts per rank, M rows this rank sends, I rows it
+Shape letters: N tokens of this rank, Z tokens of all ranks, K choices, E
+experts, Q ranks (E/Q experts each), M rows this rank sends, I rows it
 receives, C capacity per expert.
 """
 from __future__ import annotations
@@ -34,13 +34,13 @@ from moe_np.parallel.groups import AgreedError
 
 
 class Layout(NamedTuple):
-    """Where experts live: rank p of the P-rank group owns L = E / P of them."""
+    """Where experts live: rank p of the Q-rank group owns E / Q of them."""
     num_experts: int     # E
-    ranks: int           # P
+    ranks: int           # Q
 
     @property
     def local(self) -> int:
-        """L, experts per rank."""
+        """E / Q, experts per rank."""
         return self.num_experts // self.ranks
 
     def first_expert(self, rank: int) -> int:
@@ -59,8 +59,8 @@ def check_layout(fn: str, num_experts: int, ep: int, dp: int, world_size: int) -
 
 
 def claim_positions(order):
-    """pos[t] = the place of token t in the claiming order.   order (A,) -> pos (A,) int64."""
-    pos = np.empty(len(order), dtype=np.int64)                         # (A,)
+    """pos[t] = the place of token t in the claiming order.   order (Z,) -> pos (Z,) int64."""
+    pos = np.empty(len(order), dtype=np.int64)                         # (Z,)
     pos[order] = np.arange(len(order), dtype=np.int64)
     return pos
 
@@ -78,8 +78,8 @@ def home_plan(ids, num_experts: int, order, eligible) -> Plan:
 
 
 def rows_per_expert(plan: Plan, layout: Layout):
-    """Rows this rank sends to each rank's each expert.   -> (P, L) int64."""
-    return plan.counts.reshape(layout.ranks, layout.local)             # (P, L)
+    """Rows this rank sends to each rank's each expert.   -> (Q, E/Q) int64."""
+    return plan.counts.reshape(layout.ranks, layout.local)             # (Q, E/Q)
 
 
 def row_claims(plan: Plan, layout: Layout, k: int, pos, num_tokens_all: int):
@@ -94,22 +94,22 @@ def row_claims(plan: Plan, layout: Layout, k: int, pos, num_tokens_all: int):
 class Arrival(NamedTuple):
     """How received rows become one expert-contiguous buffer in one process's order."""
     perm: np.ndarray      # (I,) buffer row i is received row perm[i]
-    offsets: np.ndarray   # (L+1,) local expert j owns buffer rows offsets[j]:offsets[j+1]
+    offsets: np.ndarray   # (E/Q+1,) local expert j owns buffer rows offsets[j]:offsets[j+1]
     claims: np.ndarray    # (I, 2) [local expert, claim] of each buffer row
 
 
 def arrange(claims, local: int) -> Arrival:
     """Sort received rows by (local expert, claim).   claims (I, 2) -> Arrival."""
     perm = np.lexsort((claims[:, 1], claims[:, 0])).astype(np.int64)   # (I,)
-    counts = np.bincount(claims[:, 0], minlength=local)                # (L,)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)   # (L+1,)
+    counts = np.bincount(claims[:, 0], minlength=local)                # (E/Q,)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)   # (E/Q+1,)
     return Arrival(perm, offsets, claims[perm])
 
 
 def keep_first(arrival: Arrival, cap: int):
     """Capacity at the owner: each expert keeps its cap rows of smallest claim.
     -> keep (I,) bool, in *received* order (to be sent back to the senders)."""
-    counts = np.diff(arrival.offsets)                                  # (L,)
+    counts = np.diff(arrival.offsets)                                  # (E/Q,)
     place = np.arange(len(arrival.perm)) - np.repeat(arrival.offsets[:-1], counts)   # (I,)
     keep = np.empty(len(arrival.perm), dtype=bool)                     # (I,)
     keep[arrival.perm] = place < cap
@@ -117,10 +117,10 @@ def keep_first(arrival: Arrival, cap: int):
 
 
 def kept_per_sender(keep, recv_rows):
-    """How many received rows each sender keeps.   keep (I,), recv_rows (P,) -> (P,) int64."""
+    """How many received rows each sender keeps.   keep (I,), recv_rows (Q,) -> (Q,) int64."""
     ends = np.cumsum(np.concatenate([[0], keep.astype(np.int64)]))     # (I+1,)
-    bounds = np.concatenate([[0], np.cumsum(recv_rows)]).astype(np.int64)   # (P+1,)
-    return ends[bounds[1:]] - ends[bounds[:-1]]                        # (P,)
+    bounds = np.concatenate([[0], np.cumsum(recv_rows)]).astype(np.int64)   # (Q+1,)
+    return ends[bounds[1:]] - ends[bounds[:-1]]                        # (Q,)
 
 
 def drop_rows(eligible, plan: Plan, keep):
