@@ -488,15 +488,18 @@ def trained_model(config: LMTrainConfig, tokenizer=None):
     """The model `experiment` trained for config (from its cache, else trained now)."""
     from moe_np.transformer import MoETransformer
     path = model_cache_path(config)
-    if not path.is_file():
-        run = train_lm_quietly(config, tokenizer)
-        save_model(run.model, path)
-        return run.model
-    vocab = 256 if config.tokenizer == "byte" else config.vocab_size
-    model = MoETransformer(config.lm_config(vocab), seed=config.seed, dtype=np.float32)
-    with np.load(path) as z:
-        model.load_state_dict({k: z[k] for k in z.files})
-    return model
+    if path.is_file():
+        vocab = 256 if config.tokenizer == "byte" else config.vocab_size
+        model = MoETransformer(config.lm_config(vocab), seed=config.seed, dtype=np.float32)
+        try:
+            with np.load(path) as z:
+                model.load_state_dict({k: z[k] for k in z.files})
+            return model
+        except (ValueError, OSError):
+            pass                # saved by another version of the model: train it again
+    run = train_lm_quietly(config, tokenizer)
+    save_model(run.model, path)
+    return run.model
 
 
 def experiment_configs(quick: bool, seeds=(0, 1, 2)) -> list[LMTrainConfig]:
