@@ -53,6 +53,8 @@ def equivalence_cases():
             case("capacity position", capacity_factor=0.75, min_capacity=1),
             case("capacity priority", capacity_factor=0.75, drop_policy="priority"),
             case("capacity per sequence", capacity_factor=1.0, capacity_scope="sequence", seq_len=4),
+            case("capacity per source rank", capacity_factor=0.75, capacity_scope="sequence",
+                 seq_len=8, drop_policy="priority"),                   # per_rank_capacity(config, 8)
             case("mask sigmoid", router="sigmoid_bias", capacity_factor=1.0, bias_gamma=0.01,
                  mask_fraction=0.3),
             case("shared gated", num_shared=2, shared_gate=True, d_hidden_shared=3),
@@ -262,3 +264,15 @@ def test_parallel_command_checks_trains_and_reports():
     for words in ("rows received per rank", "imbalance max/mean", "alpha", "bandwidth",
                   "bytes sent to other ranks"):
         assert words in done.stdout
+
+
+def test_without_mpi_a_chapter_fence_shows_its_committed_output_and_figures(monkeypatch, tmp_path,
+                                                                            capsys):
+    from moe_np.parallel import launch
+    monkeypatch.setattr(launch, "mpi_available", lambda: False)
+    monkeypatch.setenv("MOE_NP_FIGURES", str(tmp_path))
+    code = '# mpiexec -n 4\nfig.savefig(figure_path("10-costs.png"))\n'
+    launch.run_fence(code, "the committed lines\n", "10-x.md[fence 2]")
+    captured = capsys.readouterr()
+    assert captured.out == "the committed lines\n" and "MPI is not installed" in captured.err
+    assert (tmp_path / "10-costs.png").exists()
