@@ -64,8 +64,7 @@ def dense_moe_forward(x, params: dict, config: DenseConfig, *, dropout_rng=None)
     validate.ndim("dense_moe_forward", "x", x, 2)
     kind = expert_kind(config.expert)
     dtype = params[kind.names[0]].dtype
-    if x.dtype != dtype:
-        raise ValueError(f"dense_moe_forward: x is {x.dtype} but the parameters are {dtype}")
+    validate.param_dtype("dense_moe_forward", "x", x, dtype)
     g, gate_cache = gate_forward(x, params, config)                    # (N, E) or (N, E, D)
     dropout_scale = None
     if config.gate_dropout > 0 and dropout_rng is not None:

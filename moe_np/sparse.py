@@ -118,9 +118,7 @@ def _check_input(x, params: dict, config: SparseConfig, mask=None) -> None:
                              f"sigmoid_bias routers without cv or sequence-wise losses, "
                              f"got router={config.router!r}, balance_scope={config.balance_scope!r}")
     dtype = params["w_router"].dtype
-    if x.dtype != dtype:
-        raise ValueError(f"sparse_moe_forward: x is {x.dtype} but the parameters are {dtype}; "
-                         f"convert one of them")
+    validate.param_dtype("sparse_moe_forward", "x", x, dtype)
     if config.precision.compute != "fp32" and dtype != np.float32:
         raise ValueError(f"sparse_moe_forward: precision.compute={config.precision.compute!r} "
                          f"simulates low precision on float32 arrays, got {dtype}")

@@ -10,6 +10,7 @@ the function (or config), the argument and the value it got:
     positive     > 0                          non_negative >= 0
     probability  in [0, 1)                    float_dtype  a floating-point dtype
     ndim, shape, same_shape, finite           arrays
+    param_dtype  an input in the parameters' dtype
     top_k        1 <= k <= num_experts
     routed_input x and the parameters of a layer with one router matrix (ReMoE, Soft MoE)
 """
@@ -84,6 +85,13 @@ def positive(fn: str, name: str, value: float) -> None:
         raise ValueError(f"{fn}: {name} must be > 0, got {value}")
 
 
+def param_dtype(fn: str, name: str, a, dtype) -> None:
+    """Require a.dtype == dtype, the parameters' (no silent cast between precisions)."""
+    if np.asarray(a).dtype != dtype:
+        raise ValueError(f"{fn}: {name} is {np.asarray(a).dtype} but the parameters are "
+                         f"{np.dtype(dtype)}; convert one of them")
+
+
 def finite(fn: str, name: str, a) -> None:
     """Require every entry of a to be finite."""
     if not np.all(np.isfinite(a)):
@@ -109,7 +117,5 @@ def routed_input(fn: str, x, params: dict, router: str, expert_names) -> int:
     if len(x) == 0:
         raise ValueError(f"{fn}: x must hold at least one token, got shape {np.shape(x)}")
     ndim(fn, router, params[router], 2)
-    if x.dtype != params[router].dtype:
-        raise ValueError(f"{fn}: x is {x.dtype} but the parameters are {params[router].dtype}; "
-                         f"convert one of them")
+    param_dtype(fn, "x", x, params[router].dtype)
     return params[expert_names[0]].shape[0]

@@ -253,6 +253,8 @@ def test_every_kind_list_is_read_from_its_registry():
     (lambda v: v.non_negative("f", "c", float("nan")), "f: c must be >= 0, got nan"),
     (lambda v: v.float_dtype("f", np.int64), "f: dtype must be a floating-point dtype, got int64"),
     (lambda v: v.float_dtype("f", "no such type"), "f: dtype must be a floating-point dtype"),
+    (lambda v: v.param_dtype("f", "x", np.zeros(2, np.float32), np.float64),
+     "f: x is float32 but the parameters are float64; convert one of them"),
 ])
 def test_validate_names_function_argument_and_value(call, message):
     from moe_np import validate
