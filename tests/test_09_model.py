@@ -342,15 +342,16 @@ def hf_ffn_shapes(arch, c, i, style):
         return {p + "gate_proj.weight": (w, d), p + "up_proj.weight": (w, d), p + "down_proj.weight": (d, w)}
     e = c.get("num_local_experts", c.get("num_experts"))
     h = c.get("moe_intermediate_size", c["intermediate_size"])
-    if style == "per_expert":                                          # Mixtral before fused experts
-        p = f"model.layers.{i}.block_sparse_moe."
+    if style == "per_expert":                                          # releases before fused experts
+        p = f"model.layers.{i}.block_sparse_moe." if arch == "mixtral" else p
+        gate, up, down = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         shapes = {p + "gate.weight": (e, d)}
         for j in range(e):
-            shapes |= {p + f"experts.{j}.w1.weight": (h, d), p + f"experts.{j}.w3.weight": (h, d),
-                       p + f"experts.{j}.w2.weight": (d, h)}
-        return shapes
-    shapes = {p + "gate.weight": (e, d), p + "experts.gate_up_proj": (e, 2 * h, d),
-              p + "experts.down_proj": (e, d, h)}
+            shapes |= {p + f"experts.{j}.{gate}.weight": (h, d), p + f"experts.{j}.{up}.weight": (h, d),
+                       p + f"experts.{j}.{down}.weight": (d, h)}
+    else:
+        shapes = {p + "gate.weight": (e, d), p + "experts.gate_up_proj": (e, 2 * h, d),
+                  p + "experts.down_proj": (e, d, h)}
     if arch == "qwen2_moe":
         s = c["shared_expert_intermediate_size"]
         shapes |= {p + "shared_expert.gate_proj.weight": (s, d), p + "shared_expert.up_proj.weight": (s, d),
@@ -422,7 +423,7 @@ def test_from_hf_model_computes_hf_logits(arch):
 
 
 @pytest.mark.parametrize("arch, style", [("mixtral", "fused"), ("mixtral", "per_expert"),
-                                         ("qwen2_moe", "fused")])
+                                         ("qwen2_moe", "fused"), ("qwen2_moe", "per_expert")])
 def test_hf_model_round_trip_is_bit_for_bit(arch, style):
     config = HF_CONFIGS[arch]
     sd = hf_arrays(arch, config, style)
