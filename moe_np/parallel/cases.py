@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from moe_np import gradcheck
 from moe_np.config import PrecisionConfig, SparseConfig
 from moe_np.optim import SGD
 from moe_np.parallel import costs
@@ -136,6 +137,41 @@ def traffic_step(comm, config: SparseConfig, *, tokens_per_rank: int = 16, seed:
             "bytes_by_kind": _bytes_by_kind(ep)}
 
 
+def gradcheck_step(comm, config: SparseConfig, *, tokens_per_rank: int = 3, seed: int = 0,
+                   dtype=np.float64, wrt=("x", "w_router", "b2"), **layer_options) -> dict:
+    """Central differences on the distributed layer itself (gradcheck.check_pair, float64):
+    the output is every rank's y gathered, with the aux loss appended; inputs x (all Z tokens)
+    and every parameter, perturbed alike on every rank, so each evaluation is one collective
+    forward on all of them, so only the inputs in `wrt` are checked (x: through both
+    exchanges; w_router: the gathered replicated gradient; an expert's b2: on its owner).
+    Routing choices are guarded (a +-h step must not change them)."""
+    world, rank = comm.Get_size(), comm.Get_rank()
+    rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
+    layer = ExpertParallelMoE(config, comm, seed=seed, **layer_options).eval()
+    x0, _, _ = global_batch(config, world * tokens_per_rank, seed, np.float64)
+
+    def forward(x, **params):
+        layer.load_params(params)
+        y = layer.forward(np.ascontiguousarray(x[rows]))
+        return np.append(np.concatenate(comm.allgather(y)).ravel(), layer.aux), None
+
+    def backward(dout, _):
+        dy = dout[:-1].reshape(len(x0), -1)[rows]                      # this rank's rows
+        dx = np.concatenate(comm.allgather(layer.backward(np.ascontiguousarray(dy), dout[-1])))
+        return {"x": dx} | layer.gather_grads()
+
+    def selection(x, **params):
+        forward(x, **params)
+        return tuple(comm.allgather(layer.stats.ids))
+
+    inputs = {"x": x0} | layer.gather_params()
+    results = gradcheck.check_pair("ExpertParallelMoE", forward, backward, inputs, wrt=list(wrt),
+                                   seed=seed, selection=selection)
+    verdict = {f"wrt {r.wrt}": bool(r.passed) for r in results}
+    return {"identical": all(verdict.values()), "checks": verdict,
+            "max_abs_diff": max(r.abs_error for r in results)}
+
+
 def _bytes_by_kind(layer) -> dict:
     """Bytes this rank sent to other ranks, by kind (counts, meta, rows, aux, grads)."""
     return {k: layer.traffic.remote(k) for k in layer.traffic.sent}
@@ -158,7 +194,7 @@ def run_cases(comm, cases: list) -> list:
         config = SparseConfig(**fields)
         dtype = np.dtype(case.pop("dtype", "float64"))
         run = {"step": compare_step, "training": compare_training,
-               "traffic": traffic_step}[case.pop("kind", "step")]
+               "traffic": traffic_step, "gradcheck": gradcheck_step}[case.pop("kind", "step")]
         results.append({"name": name} | run(comm, config, dtype=dtype, **case))
     return results
 
