@@ -210,6 +210,19 @@ def test_aux_and_routing_stats_come_from_every_moe_block():
     assert model.aux > 0
 
 
+def test_padding_is_routed_nowhere_and_changes_no_real_logit():
+    model = MoETransformer(small_config(moe_every=1), seed=0, dtype=np.float32).eval()
+    ids = random_ids((2, 6))
+    mask = np.array([[True] * 6, [True] * 4 + [False] * 2])
+    logits = model.forward(ids, mask)
+    counts = [stats.counts.sum() for _, stats in model.routing_stats()]
+    assert counts == [10 * 2, 10 * 2]                                  # real tokens x K, per block
+    other = ids.copy()
+    other[1, 4:] = (other[1, 4:] + 3) % 13
+    np.testing.assert_array_equal(model.forward(other, mask)[:, :4], logits[:, :4])
+    np.testing.assert_array_equal(model.forward(other, mask)[0], logits[0])
+
+
 def test_aux_scale_scales_only_the_auxiliary_gradient():
     model = MoETransformer(small_config(), seed=0)
     ids = random_ids((2, 6))
