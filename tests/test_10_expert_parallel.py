@@ -46,7 +46,9 @@ def equivalence_cases():
                 case(f"noisy {dt}", dtype=dt, router="noisy_topk", cv_coef=0.01, capacity_factor=1.0),
                 case(f"capacity random {dt}", dtype=dt, capacity_factor=0.75, drop_policy="random"),
                 case(f"mask {dt}", dtype=dt, capacity_factor=1.0, balance_coef=0.01, mask_fraction=0.3),
-                case(f"E=4ep {dt}", dtype=dt, num_experts=16, k=3, capacity_factor=1.5)]
+                case(f"E=4ep {dt}", dtype=dt, num_experts=16, k=3, capacity_factor=1.5),
+                case(f"expert choice {dt}", dtype=dt, router="expert_choice", capacity_factor=1.0,
+                     z_coef=0.01, num_shared=1)]
     out += [case("softmax_topk_raw", router="softmax_topk_raw"),
             case("topk_softmax", router="topk_softmax", capacity_factor=1.0),
             case("sigmoid unnormalized", router="sigmoid_bias", norm_topk_prob=False),
@@ -76,6 +78,7 @@ SPECIAL = [case("allreduce", grad_sync="allreduce", num_shared=1, balance_coef=0
            case("dp4 ep1", "training", dtype="float32", router="sigmoid_bias", bias_gamma=0.01,
                 ep=1, dp=4),
            case("ep4 training", "training", router="noisy_topk", cv_coef=0.01, capacity_factor=1.0),
+           case("expert choice training", "training", router="expert_choice", capacity_factor=0.5),
            case("traffic free", "traffic", router="sigmoid_bias", k=4),
            case("traffic one node", "traffic", router="sigmoid_bias", k=4, n_group=2, topk_group=1),
            case("traffic capacity", "traffic", dtype="float32", capacity_factor=0.75)]
@@ -141,7 +144,8 @@ def test_a_rank_can_receive_no_rows_and_one_rank_can_receive_all(four):
 
 
 @needs_mpi
-@pytest.mark.parametrize("name", ["dp2 ep2", "dp2 ep2 capacity", "dp4 ep1", "ep4 training"])
+@pytest.mark.parametrize("name", ["dp2 ep2", "dp2 ep2 capacity", "dp4 ep1", "ep4 training",
+                                  "expert choice training"])
 def test_training_on_ranks_leaves_one_process_parameters(four, name):
     assert four[name]["identical"], f"{name}: differs in {failing(four[name])}"
 
@@ -234,6 +238,18 @@ def test_layout_errors_name_the_sizes():
         ep_plan.check_layout("f", 6, 4, 1, 4)
     with pytest.raises(AgreedError, match="dp \\* ep must equal the world size"):
         ep_plan.check_layout("f", 8, 2, 1, 4)
+
+
+def test_what_the_layer_cannot_do_is_refused_before_any_communication():
+    """comm=None: the checks must fire before the communicator is touched."""
+    from moe_np.parallel import ExpertParallelMoE
+    with pytest.raises(ValueError, match="grad_sync='gather'"):
+        ExpertParallelMoE(SparseConfig(**BASE, router="expert_choice", capacity_factor=1.0), None,
+                          grad_sync="allreduce")
+    with pytest.raises(ValueError, match="einsum"):
+        ExpertParallelMoE(SparseConfig(**BASE, dispatch="einsum"), None)
+    with pytest.raises(ValueError, match="grad_sync must be one of"):
+        ExpertParallelMoE(SparseConfig(**BASE), None, grad_sync="sum")
 
 
 def test_per_rank_capacity_is_one_process_capacity_per_sequence():

@@ -43,6 +43,23 @@ def _route_plan(home, layout, recv_rows, arrival) -> RoutePlan:
     return RoutePlan(home, send_rows, np.asarray(recv_rows, dtype=np.int64), arrival)
 
 
+def exchange_claims(home, claims, layout: ep_plan.Layout, wire: Wire):
+    """The counts (Alltoall), then each row's [local expert, claim] (Alltoallv).
+    -> RoutePlan without arrival yet, the received claims (I, 2)."""
+    counts_in = exchange_counts(wire, ep_plan.rows_per_expert(home, layout))   # (Q, E/Q)
+    plan = _route_plan(home, layout, counts_in.sum(axis=1), None)
+    return plan, exchange_rows(wire, claims, plan.send_rows, plan.recv_rows, "meta")   # (I, 2)
+
+
+def plan_expert_choice_exchange(token_ids, lo: int, hi: int, layout: ep_plan.Layout,
+                                wire: Wire) -> RoutePlan:
+    """Expert choice: the choice was made on all tokens (every rank alike), so nothing is
+    dropped at the owners: counts, claims (c, the place in the expert's choice), arrival."""
+    home, claims = ep_plan.expert_choice_home(token_ids, lo, hi, layout)
+    plan, claims_in = exchange_claims(home, claims, layout, wire)
+    return plan._replace(arrival=ep_plan.arrange(claims_in, layout.local))
+
+
 def plan_exchange(ids, pos, eligible, cap, layout: ep_plan.Layout, num_tokens_all: int,
                   wire: Wire) -> RoutePlan:
     """Counts first, then the claims, then (with a capacity) the owners' verdicts.
@@ -52,10 +69,8 @@ def plan_exchange(ids, pos, eligible, cap, layout: ep_plan.Layout, num_tokens_al
     (None: dropless, or capacity already folded into eligible)."""
     order = ep_plan.local_order(pos)                                   # (N,)
     home = ep_plan.home_plan(ids, layout.num_experts, order, eligible)
-    counts_in = exchange_counts(wire, ep_plan.rows_per_expert(home, layout))   # (Q, E/Q)
-    plan = _route_plan(home, layout, counts_in.sum(axis=1), None)
     claims = ep_plan.row_claims(home, layout, ids.shape[1], pos, num_tokens_all)   # (M, 2)
-    claims_in = exchange_rows(wire, claims, plan.send_rows, plan.recv_rows, "meta")   # (I, 2)
+    plan, claims_in = exchange_claims(home, claims, layout, wire)      # (I, 2)
     arrival = ep_plan.arrange(claims_in, layout.local)
     if cap is None:
         return plan._replace(arrival=arrival)

@@ -9,6 +9,9 @@
     shared   replicated shared experts on the rank's own tokens         (N, D)
     aux      on the gathered routing of all Z tokens (same on every rank)
 
+Expert choice (each expert takes its C best tokens of the whole batch) gathers the
+logits and chooses alike on every rank; it needs dp = 1 and grad_sync="gather".
+
 Backward mirrors it: the rows of dy go out, the rows of dx come back, the
 expert gradients stay with their owners (summed over data-parallel
 replicas), and the replicated parameters' gradients are reduced over the
@@ -107,9 +110,9 @@ def _check_config(config, grad_sync: str) -> None:
     if config.dispatch == "einsum":
         raise ValueError(f"{OWNER}: dispatch='einsum' uses the padded (E, C, D) layout; expert "
                          f"parallelism moves ragged rows, use 'numba' or 'numpy'")
-    if config.router == "expert_choice":
-        raise ValueError(f"{OWNER}: router='expert_choice' chooses tokens over the whole batch "
-                         f"and is not supported; use a token-choice router")
+    if config.router == "expert_choice" and grad_sync != "gather":
+        raise ValueError(f"{OWNER}: router='expert_choice' chooses tokens over the whole batch; "
+                         f"its gradient is computed on the gathered batch: use grad_sync='gather'")
 
 
 def _sizes(world_size: int, ep: int | None, dp: int | None) -> tuple[int, int]:
@@ -142,6 +145,9 @@ class ExpertParallelMoE(Layer):
         world_size = comm.Get_size()
         ep, dp = _sizes(world_size, ep, dp)
         ep_plan.check_layout(OWNER, config.num_experts, ep, dp, world_size)
+        if config.router == "expert_choice" and dp > 1:
+            raise ep_groups.AgreedError(f"{OWNER}: expert choice picks from the whole batch, "
+                                        f"which data-parallel groups split; got dp={dp}")
         ep_groups.check_agreement(comm, OWNER, ep_groups.describe(
             config, seed=seed, dtype=str(self.dtype), ep=ep, dp=dp, grad_sync=grad_sync,
             ranks_per_node=ranks_per_node))
@@ -206,7 +212,7 @@ class ExpertParallelMoE(Layer):
             validate.shape(fn, "mask", mask, (len(x),))
             if np.asarray(mask).dtype != bool:
                 raise ValueError(f"{fn}: mask must be bool, got {np.asarray(mask).dtype}")
-            if c.router == "noisy_topk" or c.cv_coef or c.seq_aux_coef:
+            if c.router in ("noisy_topk", "expert_choice") or c.cv_coef or c.seq_aux_coef:
                 raise ValueError(f"{fn}: a token mask is supported for the softmax and "
                                  f"sigmoid_bias routers without cv or sequence-wise losses")
         if c.precision.compute == "fp32":
@@ -245,11 +251,8 @@ class ExpertParallelMoE(Layer):
         c = self.config
         span = self._span(len(x))
         draws = self._draws(span.total)
-        route, router_cache = self._route(x, span, draws)
-        mask = np.ones(len(x), dtype=bool) if mask is None else mask   # (N,)
-        seen = self._gather_routing(route, router_cache, mask, span)
+        route, router_cache, seen, plan, dropped = self._routing(x, mask, span, draws)
         self._aux, aux_cache = self._aux_forward(seen)
-        plan, dropped = self._plan(route, mask, span, draws, seen)
         y, exchange_cache = alltoall.exchange_forward(x, route.weights, plan, self.params, c,
                                                       self.wire("ep"), self._lone(plan))   # (N, D)
         y_shared, shared_cache = shared_experts_forward(x, self.params, c)
@@ -260,6 +263,30 @@ class ExpertParallelMoE(Layer):
                               shared_cache, aux_cache)
         self._after_forward(route, plan, dropped, seen)
         return y                                                       # (N, D)
+
+    def _routing(self, x, mask, span: Span, draws: Draws):
+        """Route, gather what every rank must see, plan the exchange.
+        -> route, router cache (None for expert choice), Seen, RoutePlan, assignments dropped."""
+        if self.config.router == "expert_choice":
+            return self._expert_choice_routing(x, span)
+        route, router_cache = self._route(x, span, draws)
+        mask = np.ones(len(x), dtype=bool) if mask is None else mask   # (N,)
+        seen = self._gather_routing(route, router_cache, mask, span)
+        return (route, router_cache, seen) + self._plan(route, mask, span, draws, seen)
+
+    def _expert_choice_routing(self, x, span: Span):
+        """Expert choice picks tokens over the whole batch: each rank projects its own tokens,
+        the logits are gathered, and every rank makes the same choice on all of them."""
+        c = self.config
+        w_router = self.params["w_router"]                             # (D, E)
+        logits = (lowp.gemm_for(c.precision)(x, w_router) if c.precision.router == "compute"
+                  else x @ w_router)                                   # (N, E) as router_forward
+        logits_all = gather_columns(self.wire("world"), {"logits": logits}, "aux",
+                                    span.sizes)["logits"]              # (Z, E)
+        route, _ = routers.ROUTERS["expert_choice"].select(logits_all, c, None)
+        plan = alltoall.plan_expert_choice_exchange(route.token_ids, span.lo, span.hi,
+                                                    self.layout, self.wire("ep"))
+        return route, None, Seen(None, None, logits_all, None, None, None), plan, 0
 
     def _gather_routing(self, route, router_cache, mask, span: Span) -> Seen:
         """Gather over the world, in one Allgatherv, what the aux loss, the bias update and the
@@ -358,11 +385,13 @@ class ExpertParallelMoE(Layer):
         experts' backward on them exactly as one process does; keep this rank's rows of dx."""
         c, world, d = self.config, self.wire("world"), cache.draws
         rows = slice(cache.span.lo, cache.span.hi)
-        pieces = {"x": cache.x, "dweights": dweights}
+        choice = c.router == "expert_choice"          # dweights (E, C): one rank owns each entry
+        pieces = {"x": cache.x} | ({} if choice else {"dweights": dweights})
         if cache.shared_cache is not None:
             pieces["dy"] = dy
         got = gather_columns(world, pieces, "grads", cache.span.sizes)
-        x_all, dweights_all = got["x"], got["dweights"]                # (Z, D), (Z, K)
+        x_all = got["x"]                                               # (Z, D)
+        dweights_all = sum_everywhere(world, dweights) if choice else got["dweights"]   # (Z, K)
         x_router = x_all if d.jitter is None else x_all * d.jitter     # (Z, D)
         _, router_cache = routers.router_forward(x_router, self.params, c, bias=d.bias,
                                                  noise=d.noise)       # recomputed, same bits

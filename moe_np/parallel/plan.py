@@ -129,3 +129,19 @@ def drop_rows(eligible, plan: Plan, keep):
     out = eligible.copy()                                              # (N, K)
     out.ravel()[plan.rows_weight[~keep]] = False
     return out
+
+
+def expert_choice_home(token_ids, lo: int, hi: int, layout: Layout):
+    """Expert choice: each expert took C tokens of the whole batch (token_ids (E, C), known to
+    every rank); this rank's rows are its own tokens among them, expert by expert, each expert's
+    in its choice order c, as plan_expert_choice orders them. -> home Plan over M rows and the
+    rows' [local expert, claim = c] (M, 2)."""
+    e, c = token_ids.shape
+    mine = (token_ids >= lo) & (token_ids < hi)                        # (E, C)
+    flat = np.flatnonzero(mine.ravel()).astype(np.int64)               # (M,) e-major, then c
+    rows_token = token_ids.ravel()[flat].astype(np.int64) - lo         # (M,)
+    token_rows = np.full((hi - lo, e), -1, dtype=np.int64)             # (N, E)
+    token_rows[rows_token, flat // c] = np.arange(len(flat))
+    offsets = np.concatenate([[0], np.cumsum(mine.sum(axis=1))]).astype(np.int64)   # (E+1,)
+    claims = np.stack([(flat // c) % layout.local, flat % c], axis=1)  # (M, 2)
+    return Plan(rows_token, flat, offsets, token_rows, c, 0), claims
