@@ -60,6 +60,7 @@ def equivalence_cases():
             case("mask sigmoid", router="sigmoid_bias", capacity_factor=1.0, bias_gamma=0.01,
                  mask_fraction=0.3),
             case("shared gated", num_shared=2, shared_gate=True, d_hidden_shared=3),
+            case("swiglu experts", expert="swiglu", capacity_factor=1.0, num_shared=1),
             case("E=ep", num_experts=4, capacity_factor=1.0),
             case("numpy dispatch", dispatch="numpy", capacity_factor=1.0, num_shared=1),
             case("uneven shards", sizes=[2, 9, 3, 6], capacity_factor=1.0),

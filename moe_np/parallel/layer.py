@@ -320,7 +320,7 @@ class ExpertParallelMoE(Layer):
     def _plan(self, route, mask, span: Span, draws: Draws, seen: Seen):
         """The claiming order of all Z tokens, eligibility and capacity, then plan_exchange."""
         c = self.config
-        top = seen.top if seen.top is not None else np.zeros((span.total, 1))   # (Z, 1)
+        top = seen.top if seen.top is not None else np.zeros((span.total, 1), self.dtype)   # (Z, 1)
         order_all = dispatch.token_order(top, c.drop_policy, draws.drop_seed)   # (Z,)
         pos = ep_plan.claim_positions(order_all)[span.lo:span.hi]     # (N,)
         eligible = np.repeat(mask[:, None], c.k, axis=1)               # (N, K)
