@@ -130,7 +130,7 @@ def first_choices(model, windows, batch: int = 16) -> dict:
                 found.setdefault(name, []).append(stats.ids[:, 0])       # (b T,)
     finally:
         model.train()
-    return {name: np.concatenate(parts) for name, parts in found.items()}
+    return {name: np.concatenate(parts) for name, parts in found.items()}   # (B T,) each
 
 
 # ---------------------------------------------------------------- the measures
@@ -173,7 +173,7 @@ class Atlas(NamedTuple):
 def atlas(experts, classes, num_experts: int, context: int, shuffles: int = 200,
           seed: int = 0) -> Atlas:
     """The measures of the real routing and their chance interval under shuffled routing."""
-    experts, classes = np.asarray(experts, dtype=np.int64), np.asarray(classes, dtype=np.int64)
+    experts, classes = np.asarray(experts, dtype=np.int64), np.asarray(classes, dtype=np.int64)  # (N,) x2
     if experts.shape != classes.shape or experts.ndim != 1:
         raise ValueError(f"atlas: experts {experts.shape} and classes {classes.shape} must be "
                          f"equal 1-D shapes")
@@ -190,7 +190,7 @@ def atlas(experts, classes, num_experts: int, context: int, shuffles: int = 200,
             for _ in range(shuffles)]
     low, high = (Measures(*[np.percentile(np.array(field), q, axis=0) for field in zip(*runs)])
                  for q in (2.5, 97.5))
-    counts = np.bincount(experts * j + classes, minlength=num_experts * j).reshape(num_experts, j)
+    counts = np.bincount(experts * j + classes, minlength=num_experts * j).reshape(num_experts, j)  # (E, Y)
     return Atlas(real, low, high, counts, shuffles)
 
 
@@ -199,7 +199,7 @@ def conditional_mi(experts, classes, tokens, num_experts: int, num_classes: int)
     tokens with the same id (0 when routing depends on the token id alone)."""
     v = int(tokens.max()) + 1
     joint = np.bincount((tokens * num_experts + experts) * num_classes + classes,
-                        minlength=v * num_experts * num_classes).reshape(v, num_experts, num_classes)
+                        minlength=v * num_experts * num_classes).reshape(v, num_experts, num_classes)  # (V, E, Y)
     joint = joint.astype(np.float64) / len(tokens)                       # (V, E, Y) p(v, e, c)
     p_v = joint.sum((1, 2), keepdims=True)                               # (V, 1, 1)
     p_ve = joint.sum(2, keepdims=True)                                   # (V, E, 1)
@@ -241,7 +241,7 @@ def strongest(at: Atlas, count: int = 4) -> list[tuple]:
     n = at.counts.sum()
     expected = np.outer(at.counts.sum(1), at.counts.sum(0)) / max(n, 1)  # (E, Y)
     excess = np.where(outside(at), at.counts - expected, -np.inf)        # (E, Y)
-    order = np.argsort(-excess, axis=None)[:count]
+    order = np.argsort(-excess, axis=None)[:count]                       # (count,)
     return [(*np.unravel_index(i, excess.shape), float(excess.flat[i])) for i in order
             if np.isfinite(excess.flat[i]) and excess.flat[i] > 0]
 
@@ -277,7 +277,7 @@ def share_heatmap(ax, at: Atlas, title: str, min_count: int = 20):
     img = ax.imshow(np.log2(np.clip(share, 0.25, 4.0)), cmap="RdBu_r", vmin=-2, vmax=2,
                     aspect="auto")
     sig = outside(at)[:, keep]                                           # (E, Y')
-    ys, xs = np.nonzero(sig)
+    ys, xs = np.nonzero(sig)                                             # (outside,) x2
     ax.scatter(xs, ys, s=6, c="k", marker="o")
     ax.set_xticks(range(len(keep)))
     ax.set_xticklabels([CLASSES[j] for j in keep], rotation=60, ha="right", fontsize=7)

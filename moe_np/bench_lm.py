@@ -77,7 +77,7 @@ def time_steps(run, repeats: int) -> tuple[float, dict]:
         start = time.perf_counter()
         trainer.train_step()
         steps.append(time.perf_counter() - start)
-        ids = np.zeros((trainer.batch_size, run.config.context), dtype=np.int64)
+        ids = np.zeros((trainer.batch_size, run.config.context), dtype=np.int64)   # (B, T)
         stage = dict(totals, head=totals["head"] + _head_time(run, ids))
         stage["rest"] = steps[-1] - sum(stage.values())
         stages.append(stage)

@@ -328,7 +328,7 @@ def sample_next(logits, rng, temperature: float, top_k: int | None) -> int:
     if temperature == 0:
         return int(np.argmax(logits))
     if top_k is not None and top_k < len(logits):
-        cut = np.partition(logits, -top_k)[-top_k]
+        cut = np.partition(logits, -top_k)[-top_k]                            # ()
         logits = np.where(logits >= cut, logits, -np.inf)                     # (V,)
     z = logits / temperature
     p = np.exp(z - z.max())                                                   # (V,)

@@ -162,7 +162,7 @@ def _as_bytes(fn: str, data) -> bytes:
 
 
 def _check_ids(fn: str, ids, vocab: int) -> np.ndarray:
-    ids = np.asarray(ids)
+    ids = np.asarray(ids)                                                  # (N,)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise ValueError(f"{fn}: ids must be a 1-D integer array, got shape {ids.shape} {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
@@ -370,7 +370,7 @@ class Batcher:
     """
 
     def __init__(self, stream, context: int, batch_size: int, seed: int = 0):
-        stream = np.asarray(stream)
+        stream = np.asarray(stream)                                        # (N,)
         if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
             raise ValueError(f"Batcher: stream must be a 1-D integer array, got {stream.shape} {stream.dtype}")
         for name, v in (("context", context), ("batch_size", batch_size)):
