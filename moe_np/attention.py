@@ -149,7 +149,7 @@ def causal_mask(num_queries: int, num_keys: int) -> np.ndarray:
     return np.arange(num_keys)[None, :] <= offset + np.arange(num_queries)[:, None]   # (T, L)
 
 
-QUERY_BLOCK = 64     # query positions per block: a block skips the keys no query in it may see
+QUERY_BLOCK = 32     # query positions per block: a block skips the keys no query in it may see
 
 
 class AttendBlock(NamedTuple):
