@@ -6,6 +6,7 @@ position embedding (RoPE) and causal self-attention with grouped-query heads.
     rope        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)     x1, x2 the halves of a head
     attend      p = softmax(q k^T / sqrt(F) + causal mask),  o = p v
     attention   q = rope(x Wq + bq), k = rope(x Wk + bk), v = x Wv + bv,  y = merge(attend) Wo
+    attention_decode   the same for new positions over a KV cache (generation; no backward)
 
 Shape letters (README glossary): B sequences, T positions of this call, L key positions
 (T, or T plus the positions already in a KV cache), A query heads, P key/value heads
@@ -17,7 +18,9 @@ Llama, Mixtral and Qwen2 checkpoints, so their q_proj / k_proj weights load unch
 the original paper (and GPT-J) pair neighbours (2i, 2i+1) instead.
 Query head a reads key/value head a // (A/P), as HF's repeat_kv does; the keys and
 values are never copied A/P times: the A/P query heads of a group are stacked into
-one (A/P T, F) matrix and multiply their group's keys in one GEMM.
+one (A/P T, F) matrix and multiply their group's keys in one GEMM. Queries go in blocks
+of QUERY_BLOCK positions, each block over only the keys it may see, so causal attention
+computes a little over half of the (T, L) scores.
 """
 from __future__ import annotations
 
