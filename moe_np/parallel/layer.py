@@ -103,9 +103,12 @@ def node_limited(config: SparseConfig, num_nodes: int, max_nodes: int) -> Sparse
     return dataclasses.replace(config, n_group=num_nodes, topk_group=max_nodes)
 
 
-def _check_config(config, grad_sync: str) -> None:
+def _check_config(config, grad_sync: str, dtype) -> None:
     if not isinstance(config, SparseConfig):
         raise ValueError(f"{OWNER}: config must be a SparseConfig, got {type(config).__name__}")
+    if config.precision.compute != "fp32" and dtype != np.float32:
+        raise ValueError(f"{OWNER}: config.precision.compute={config.precision.compute!r} "
+                         f"simulates low precision on float32 arrays, but dtype={dtype}")
     validate.one_of(OWNER, "grad_sync", grad_sync, GRAD_SYNCS)
     if config.dispatch == "einsum":
         raise ValueError(f"{OWNER}: dispatch='einsum' uses the padded (E, C, D) layout; expert "
@@ -116,12 +119,13 @@ def _check_config(config, grad_sync: str) -> None:
 
 
 def _sizes(world_size: int, ep: int | None, dp: int | None) -> tuple[int, int]:
-    """(ep, dp) from what was given: both default to the whole world as one EP group."""
-    if ep is None and dp is None:
-        return world_size, 1
+    """(ep, dp) from what was given, the missing one from the world size (0 when it does not
+    divide: check_layout then says so); neither given: the whole world is one EP group."""
     if ep is None:
-        return world_size // dp if dp and world_size % dp == 0 else 0, dp
-    return ep, (world_size // ep if dp is None and ep and world_size % ep == 0 else dp or 0)
+        ep = world_size // (dp or 1) if world_size % (dp or 1) == 0 else 0
+    if dp is None:
+        dp = world_size // ep if ep and world_size % ep == 0 else 0
+    return ep, dp
 
 
 class ExpertParallelMoE(Layer):
@@ -140,7 +144,7 @@ class ExpertParallelMoE(Layer):
                  ep: int | None = None, dp: int | None = None, ranks_per_node: int | None = None,
                  grad_sync: str = "gather"):
         super().__init__(dtype)
-        _check_config(config, grad_sync)
+        _check_config(config, grad_sync, self.dtype)
         validate.integer(OWNER, "seed", seed, minimum=0)
         world_size = comm.Get_size()
         ep, dp = _sizes(world_size, ep, dp)
