@@ -256,6 +256,15 @@ def test_what_the_layer_cannot_do_is_refused_before_any_communication():
         ExpertParallelMoE(SparseConfig(**BASE), None, grad_sync="sum")
 
 
+def test_the_one_process_twin_counts_capacity_per_expert_parallel_group():
+    from moe_np.parallel import one_process_twin
+    config = SparseConfig(**BASE, capacity_factor=1.0)
+    assert one_process_twin(config, 1, 32) is config
+    twin = one_process_twin(config, 2, 32)
+    assert (twin.capacity_scope, twin.seq_len) == ("sequence", 32)
+    assert one_process_twin(SparseConfig(**BASE), 2, 32).capacity_factor is None
+
+
 def test_per_rank_capacity_is_one_process_capacity_per_sequence():
     config = per_rank_capacity(SparseConfig(**BASE, capacity_factor=1.0), 8)
     assert (config.capacity_scope, config.seq_len) == ("sequence", 8)
@@ -289,8 +298,8 @@ def test_parallel_command_without_mpiexec_says_how_to_start_it():
 
 @needs_mpi
 def test_parallel_command_checks_trains_and_reports():
-    done = run_mpi(["-m", "moe_np", "parallel", "--steps", "1", "--tokens-per-rank", "8"], 2,
-                   timeout=60, cwd=ROOT)
+    done = run_mpi(["-m", "moe_np", "parallel", "--steps", "1", "--tokens-per-rank", "8",
+                    "--dp", "2"], 2, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("bit-identical") == 2
     for words in ("rows received per rank", "imbalance max/mean", "alpha", "bandwidth",

@@ -14,4 +14,5 @@ moved to them and back with all-to-all exchanges, bit-identical to one process.
 Only launch.py imports mpi4py (and only when asked to): the rest takes a
 communicator as an argument, so importing this package needs no MPI.
 """
-from moe_np.parallel.layer import ExpertParallelMoE, node_limited, per_rank_capacity  # noqa: F401
+from moe_np.parallel.layer import (ExpertParallelMoE, node_limited, one_process_twin,  # noqa: F401
+                                   per_rank_capacity)

@@ -20,7 +20,7 @@ from moe_np import gradcheck
 from moe_np.config import PrecisionConfig, SparseConfig
 from moe_np.optim import SGD
 from moe_np.parallel import costs
-from moe_np.parallel.layer import ExpertParallelMoE
+from moe_np.parallel.layer import ExpertParallelMoE, one_process_twin
 from moe_np.sparse import SparseMoE
 
 
@@ -57,8 +57,9 @@ def compare_step(comm, config: SparseConfig, *, tokens_per_rank: int = 8, seed: 
     sizes = [tokens_per_rank] * world if sizes is None else list(sizes)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     x, dy, mask = global_batch(config, sum(sizes), seed, dtype, mask_fraction)
-    one = SparseMoE(config, seed=seed, dtype=dtype).train(training)
     ep = ExpertParallelMoE(config, comm, seed=seed, dtype=dtype, **layer_options).train(training)
+    twin = one_process_twin(config, ep.groups.dp, tokens_per_rank * ep.groups.ep)
+    one = SparseMoE(twin, seed=seed, dtype=dtype).train(training)
     if selection_bias is not None:
         for layer in (one, ep):
             layer.buffers["selection_bias"][...] = selection_bias
@@ -88,9 +89,10 @@ def compare_training(comm, config: SparseConfig, *, steps: int = 3, tokens_per_r
     one process on the whole batch; then every parameter and buffer compared bit for bit.
     reference: SparseConfig fields that differ in the one-process twin (its capacity mode)."""
     world, rank = comm.Get_size(), comm.Get_rank()
-    one_config = config if reference is None else dataclasses.replace(config, **reference)
-    one = SparseMoE(one_config, seed=seed, dtype=dtype)
     ep = ExpertParallelMoE(config, comm, seed=seed, dtype=dtype, **layer_options)
+    twin = one_process_twin(config, ep.groups.dp, tokens_per_rank * ep.groups.ep)
+    one = SparseMoE(twin if reference is None else dataclasses.replace(config, **reference),
+                    seed=seed, dtype=dtype)
     opt_one, opt_ep = SGD(one.params, lr=lr), SGD(ep.params, lr=lr)
     rows = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
     for step in range(steps):

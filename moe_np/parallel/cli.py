@@ -72,7 +72,7 @@ def _config(args, ep: int):
 
 def report(comm, args) -> None:
     from moe_np.parallel import cases, costs
-    from moe_np.parallel.layer import _sizes
+    from moe_np.parallel.layer import _sizes, one_process_twin
     world = comm.Get_size()
     ep, dp = _sizes(world, args.ep, args.dp)
     config, dtype = _config(args, max(ep, 1)), np.dtype(args.dtype)
@@ -81,6 +81,10 @@ def report(comm, args) -> None:
     say(f"{world} ranks = dp {dp} x ep {ep}; E = {config.num_experts} experts "
         f"({config.num_experts // max(ep, 1)} per rank), K = {config.k}, router {config.router}, "
         f"capacity factor {config.capacity_factor}, {args.tokens_per_rank} tokens per rank, {dtype}")
+    twin = one_process_twin(config, dp, ep * args.tokens_per_rank)
+    if twin != config:
+        say(f"capacity is counted within each expert-parallel group of {ep * args.tokens_per_rank} "
+            f"tokens: the one-process twin counts it per sequence of that many tokens")
     step = cases.compare_step(comm, config, tokens_per_rank=args.tokens_per_rank, seed=args.seed,
                               dtype=dtype, **options)
     same = "bit-identical" if step["identical"] else "DIFFERENT: " + ", ".join(

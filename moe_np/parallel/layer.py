@@ -94,6 +94,20 @@ def per_rank_capacity(config: SparseConfig, tokens_per_rank: int) -> SparseConfi
     return dataclasses.replace(config, capacity_scope="sequence", seq_len=tokens_per_rank)
 
 
+def one_process_twin(config: SparseConfig, dp: int, tokens_per_group: int) -> SparseConfig:
+    """The SparseMoE config that computes what ExpertParallelMoE(config, ..., dp=dp) computes on
+    the same global batch. Capacity is counted within each expert-parallel group (the tokens
+    never leave it); with dp > 1 that is, in one process, capacity per sequence of the group's
+    tokens_per_group tokens (groups hold consecutive blocks of the batch, in world-rank order)."""
+    if dp == 1 or config.capacity_factor is None or config.capacity_scope == "sequence":
+        return config
+    if config.seq_len is not None:
+        raise ValueError(f"one_process_twin: with dp={dp}, capacity per expert-parallel group is "
+                         f"one process's capacity per sequence, but seq_len={config.seq_len} "
+                         f"already means something else here; use capacity_scope='sequence'")
+    return per_rank_capacity(config, tokens_per_group)
+
+
 def node_limited(config: SparseConfig, num_nodes: int, max_nodes: int) -> SparseConfig:
     """DeepSeek-V3's node-limited routing as chapter 8's group-limited routing: one expert group
     per node (experts are laid out node by node), each token's experts within max_nodes groups."""
