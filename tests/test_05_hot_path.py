@@ -570,6 +570,7 @@ def test_bench_bandwidths_have_known_values():
     values = bench.target_values(r)
     assert values["gather_over_memcpy"] == pytest.approx(1.0)
     assert values["scaling_ratio_64_8"] == pytest.approx(1.5)
+    assert values["combine_over_copy"] == pytest.approx(0.01 / (3_000_000 / 0.4e9))   # (M + N) D 4 bytes
     rows = {t["key"]: t for t in bench.targets(values, judged=True)}
     assert rows["gather_over_memcpy"]["met"] and not rows["scaling_ratio_64_8"]["met"]
 

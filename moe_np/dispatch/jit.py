@@ -1,6 +1,7 @@
 """The "numba" dispatch strategy: the reference's data movement as compiled loops.
 
-    plan     ids (N, K)        -> Plan              one counting sort (kernels.plan_kernel)
+    plan     ids (N, K)        -> Plan              one counting sort (kernels.plan_kernel),
+                                                    padding masks and per-sequence capacity included
     gather   x (N, D)          -> x_sorted (M, D)   parallel row copy
     experts  x_sorted (M, D)   -> y_sorted (M, D)   one GEMM chain per expert (experts.py)
     combine  y_sorted (M, D)   -> y (N, D)          each token sums its own rows, in parallel
