@@ -459,7 +459,7 @@ SD_PER = hf_state_dict("mixtral", "per_expert")
 def test_bad_from_hf_input_is_refused_before_anything_is_built(arch, sd, config, message, monkeypatch):
     def no_layer(*args, **kw):
         raise AssertionError("a layer was built before the input was checked")
-    monkeypatch.setattr(interop, "SparseMoE", no_layer)
+    monkeypatch.setattr(interop.blocks, "SparseMoE", no_layer)
     with pytest.raises(ValueError, match=message):
         interop.from_hf(arch, sd, config)
 

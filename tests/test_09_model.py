@@ -312,7 +312,7 @@ def test_bad_heads_and_head_dim_in_the_pairs():
 
 # -- the whole-model HF Rosetta -----------------------------------------------------------------
 
-from moe_np import interop_lm  # noqa: E402
+from moe_np import interop  # noqa: E402
 
 HF_CONFIGS = {
     "mixtral": {"vocab_size": 11, "hidden_size": 8, "intermediate_size": 6, "num_hidden_layers": 2,
@@ -430,7 +430,7 @@ def hf_reference_ffn(arch, sd, c, i, h, silu):
 def test_from_hf_model_computes_hf_logits(arch):
     config = HF_CONFIGS[arch]
     sd = hf_arrays(arch, config)
-    model = interop_lm.from_hf_model(arch, sd, config)
+    model = interop.from_hf_model(arch, sd, config)
     ids = random_ids((2, 7), vocab=11, seed=2)
     np.testing.assert_allclose(model.forward(ids), hf_reference_logits(arch, sd, config, ids),
                                rtol=1e-10, atol=1e-10)
@@ -441,12 +441,12 @@ def test_from_hf_model_computes_hf_logits(arch):
 def test_hf_model_round_trip_is_bit_for_bit(arch, style):
     config = HF_CONFIGS[arch]
     sd = hf_arrays(arch, config, style)
-    model = interop_lm.from_hf_model(arch, sd, config)
-    back, back_config = interop_lm.to_hf_model(arch, model, style)
+    model = interop.from_hf_model(arch, sd, config)
+    back, back_config = interop.to_hf_model(arch, model, style)
     assert set(back) == set(sd)
     for key in sd:
         assert back[key].shape == sd[key].shape and np.array_equal(back[key], sd[key]), key
-    again = interop_lm.from_hf_model(arch, back, back_config)
+    again = interop.from_hf_model(arch, back, back_config)
     assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
     np.testing.assert_array_equal(model.params["block0.attn.wq"], sd["model.layers.0.self_attn.q_proj.weight"].T)
     np.testing.assert_array_equal(model.params["embed.weight"], sd["model.embed_tokens.weight"])
@@ -457,12 +457,12 @@ def test_tied_hf_model_has_no_head_key():
     config = HF_CONFIGS["mixtral"] | {"tie_word_embeddings": True}
     sd = hf_arrays("mixtral", config)
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].copy()
-    model = interop_lm.from_hf_model("mixtral", sd, config)
-    back, _ = interop_lm.to_hf_model("mixtral", model)
+    model = interop.from_hf_model("mixtral", sd, config)
+    back, _ = interop.to_hf_model("mixtral", model)
     assert "lm_head.weight" not in back and model.head is None
     sd["lm_head.weight"][0, 0] += 1.0
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
-        interop_lm.from_hf_model("mixtral", sd, config)
+        interop.from_hf_model("mixtral", sd, config)
 
 
 def _mis_shape(sd, key):
@@ -489,7 +489,7 @@ def test_a_bad_hf_state_dict_names_the_key(change, message):
     sd = hf_arrays("qwen2_moe", HF_CONFIGS["qwen2_moe"])
     change(sd)
     with pytest.raises(ValueError, match=message):
-        interop_lm.from_hf_model("qwen2_moe", sd, HF_CONFIGS["qwen2_moe"])
+        interop.from_hf_model("qwen2_moe", sd, HF_CONFIGS["qwen2_moe"])
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -501,13 +501,13 @@ def test_a_bad_hf_state_dict_names_the_key(change, message):
 def test_a_bad_hf_config_is_refused(fields, message):
     config = HF_CONFIGS["mixtral"] | fields
     with pytest.raises(ValueError, match=message):
-        interop_lm.from_hf_model("mixtral", hf_arrays("mixtral", HF_CONFIGS["mixtral"]), config)
+        interop.from_hf_model("mixtral", hf_arrays("mixtral", HF_CONFIGS["mixtral"]), config)
 
 
 def test_to_hf_model_refuses_what_hf_cannot_hold():
     dense_first = MoETransformer(lm_presets.mixtral_lm(vocab_size=11, d_model=16, num_layers=2,
                                                       context_length=8, moe_every=2, d_ffn=8))
     with pytest.raises(ValueError, match="mixtral cannot represent moe_every=2"):
-        interop_lm.to_hf_model("mixtral", dense_first)
+        interop.to_hf_model("mixtral", dense_first)
     with pytest.raises(ValueError, match="arch must be one of"):
-        interop_lm.to_hf_model("deepseek_v3", dense_first)
+        interop.to_hf_model("deepseek_v3", dense_first)

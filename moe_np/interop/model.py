@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_np import interop
+from moe_np.interop import blocks as interop
 from moe_np.config import LMConfig
 from moe_np.sparse import SparseMoE
 from moe_np.transformer import MoETransformer
