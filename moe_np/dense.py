@@ -139,7 +139,7 @@ class DenseMoE(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); aux_scale is accepted by every layer (this one has no aux loss)."""
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, grads = dense_moe_backward(dy, self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

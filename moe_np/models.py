@@ -57,7 +57,7 @@ class MLP(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); aux_scale is accepted by every layer (this one has no aux loss)."""
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         c1, c2, c3 = self._cache
         dh, dw2, db2 = layers.linear_backward(dy, c3)        # (N, H), (H, V), (V,)
         da = layers.relu_backward(dh, c2)                    # (N, H)
@@ -84,7 +84,7 @@ class Linear(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D_in); aux_scale is accepted by every layer (this one has no aux loss)."""
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, dw, db = layers.linear_backward(dy, self._cache)
         self.set_grads({"w": dw, "b": db})
         return dx
@@ -132,7 +132,7 @@ class Sequential(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx; aux_scale reaches every layer (a loss scaler's scale on the auxiliary losses)."""
-        self.check_backward(dy)
+        aux_scale = self.check_backward(dy, aux_scale)
         validate.shape("Sequential.backward", "dy", dy, self._cache)
         for m in reversed(self.modules):
             dy = m.backward(dy, aux_scale=aux_scale)
@@ -199,7 +199,7 @@ class FFN(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); aux_scale is accepted by every layer (this one has no aux loss)."""
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, *grads = self.kind.backward(dy[None], self._cache)            # (N, D)
         self.set_grads(dict(zip(self.kind.names, grads)))
         return dx
@@ -254,7 +254,7 @@ class ResidualNet(Layer):
         return y
 
     def backward(self, dy, aux_scale: float = 1.0):
-        self.check_backward(dy)
+        aux_scale = self.check_backward(dy, aux_scale)
         validate.shape("ResidualNet.backward", "dy", dy, self._cache)
         dh = self.head.backward(dy)                                       # (N, D)
         for block in reversed(self.blocks):

@@ -98,13 +98,20 @@ class Module:
         """Evaluation mode: deterministic, and no forward changes any state."""
         return self.train(False)
 
-    def check_backward(self, dy) -> None:
-        """Before a backward: a forward has run, and dy has the layer's dtype (self.dtype)."""
+    def check_backward(self, dy, aux_scale=1.0) -> float:
+        """Before a backward: a forward has run, dy has the layer's dtype (self.dtype) and
+        aux_scale is a finite number (the upstream gradient of the aux loss: a loss scaler's
+        scale in training, any value in a gradient check).   -> aux_scale as a Python float, so that a NumPy
+        float64 scale never upcasts a float32 layer's gradients."""
         name = type(self).__name__
         if getattr(self, "_cache", None) is None:
             raise ValueError(f"{name}.backward: call forward first")
         if dy.dtype != self.dtype:
             raise ValueError(f"{name}.backward: dy is {dy.dtype} but the layer is {self.dtype}")
+        scale = float(aux_scale)
+        if not np.isfinite(scale):
+            raise ValueError(f"{name}.backward: aux_scale must be a finite number, got {aux_scale!r}")
+        return scale
 
     def num_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))

@@ -224,7 +224,7 @@ class ReMoE(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); the L1 gradient enters times aux_scale (a loss scaler passes its scale)."""
-        self.check_backward(dy)
+        aux_scale = self.check_backward(dy, aux_scale)
         dx, grads = remoe_backward((dy, aux_scale), self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

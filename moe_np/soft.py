@@ -155,7 +155,7 @@ class SoftMoE(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dx (N, D); aux_scale is accepted for a uniform block interface (no aux loss here)."""
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, grads = soft_moe_backward(dy, self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

@@ -282,7 +282,7 @@ class SparseMoE(Layer):
         return y                                                       # (N, D)
 
     def backward(self, dy, aux_scale: float = 1.0):
-        self.check_backward(dy)
+        aux_scale = self.check_backward(dy, aux_scale)
         dx, grads = sparse_moe_backward((dy, aux_scale), self._cache)
         self.set_grads(grads)
         return dx                                                      # (N, D)

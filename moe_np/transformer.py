@@ -115,7 +115,7 @@ class Embedding(Layer):
 
     def backward(self, dx, aux_scale: float = 1.0):
         """Fills grads["weight"] (V, D); returns None (token ids have no gradient)."""
-        self.check_backward(dx)
+        self.check_backward(dx, aux_scale)
         self.set_grads({"weight": embedding_backward(dx, self._cache)})
 
 
@@ -134,7 +134,7 @@ class RMSNorm(Layer):
         return y
 
     def backward(self, dy, aux_scale: float = 1.0):
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, dw = rms_norm_backward(dy, self._cache)
         self.set_grads({"weight": dw})
         return dx
@@ -168,7 +168,7 @@ class Attention(Layer):
         return y                                                   # (B, T, D)
 
     def backward(self, dy, aux_scale: float = 1.0):
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, grads = attention_backward(dy, self._cache, self.params)
         self.set_grads(grads)
         return dx                                                  # (B, T, D)
@@ -199,7 +199,7 @@ class SwiGLU(Layer):
         return y                                                   # (N, D)
 
     def backward(self, dy, aux_scale: float = 1.0):
-        self.check_backward(dy)
+        self.check_backward(dy, aux_scale)
         dx, grads = swiglu_ffn_backward(dy, self._cache)
         self.set_grads(grads)
         return dx                                                  # (N, D)
@@ -256,7 +256,7 @@ class DecoderBlock(Layer):
         return h + y.reshape(b, t, d)                              # (B, T, D)
 
     def backward(self, dy, aux_scale: float = 1.0):
-        self.check_backward(dy)
+        aux_scale = self.check_backward(dy, aux_scale)
         b, t, d = self._cache
         drows = self.ffn.backward(dy.reshape(b * t, d), aux_scale=float(aux_scale))   # (N, D)
         dh = dy + self.ffn_norm.backward(drows.reshape(b, t, d))   # (B, T, D)
@@ -342,7 +342,7 @@ class MoETransformer(Layer):
 
     def backward(self, dlogits, aux_scale: float = 1.0):
         """Fills grads (a tied table gets the head's and the embedding's gradients summed)."""
-        self.check_backward(dlogits)
+        aux_scale = self.check_backward(dlogits, aux_scale)
         aux_scale = float(aux_scale)        # a NumPy float64 scale would upcast float32 gradients
         dh, dw = lm_head_backward(dlogits, self._cache)            # (B, T, D), (D, V)
         dx = self.norm.backward(dh)                                # (B, T, D)
@@ -408,7 +408,7 @@ class LMHead(Layer):
         return logits                                              # (B, T, V)
 
     def backward(self, dlogits, aux_scale: float = 1.0):
-        self.check_backward(dlogits)
+        self.check_backward(dlogits, aux_scale)
         dh, dw = lm_head_backward(dlogits, self._cache)
         self.set_grads({"weight": dw})
         return dh                                                  # (B, T, D)

@@ -103,6 +103,18 @@ def test_float32_in_float32_out(name):
         layer.backward(np.cos(y).astype(np.float64))
 
 
+@pytest.mark.parametrize("name", LAYERS)
+def test_a_numpy_float64_aux_scale_keeps_float32_gradients(name):
+    """A loss scaler's scale may arrive as a NumPy float64: it must not upcast a float32 layer."""
+    layer = LAYERS[name][0](np.float32)
+    y = layer.forward(inputs(np.float32))
+    layer.backward(np.cos(y), aux_scale=np.float64(1024.0))
+    assert all(g.dtype == np.float32 for g in layer.grads.values()), \
+        {k: g.dtype for k, g in layer.grads.items()}
+    with pytest.raises(ValueError, match="aux_scale must be a finite number, got inf"):
+        layer.backward(np.cos(y), aux_scale=np.inf)
+
+
 def test_containers_sum_their_childrens_aux():
     """Breaks if a container forgets a child (or the base class drops its own _aux)."""
     for name in ("Sequential", "ResidualNet"):

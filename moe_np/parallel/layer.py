@@ -380,7 +380,7 @@ class ExpertParallelMoE(Layer):
 
     def backward(self, dy, aux_scale: float = 1.0):
         """dy (N, D) for this rank's tokens -> dx (N, D); fills grads (experts: this rank's)."""
-        self.check_backward(dy)
+        aux_scale = self.check_backward(dy, aux_scale)
         c, cache = self.config, self._cache
         dx, dweights, expert_grads, dy_buf = alltoall.exchange_backward(
             dy, cache.plan, cache.exchange, c, self.wire("ep"))        # (N, D), (N, K)
