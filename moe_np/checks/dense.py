@@ -16,7 +16,7 @@ from moe_np.dense import combine_backward, combine_forward, dense_moe_backward, 
 from moe_np.gates import init_gate
 from moe_np.gradcheck import check_pair
 
-N, D, H, E, G = 5, 4, 6, 3, 7          # tokens, width, expert hidden, experts, gate hidden
+N, D, H, E, J = 5, 4, 6, 3, 7          # tokens, width, expert hidden, experts, gate hidden
 MARGIN = 0.02                          # min |pre-activation| at a ReLU; h is 1e-3
 
 
@@ -27,7 +27,7 @@ def relu_inputs(params: dict, x) -> tuple:
         xb = x if x.ndim == 3 else x[None]                                # (E or 1, N, D)
         pre.append(xb @ params["w1"] + params["b1"][:, None, :])          # (E, N, H)
     if "w_router1" in params:
-        pre.append(x @ params["w_router1"] + params["b_router1"])         # (N, G)
+        pre.append(x @ params["w_router1"] + params["b_router1"])         # (N, J)
     return tuple(pre)
 
 
@@ -45,7 +45,7 @@ def _moe_params(rng, gate: str, expert: str) -> dict:
     """Random parameters, no zero biases. The gate's are kept moderate so no
     expert's weight is vanishingly small: a gradient entry of 1e-7 would
     leave rel_error's per-entry denominator nothing to measure against."""
-    params = init_gate(gate, D, E, rng, gate_hidden=G, scale=0.5) | \
+    params = init_gate(gate, D, E, rng, gate_hidden=J, scale=0.5) | \
         experts.init_experts(expert, E, D, H, rng)
     return {k: v + (0.1 if "router" in k else 0.3) * rng.standard_normal(v.shape)
             for k, v in params.items()}
@@ -147,7 +147,7 @@ def dense_moe_loss_check(variant: str, expert: str, loss: str, seed: int):
     labels = np.random.default_rng(seed).integers(0, D, N)         # (N,)
     target = np.random.default_rng(seed + 1).standard_normal((N, D))   # (N, D)
     config = DenseConfig(d_model=D, num_experts=E, d_hidden=H, gate=gate, expert=expert,
-                         gate_hidden=G, **options)
+                         gate_hidden=J, **options)
     dropout_rng = seed + 5 if config.gate_dropout else None        # the same mask at every call
 
     def forward(x, **params):
