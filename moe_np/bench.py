@@ -15,7 +15,8 @@ repeat, so a slow moment of a shared machine hits them all alike.
              inside those same layer steps
     floor    the expert GEMMs of forward+backward alone, on balanced buffers
     copies   the gathered bytes copied by NumPy (memcpy) and by a compiled loop
-    scaling  numba's time per token for E = 4..64 at fixed K, D, H
+    scaling  numba's time per token for E = 4..64 at fixed K, D, H; at the default threads
+             also with the experts side by side (MOE_NP_EXPERT_THREADS=2, moe_np/blas.py)
     torch    a Mixtral-style eager block (per-expert loop + index_add_), if importable
     lowp     a training step in simulated fp16 and fp8 over the fp32 step (default threads)
     jit      first-call compile time, then cached start-up, each in a fresh process
@@ -92,10 +93,25 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     out |= copy_seconds(size, 2 * repeats + 1)
     out["scaling"], notes = scaling(size, ("numba",), repeats, time.perf_counter() + SCALING_BUDGET_S)
     out["notes"] += notes
+    if full_set:                  # the experts side by side (blas.run_each), two Python threads
+        out["scaling"] += side_by_side_scaling(size, repeats)
     if full_set:
         progress("fp16 and fp8 training steps against fp32")
         out["lowp"] = lowp_ratios(size, min(repeats, 2))
     return out
+
+
+def side_by_side_scaling(size: Size, repeats: int, workers: int = 2) -> list:
+    """The numba scaling sweep with MOE_NP_EXPERT_THREADS=workers, rows labelled
+    "numba, experts side by side"."""
+    from moe_np import blas
+    before = os.environ.get(blas.ENV)
+    os.environ[blas.ENV] = str(workers)
+    try:
+        rows, _ = scaling(size, ("numba",), repeats, float("inf"))
+    finally:
+        os.environ.pop(blas.ENV) if before is None else os.environ.__setitem__(blas.ENV, before)
+    return [dict(row, strategy="numba, experts side by side") for row in rows]
 
 
 def _torch_runners(layer, x, dy, size: Size, use_torch: bool, out: dict) -> dict:
@@ -219,9 +235,11 @@ def derive(size: Size, core: dict) -> dict:
          "scaling": core["scaling"]}
     moved = (size.n * size.k + size.n) * size.d * 4                   # combine: read (M, D), write (N, D)
     r["combine_copy_s"] = moved / (r["memcpy_gbps"] * 1e9)             # a memcpy moving as many bytes
-    per_e = {row["E"]: row["us_per_token"] for row in core["scaling"] if row["strategy"] == "numba"}
-    if 8 in per_e and 64 in per_e:
-        r["scaling_ratio_64_8"] = per_e[64] / per_e[8]
+    for label, key in (("numba", "scaling_ratio_64_8"),
+                       ("numba, experts side by side", "scaling_ratio_64_8_side_by_side")):
+        per_e = {row["E"]: row["us_per_token"] for row in core["scaling"] if row["strategy"] == label}
+        if 8 in per_e and 64 in per_e:
+            r[key] = per_e[64] / per_e[8]
     if "torch" in t:
         r |= {"torch_fwd_bwd_s": t["torch"]["fwd_bwd_s"], "torch_max_abs_diff": core["torch_max_abs_diff"],
               "torch_gemm_floor_s": t["torch_gemm_floor"]["fwd_bwd_s"]}
@@ -289,7 +307,8 @@ def assemble(size: Size, repeats: int, cores: dict, jit: dict, memory: dict) -> 
     r["threads"] = {"cores": os.cpu_count()}
     for s, c in cores.items():
         keep = ("moe_fwd_bwd_s", "gemm_floor_s", "gather_gbps", "memcpy_gbps", "copy_loop_gbps",
-                "combine_numba_s", "combine_add_at_s", "combine_copy_s", "scaling_ratio_64_8", "moe_vs_torch",
+                "combine_numba_s", "combine_add_at_s", "combine_copy_s", "scaling_ratio_64_8",
+                "scaling_ratio_64_8_side_by_side", "moe_vs_torch",
                 "torch_fwd_bwd_s", "scaling", "strategies")
         r["threads"][s] = {"variables": "none set" if s == "default" else
                            " ".join(f"{k}=1" for k in THREAD_VARIABLES),
@@ -351,8 +370,11 @@ def _settings_table(r: dict) -> list[str]:
             ("combine: np.add.at", {s: seconds(t["combine_add_at_s"]) for s, t in th.items()})]
     if all("torch_fwd_bwd_s" in t for t in th.values()):
         rows.append(("PyTorch eager fwd+bwd", {s: seconds(t["torch_fwd_bwd_s"]) for s, t in th.items()}))
-    rows.append((f"numba us/token E={','.join(map(str, SCALING_E))}",
-                 {s: " ".join(f"{row['us_per_token']:.0f}" for row in t["scaling"]) for s, t in th.items()}))
+    for label in ("numba", "numba, experts side by side"):
+        name = "numba" if label == "numba" else "numba side by side"
+        rows.append((f"{name} us/token E={','.join(map(str, SCALING_E))}",
+                     {s: " ".join(f"{row['us_per_token']:.0f}" for row in t["scaling"]
+                                  if row["strategy"] == label) or "-" for s, t in th.items()}))
     lines = [f"{'':<36}{'default threads':>22}{'one thread each':>22}"]
     return lines + [f"{name:<36}" + "".join(f"{v[s]:>22}" for s in THREAD_SETTINGS) for name, v in rows]
 

@@ -16,11 +16,12 @@ rows again instead of keeping them, and write dx over dy (see ragged_experts_bac
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe_np import layers, validate
+from moe_np import blas, layers, validate
 
 
 def _batched(fn, x, w_in):
@@ -210,16 +211,31 @@ def _segments(offsets):
             if hi > lo]
 
 
+def _each_segment(fn, offsets, gemm) -> None:
+    """fn((e, lo, hi)) for every expert with rows. With NumPy's own matmul the experts run side
+    by side (blas.run_each: each expert's chain on one BLAS thread, largest first); a simulated
+    low-precision gemm keeps shared scratch buffers, so its experts run in turn."""
+    segments = sorted(_segments(offsets), key=lambda s: s[1] - s[2])
+    if gemm is np.matmul:
+        blas.run_each(fn, segments)
+    else:
+        for segment in segments:
+            fn(segment)
+
+
 def _ragged_mlp_forward(x, matrices, offsets, gemm):
     w1, b1, w2, b2 = matrices
     h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
     y = np.empty_like(x)                                           # (M, D)
-    for e, lo, hi in _segments(offsets):
+
+    def expert(segment):
+        e, lo, hi = segment
         he = gemm(x[lo:hi], w1[e], out=h[lo:hi])                   # (M_e, H)
         he += b1[e]
         np.maximum(he, 0, out=he)                                  # ReLU in place
         ye = gemm(he, w2[e], out=y[lo:hi])                         # (M_e, D)
         ye += b2[e]
+    _each_segment(expert, offsets, gemm)
     return y, (h,)
 
 
@@ -228,11 +244,14 @@ def _ragged_swiglu_forward(x, matrices, offsets, gemm):
     a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
     b = np.empty_like(a)                                           # (M, H)
     y = np.empty_like(x)                                           # (M, D)
-    for e, lo, hi in _segments(offsets):
+
+    def expert(segment):
+        e, lo, hi = segment
         gemm(x[lo:hi], w_gate[e], out=a[lo:hi])                    # (M_e, H)
         gemm(x[lo:hi], w_up[e], out=b[lo:hi])                      # (M_e, H)
         u = layers.silu_forward(a[lo:hi])[0] * b[lo:hi]            # (M_e, H)
         gemm(u, w_down[e], out=y[lo:hi])                           # (M_e, D)
+    _each_segment(expert, offsets, gemm)
     return y, (a, b)
 
 
@@ -244,11 +263,21 @@ def ragged_experts_selection(cache: RaggedCache):
 class Segment(NamedTuple):
     """One expert's rows during the backward, and the scratch its products write into."""
     e: int
-    x: np.ndarray        # (M_e, D) its input rows (a slice of x_sorted, or gathered again)
+    rows: slice          # its rows lo:hi of the (M, ...) buffers
     dy: np.ndarray       # (M_e, D) its upstream gradient rows
-    dx: np.ndarray       # (M_e, D) where its input gradient goes (may be dy's own memory)
+    dx: np.ndarray       # (M_e, D) where its input gradient goes (dy's own memory with overwrite);
+                         # its input rows are gathered again here, after dy's last read
     hidden: tuple        # its rows of cache.hidden, (M_e, H) each
     scratch: np.ndarray  # (M_e, H) a work buffer for the hidden-layer gradient
+
+
+def _input_rows(seg: Segment, cache: RaggedCache):
+    """The expert's input rows: a slice of the kept x_sorted, or gathered again from x into
+    seg.dx. Call it after the last read of seg.dy (with overwrite, seg.dx is dy's memory)."""
+    if cache.source is None:
+        return cache.x_sorted[seg.rows]                            # (M_e, D)
+    x, rows_token = cache.source
+    return np.take(x, rows_token[seg.rows], axis=0, out=seg.dx)    # (M_e, D)
 
 
 def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = False):
@@ -256,28 +285,27 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
 
     overwrite=True writes dx_sorted over dy_sorted (each expert's rows of dy
     are read in full before its rows of dx are written) and returns it: the
-    caller must own dy_sorted and need it no more. Work buffers are sized by
-    the largest expert, so the backward allocates little beyond the gradients."""
-    rows = len(dy_sorted)
+    caller must own dy_sorted and need it no more. The work buffer is sized by
+    the largest expert (one per thread running experts), so the backward
+    allocates little beyond the gradients."""
     if dy_sorted.ndim != 2 or dy_sorted.shape[1] != cache.matrices[0].shape[1] \
-            or rows != cache.offsets[-1] or dy_sorted.dtype != cache.hidden[0].dtype:
+            or len(dy_sorted) != cache.offsets[-1] or dy_sorted.dtype != cache.hidden[0].dtype:
         raise ValueError(f"ragged_experts_backward: dy_sorted must be (M={cache.offsets[-1]}, "
                          f"D={cache.matrices[0].shape[1]}) {cache.hidden[0].dtype}, got "
                          f"{dy_sorted.shape} {dy_sorted.dtype}")
     grads = tuple(np.zeros_like(w) for w in cache.matrices)
     dx = dy_sorted if overwrite else np.empty_like(dy_sorted)      # (M, D) every row written
-    widest = int(np.diff(cache.offsets).max(initial=0))
-    scratch = np.empty((widest, cache.hidden[0].shape[1]), dtype=dy_sorted.dtype)   # (M_max, H)
-    rows_x = None if cache.source is None else np.empty((widest, dy_sorted.shape[1]), dy_sorted.dtype)
+    widest, width = int(np.diff(cache.offsets).max(initial=0)), cache.hidden[0].shape[1]
+    local = threading.local()                                      # one work buffer per thread
     run = _ragged_mlp_backward if cache.kind == "mlp" else _ragged_swiglu_backward
-    for e, lo, hi in _segments(cache.offsets):
-        if cache.source is None:
-            x = cache.x_sorted[lo:hi]                              # (M_e, D)
-        else:
-            x = np.take(cache.source[0], cache.source[1][lo:hi], axis=0, out=rows_x[:hi - lo])
-        seg = Segment(e, x, dy_sorted[lo:hi], dx[lo:hi], tuple(a[lo:hi] for a in cache.hidden),
-                      scratch[:hi - lo])
-        run(seg, grads, cache)
+
+    def expert(segment):
+        e, lo, hi = segment
+        if not hasattr(local, "scratch"):
+            local.scratch = np.empty((widest, width), dtype=dy_sorted.dtype)   # (M_max, H)
+        run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi],
+                    tuple(a[lo:hi] for a in cache.hidden), local.scratch[:hi - lo]), grads, cache)
+    _each_segment(expert, cache.offsets, cache.gemm)
     return dx, dict(zip(expert_kind(cache.kind).names, grads))
 
 
@@ -288,9 +316,9 @@ def _ragged_mlp_backward(seg: Segment, grads, cache):
     gemm, e, h = cache.gemm, seg.e, seg.hidden[0]                  # h: (M_e, H)
     gemm(h.T, seg.dy, out=dw2[e])                                  # (H, D)
     db2[e] = seg.dy.sum(axis=0)                                    # (D,)
-    da = gemm(seg.dy, w2[e].T, out=seg.scratch)                    # (M_e, H)
+    da = gemm(seg.dy, w2[e].T, out=seg.scratch)                    # (M_e, H); dy's last read
     da *= h > 0                                                    # ReLU mask from the activations
-    gemm(seg.x.T, da, out=dw1[e])                                  # (D, H)
+    gemm(_input_rows(seg, cache).T, da, out=dw1[e])                # (D, H)
     db1[e] = da.sum(axis=0)                                        # (H,)
     gemm(da, w1[e].T, out=seg.dx)                                  # (M_e, D)
 
@@ -302,8 +330,9 @@ def _ragged_swiglu_backward(seg: Segment, grads, cache):
     u, glu_cache = layers.swiglu_forward(a, b)                     # (M_e, H) recomputed
     gemm(u.T, seg.dy, out=dw_down[e])                              # (H, D)
     da, db = layers.swiglu_backward(gemm(seg.dy, w_down[e].T, out=seg.scratch), glu_cache)
-    gemm(seg.x.T, da, out=dw_gate[e])                              # (D, H)
-    gemm(seg.x.T, db, out=dw_up[e])                                # (D, H)
+    x = _input_rows(seg, cache)                                    # (M_e, D), after dy's last read
+    gemm(x.T, da, out=dw_gate[e])                                  # (D, H)
+    gemm(x.T, db, out=dw_up[e])                                    # (D, H)
     dx = gemm(da, w_gate[e].T, out=seg.dx)                         # (M_e, D)
     dx += gemm(db, w_up[e].T)
 

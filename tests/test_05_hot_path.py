@@ -325,6 +325,41 @@ def test_ragged_backward_regathers_and_overwrites_with_the_same_bits(kind):
     assert all(np.all(g[idle] == 0) for g in grads2.values())
 
 
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_experts_side_by_side_give_the_bits_of_one_blas_thread(kind, monkeypatch):
+    """MOE_NP_EXPERT_THREADS=2 runs whole experts on two Python threads, BLAS on one thread
+    each: every output and gradient equals the in-turn run on one BLAS thread, bit for bit."""
+    from moe_np import blas
+    if blas._control() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS whose threads can be set")
+    rng = np.random.default_rng(19)
+    ids = draw_ids(rng, 1250, 5, 2, "random")                          # (N, K): ~500 rows per expert
+    plan = spec.plan_token_choice(ids, 5, None, np.arange(1250))
+    x = rng.standard_normal((1250, 256)).astype(np.float32)           # (N, D)
+    params = experts.init_experts(kind, 5, 256, 512, rng, np.float32)
+    dy = rng.standard_normal((len(plan.rows_token), 256)).astype(np.float32)   # (M, D)
+
+    def run():
+        y, cache = experts.ragged_experts_forward(x[plan.rows_token], params, kind, plan.offsets,
+                                                  source=(x, plan.rows_token))
+        dx, grads = experts.ragged_experts_backward(dy.copy(), cache, overwrite=True)
+        return [y, dx] + [grads[k] for k in sorted(grads)]
+    get, put = blas._control()
+    before = get()
+    put(1)
+    try:
+        want = run()
+    finally:
+        put(before)
+    monkeypatch.setenv(blas.ENV, "2")
+    got = run()
+    assert blas.threads() == before
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    monkeypatch.setenv(blas.ENV, "two")
+    with pytest.raises(ValueError, match="blas: MOE_NP_EXPERT_THREADS must be a positive integer"):
+        run()
+
+
 def test_layer_cache_keeps_no_gathered_input():
     """After a forward the ragged strategies keep x and the plan's rows, not x_sorted (M, D)."""
     x = np.random.default_rng(18).standard_normal((16, 6))            # (N, D)
@@ -532,7 +567,8 @@ def test_bench_timings_memory_and_report_at_quick_size():
     core = bench.timing_core(list(bench.QUICK), 1, False, True)
     assert set(core["stages"]) == set(dispatch.STRATEGIES)
     assert all(v > 0 for st in core["stages"].values() for v in st.values())
-    assert {r["E"] for r in core["scaling"]} == set(bench.SCALING_E)
+    assert {(r["E"], r["strategy"]) for r in core["scaling"]} == {
+        (e, s) for e in bench.SCALING_E for s in ("numba", "numba, experts side by side")}
     assert 0 < core["lowp"]["fp16_step_ratio"] and 0 < core["lowp"]["fp8_step_ratio"]
     memory = bench.memory_run(list(bench.QUICK)) | bench.memory_model(bench.QUICK)
     stages = [name for name, *_ in memory["stages"]]
