@@ -122,10 +122,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One minibatch step; returns its record (loss, aux, lr, scale used, skipped, ...)."""
-        rows = self.sampler.integers(0, len(self.x), self.batch_size)    # (B,)
-        xb, yb = self.x[rows], self.target[rows]                          # (B, D_in), (B, ...)
+        rows = self.sampler.integers(0, len(self.x), self.batch_size)    # (N,)
+        xb, yb = self.x[rows], self.target[rows]                          # (N, D_in), (N, ...)
         scale = None if self.scaler is None else self.scaler.scale
-        out = self.model.forward(xb)                                      # (B, D_out)
+        out = self.model.forward(xb)                                      # (N, D_out)
         loss, aux = self._backward(out, yb)
         skipped, norm = self._update()
         record = {"step": self.step, "loss": loss, "aux": aux, "lr": float(self.optimizer.lr),
