@@ -287,13 +287,18 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
     are read in full before its rows of dx are written) and returns it: the
     caller must own dy_sorted and need it no more. The work buffer is sized by
     the largest expert (one per thread running experts), so the backward
-    allocates little beyond the gradients."""
+    allocates little beyond the gradients, and those are written once: each
+    expert's GEMMs fill its slices (only an idle expert's are zeroed), where
+    zeros_like would first write all E experts' matrices with zeros."""
     if dy_sorted.ndim != 2 or dy_sorted.shape[1] != cache.matrices[0].shape[1] \
             or len(dy_sorted) != cache.offsets[-1] or dy_sorted.dtype != cache.hidden[0].dtype:
         raise ValueError(f"ragged_experts_backward: dy_sorted must be (M={cache.offsets[-1]}, "
                          f"D={cache.matrices[0].shape[1]}) {cache.hidden[0].dtype}, got "
                          f"{dy_sorted.shape} {dy_sorted.dtype}")
-    grads = tuple(np.zeros_like(w) for w in cache.matrices)
+    grads = tuple(np.empty_like(w) for w in cache.matrices)        # each expert writes its slices
+    for e in np.flatnonzero(np.diff(cache.offsets) == 0):          # an idle expert: gradient 0
+        for g in grads:
+            g[e] = 0
     dx = dy_sorted if overwrite else np.empty_like(dy_sorted)      # (M, D) every row written
     widest, width = int(np.diff(cache.offsets).max(initial=0)), cache.hidden[0].shape[1]
     local = threading.local()                                      # one work buffer per thread
