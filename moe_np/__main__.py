@@ -123,10 +123,11 @@ def cmd_tutorial(args) -> int:
         note = f"figures go to {where} (a temporary folder: figures/ is left as it is)"
     mode = " (quick sizes)" if args.quick else " (full size, checking its output)" if args.check else ""
     print(f"# running {path.name}{mode}; {note}\n", flush=True)
+    committed = path.read_text()                 # what the run is compared with, read before it
     outputs = run_chapter(path, update=args.update, echo=not args.check)
     if not args.check:
         return 0
-    diff = check_outputs(path, outputs)
+    diff = check_outputs(path, outputs, committed)
     if diff:
         print(diff, end="")
         print(f"{path.name}: the output differs from the committed blocks (diff above); "

@@ -100,12 +100,13 @@ def mask_timings(text: str) -> list[str]:
     return [TIMING_MASKED if line.endswith(TIMING_MARK) else line for line in text.splitlines()]
 
 
-def check_outputs(path: Path, outputs: list[str]) -> str:
+def check_outputs(path: Path, outputs: list[str], markdown: str | None = None) -> str:
     """A unified diff of the committed output blocks against `outputs`; "" when they agree.
 
-    Byte for byte, except lines written by print_timing (masked on both sides)."""
+    Byte for byte, except lines written by print_timing (masked on both sides).
+    markdown: the chapter's text as it was when the run started (default: read it now)."""
     name = Path(path).name
-    committed = output_blocks(Path(path).read_text())
+    committed = output_blocks(Path(path).read_text() if markdown is None else markdown)
     if len(committed) != len(outputs):
         return (f"{name}: the chapter has {len(committed)} python fences, "
                 f"the run printed {len(outputs)} outputs\n")
