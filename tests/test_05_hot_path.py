@@ -431,6 +431,12 @@ for n, e, k, cap in [(1, 2, 1, None), (9, 4, 2, 3), (16, 3, 3, None)]:
     rds, rdw = reference.combine_backward(y, rc)
     assert np.array_equal(xs, rx) and np.allclose(y, ry) and np.allclose(dw, rdw)
     assert np.allclose(dx, reference.gather_backward(rds, rg))
+    assert np.array_equal(kernels.copy_rows(xs, np.empty_like(xs)), xs)
+ids = np.stack([rng.permutation(4)[:2] for _ in range(12)])            # masked, per-sequence capacity
+eligible = np.repeat((rng.random(12) < 0.7)[:, None], 2, axis=1)
+want = spec.plan_token_choice(ids, 4, 1, np.arange(12), eligible, seq_len=4)
+got = jit.plan_token_choice(ids, 4, 1, np.arange(12), eligible, seq_len=4)
+assert all(np.array_equal(a, b) for a, b in zip(want[:4], got[:4])) and want.num_dropped == got.num_dropped
 print("plain python ok")
 """
 
