@@ -431,10 +431,30 @@ def cmd_generate(args) -> int:
 
 # ---------------------------------------------------------------- the chapter's experiment
 
-def run_key(config: LMTrainConfig) -> str:
-    """A run's identity: the SHA-256 of its config (as JSON, keys sorted), 16 hex digits."""
+# modules that cannot change a training run's numbers (they print, plot, time or check)
+NOT_TRAINING = ("__main__.py", "tutorial.py", "notebook.py", "demo.py", "plots.py", "gradcheck.py")
+NOT_TRAINING_DIRS = ("checks", "parallel")
+
+
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the library's source that a training run executes: a cached
+    run is reused only by the code that produced it, so a stale number cannot survive a change."""
     import hashlib
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    digest, root = hashlib.sha256(), Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.name in NOT_TRAINING or rel.name.startswith("bench") or rel.parts[0] in NOT_TRAINING_DIRS:
+            continue
+        digest.update(str(rel).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_key(config: LMTrainConfig) -> str:
+    """A run's identity: the SHA-256 of its config (as JSON, keys sorted) and of the training
+    code (code_fingerprint), 16 hex digits."""
+    import hashlib
+    text_ = json.dumps(config.to_dict(), sort_keys=True) + code_fingerprint()
+    return hashlib.sha256(text_.encode()).hexdigest()[:16]
 
 
 def model_cache_path(config: LMTrainConfig) -> Path:
@@ -457,19 +477,21 @@ def run_record(run: LMRun, seconds: float) -> dict:
 def experiment(configs, cache_path=None, log=print) -> list[dict]:
     """Train every config (in order) and return its run_record.
 
-    cache_path: a JSON file of records by run_key; a config found there is not trained
-    again (delete the file to rerun everything). Each trained model's state goes to
-    model_cache_path(config), so a chapter can study it without training it again."""
-    cache = {}
+    cache_path: a JSON file of records by run_key (config and training code); a run found
+    there is not trained again, and records left by other code are dropped when the file is
+    written. Each trained model's state goes to model_cache_path(config), so a chapter can
+    study it without training it again."""
+    cache, code = {}, code_fingerprint()
     if cache_path is not None and Path(cache_path).is_file():
-        cache = json.loads(Path(cache_path).read_text())
+        cache = {k: r for k, r in json.loads(Path(cache_path).read_text()).items()
+                 if r.get("code") == code}
     out = []
     for config in configs:
         key = run_key(config)
         if key not in cache:
             start = time.perf_counter()
             run = train_lm_quietly(config)
-            cache[key] = run_record(run, time.perf_counter() - start)
+            cache[key] = run_record(run, time.perf_counter() - start) | {"code": code}
             save_model(run.model, model_cache_path(config))
             if cache_path is not None:
                 ckpt.write_json_atomic(cache_path, cache)
