@@ -11,7 +11,7 @@ def assert_check_passes(name, seeds=(0, 1)):
         rows = REGISTRY[name].run(seed)
         assert rows, f"check {name} produced no rows"
         for row in rows:
-            assert row.passed, f"{row.name} wrt {row.wrt}: rel_error {row.rel_error:.2e} (seed {seed})"
+            assert row.passed, f"{row.name} wrt {row.wrt}: check_error {row.check_error:.2e} (seed {seed})"
 
 
 @pytest.fixture

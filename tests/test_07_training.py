@@ -16,7 +16,7 @@ import pytest
 
 from moe_np import SparseConfig, checkpoint as ckpt
 from moe_np.__main__ import main
-from moe_np.gradcheck import finite_difference, rel_error
+from moe_np.gradcheck import check_gradient
 from moe_np.models import dense_net, dense_width, moe_net
 from moe_np.optim import SGD, Adam, AdamW, WarmupCosine, clip_grad_norm
 from moe_np.sparse import sparse_moe_selection
@@ -126,10 +126,12 @@ def test_residual_net_gradients_match_finite_differences():
     f()
     dx = model.backward(dy, aux_scale=c)
     grads = {k: g.copy() for k, g in model.grads.items()}
-    assert rel_error(dx, finite_difference(f, x, (dy, c), selection=selection).grad) < 1e-7
+    row = check_gradient(f, x, (dy, c), dx, selection=selection, name="moe_net", wrt="x")
+    assert row.passed, f"x: check_error {row.check_error:.2e}"
     for name in ("block0.w_router", "block1.w1", "embed.w", "head.b"):
-        num = finite_difference(f, model.params[name], (dy, c), selection=selection).grad
-        assert rel_error(grads[name], num) < 1e-6, name
+        row = check_gradient(f, model.params[name], (dy, c), grads[name], selection=selection,
+                             name="moe_net", wrt=name)
+        assert row.passed, f"{name}: check_error {row.check_error:.2e}"
 
 
 def test_models_cover_their_state_and_match_parameters():
