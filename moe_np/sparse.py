@@ -225,6 +225,23 @@ def init_sparse_params(config: SparseConfig, rng, dtype=np.float64) -> dict:
     return params
 
 
+def routing_draws(config: SparseConfig, stream, training: bool, num_tokens: int, dtype):
+    """Router noise (noisy_topk), the random drop order's seed and the router jitter, in
+    this order from `stream`: drawn only in training (evaluation uses a fixed drop order
+    and no noise). The expert-parallel layer draws through this too, so both agree bit for bit.
+    -> (noise (N, E) | None, drop_seed | None, jitter (N, D) | None)"""
+    c = config
+    noise = drop_seed = jitter = None
+    if training and c.router == "noisy_topk":
+        noise = stream.standard_normal((num_tokens, c.num_experts)).astype(dtype)   # (N, E)
+    if c.drop_policy == "random":
+        drop_seed = int(stream.integers(2**31)) if training else 0
+    if training and c.jitter:
+        jitter = stream.uniform(1 - c.jitter, 1 + c.jitter,
+                                (num_tokens, c.d_model)).astype(dtype)              # (N, D)
+    return noise, drop_seed, jitter
+
+
 class SparseMoE(Layer):
     """A sparse MoE layer (the protocol of layer.py): forward(x) -> y, backward(dy, aux_scale) -> dx.
 
@@ -253,18 +270,7 @@ class SparseMoE(Layer):
         self.rngs["routing"] = np.random.default_rng(seed + 1)
 
     def _draws(self, num_tokens: int):
-        """Router noise (noisy_topk), the random drop order's seed and the router jitter:
-        drawn only in training (evaluation uses a fixed drop order and no noise)."""
-        c, stream = self.config, self.rngs["routing"]
-        noise = drop_seed = jitter = None
-        if self.training and c.router == "noisy_topk":
-            noise = stream.standard_normal((num_tokens, c.num_experts)).astype(self.dtype)   # (N, E)
-        if c.drop_policy == "random":
-            drop_seed = int(stream.integers(2**31)) if self.training else 0
-        if self.training and c.jitter:
-            jitter = stream.uniform(1 - c.jitter, 1 + c.jitter,
-                                    (num_tokens, c.d_model)).astype(self.dtype)   # (N, D)
-        return noise, drop_seed, jitter
+        return routing_draws(self.config, self.rngs["routing"], self.training, num_tokens, self.dtype)
 
     def forward(self, x, mask=None):
         """x (N, D) -> y (N, D); mask (N,) bool marks real tokens (None: all)."""

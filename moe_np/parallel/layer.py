@@ -43,7 +43,8 @@ from moe_np.experts import expert_kind, ragged_experts_backward
 from moe_np.layer import Layer, RoutingStats
 from moe_np.parallel import alltoall, groups as ep_groups, plan as ep_plan
 from moe_np.parallel.exchange import Traffic, Wire, gather_columns, gather_rows, sum_everywhere
-from moe_np.sparse import init_sparse_params, shared_experts_backward, shared_experts_forward
+from moe_np.sparse import (init_sparse_params, routing_draws, shared_experts_backward,
+                           shared_experts_forward)
 
 GRAD_SYNCS = ("gather", "allreduce")
 OWNER = "ExpertParallelMoE"
@@ -243,15 +244,8 @@ class ExpertParallelMoE(Layer):
 
     def _draws(self, total: int) -> Draws:
         """SparseMoE's draws for all Z tokens, in its order (noise, drop seed, jitter)."""
-        c, stream = self.config, self.rngs["routing"]
-        noise = drop_seed = jitter = None
-        if self.training and c.router == "noisy_topk":
-            noise = stream.standard_normal((total, c.num_experts)).astype(self.dtype)   # (Z, E)
-        if c.drop_policy == "random":
-            drop_seed = int(stream.integers(2**31)) if self.training else 0
-        if self.training and c.jitter:
-            jitter = stream.uniform(1 - c.jitter, 1 + c.jitter,
-                                    (total, c.d_model)).astype(self.dtype)   # (Z, D)
+        noise, drop_seed, jitter = routing_draws(self.config, self.rngs["routing"], self.training,
+                                                 total, self.dtype)     # (Z, E), seed, (Z, D)
         bias = self.buffers.get("selection_bias")
         return Draws(noise, drop_seed, jitter, None if bias is None else bias.copy())
 
