@@ -166,7 +166,8 @@ def torch_step(config, lm, repeats: int) -> float | None:
 
 def measure_lm(quick: bool = False, repeats: int = 5, use_torch: bool = True) -> dict:
     """The lm_* keys (see the module docstring) for chapter 9's main MoE run (quick: tiny)."""
-    from moe_np.lm_train import build_lm_run, experiment_configs
+    from moe_np.lm_experiment import experiment_configs
+    from moe_np.lm_train import build_lm_run
     config = experiment_configs(quick)[0]
     run = build_lm_run(config)
     lm = run.model.config

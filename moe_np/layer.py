@@ -42,7 +42,11 @@ class RoutingStats(NamedTuple):
 
 
 class Layer(Module):
-    """Base class of the layer protocol (see the module docstring)."""
+    """Base class of the layer protocol (see the module docstring).
+
+    Each subclass writes its own forward(x) and backward(dy, aux_scale=1.0) over its
+    forward/backward pairs; the base class gives what every layer shares: the dtype,
+    the cache that guards backward, and aux / routing_stats() over the children."""
 
     def __init__(self, dtype=np.float64):
         super().__init__()
@@ -51,12 +55,6 @@ class Layer(Module):
         self._aux = 0.0           # this layer's own auxiliary loss from the last forward
         self.stats = None         # this layer's own statistics of the last forward, or None
                                   # (SparseMoE: RoutingStats; ReMoE: ReMoEStats; SoftMoE: SoftStats)
-
-    def forward(self, x):
-        raise NotImplementedError(f"{type(self).__name__}.forward")
-
-    def backward(self, dy, aux_scale: float = 1.0):
-        raise NotImplementedError(f"{type(self).__name__}.backward")
 
     @property
     def aux(self) -> float:

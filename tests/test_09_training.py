@@ -140,20 +140,20 @@ def test_cli_errors(cli_run, tmp_path, capsys):
 
 def test_the_experiment_cache_is_reused_only_by_the_code_that_made_it(tmp_path, monkeypatch):
     """A cached run whose training code has changed is trained again, never reused stale."""
-    from moe_np import lm_train
+    from moe_np import lm_experiment
     trained = []
 
     def counted_train(config, tokenizer=None):
         trained.append(config.seed)
         return train_lm_quietly(config, tokenizer)
 
-    monkeypatch.setattr(lm_train, "train_lm_quietly", counted_train)
-    monkeypatch.setattr(lm_train, "model_cache_path", lambda config: tmp_path / "model.npz")
+    monkeypatch.setattr(lm_experiment, "train_lm_quietly", counted_train)
+    monkeypatch.setattr(lm_experiment, "model_cache_path", lambda config: tmp_path / "model.npz")
     cache, config = tmp_path / "runs.json", LMTrainConfig(**TINY | dict(steps=4, log_every=2))
-    lm_train.experiment([config], cache_path=cache, log=lambda line: None)
-    lm_train.experiment([config], cache_path=cache, log=lambda line: None)
+    lm_experiment.experiment([config], cache_path=cache, log=lambda line: None)
+    lm_experiment.experiment([config], cache_path=cache, log=lambda line: None)
     assert trained == [0]                               # the same code: read from the cache
-    monkeypatch.setattr(lm_train, "code_fingerprint", lambda: "another version")
-    lm_train.experiment([config], cache_path=cache, log=lambda line: None)
+    monkeypatch.setattr(lm_experiment, "code_fingerprint", lambda: "another version")
+    lm_experiment.experiment([config], cache_path=cache, log=lambda line: None)
     assert trained == [0, 0]                            # other code: trained again
     assert len(json.loads(cache.read_text())) == 1      # the stale record is dropped
