@@ -19,6 +19,8 @@ repeat, so a slow moment of a shared machine hits them all alike.
              also with the experts side by side (MOE_NP_EXPERT_THREADS=2, moe_np/blas.py)
     torch    a Mixtral-style eager block (per-expert loop + index_add_), if importable
     lowp     a training step in simulated fp16 and fp8 over the fp32 step (default threads)
+    lm       chapter 9's language-model training step, its GEMM floor, its stages and, with
+             torch and transformers importable, HF's MixtralForCausalLM (bench_lm.py; default threads)
     jit      first-call compile time, then cached start-up, each in a fresh process
     memory   peak resident growth and NumPy allocations of one forward+backward, and
              what is alive after each stage, in a fresh process
@@ -98,6 +100,9 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     if full_set:
         progress("fp16 and fp8 training steps against fp32")
         out["lowp"] = lowp_ratios(size, min(repeats, 2))
+        progress("chapter 9's language-model step" + (", and HF's Mixtral" if use_torch else ""))
+        from moe_np.bench_lm import measure_lm
+        out["lm"] = measure_lm(quick=size == QUICK, repeats=max(repeats, 5), use_torch=use_torch)
     return out
 
 
@@ -262,7 +267,9 @@ ONCE_TARGETS = (
     ("memory_ratio", "peak resident growth / (must keep + outputs + grads)", "<=", 1.25),
     ("jit_cached_s", "cached JIT start-up (s)", "<=", 2.0),
     ("fp16_step_ratio", "fp16 step / fp32 step", "<=", 1.3),
-    ("fp8_step_ratio", "fp8 step / fp32 step", "<=", 1.6))
+    ("fp8_step_ratio", "fp8 step / fp32 step", "<=", 1.6),
+    ("lm_step_over_floor", "LM step / its GEMM floor", "<=", 1.5),
+    ("lm_step_over_hf", "LM step / HF MixtralForCausalLM's", "<=", 0.5))
 
 
 def target_values(r: dict) -> dict:
@@ -275,6 +282,10 @@ def target_values(r: dict) -> dict:
     for key in ("scaling_ratio_64_8", "moe_vs_torch", "jit_cached_s", "fp16_step_ratio", "fp8_step_ratio"):
         if key in r:
             v[key] = r[key]
+    if "lm_step_s" in r:
+        v["lm_step_over_floor"] = r["lm_step_s"] / r["lm_gemm_floor_s"]
+    if "lm_torch_step_s" in r:
+        v["lm_step_over_hf"] = r["lm_step_s"] / r["lm_torch_step_s"]
     if "memory" in r:
         v["memory_ratio"] = r["memory"]["rss_growth_mib"] / (r["memory"]["target_mib"] / 1.25)
     return v
@@ -303,6 +314,7 @@ def assemble(size: Size, repeats: int, cores: dict, jit: dict, memory: dict) -> 
     r |= {"peak_mem_mib": memory["traced_peak_mib"], "peak_rss_growth_mib": memory["rss_growth_mib"],
           "memory": memory} | {k: v for k, v in lowp.items() if k.endswith("ratio")}
     r["lowp"] = lowp
+    r |= cores["default"].get("lm", {})
     r["targets"] = targets(target_values(r), full)
     r["judged"] = full
     r["threads"] = {"cores": os.cpu_count()}
@@ -391,6 +403,9 @@ def _once_lines(r: dict) -> list[str]:
     if "fp16_step_ratio" in r:
         lines.append(f"training step over fp32 (default threads): fp16 {r['fp16_step_ratio']:.2f}, "
                      f"fp8 {r['fp8_step_ratio']:.2f}")
+    if "lm_step_s" in r:
+        from moe_np.bench_lm import format_lm
+        lines += format_lm(r)
     return lines
 
 

@@ -149,6 +149,50 @@ def experts_selection(kind: str, cache):
     return (mlp_experts_selection(cache),) if kind == "mlp" else ()
 
 
+# -- the experts' pointwise passes ----------------------------------------------------
+
+class Pointwise(NamedTuple):
+    """The elementwise passes of the ragged pair, in place or into a given buffer: NumPy's
+    (NUMPY_POINTWISE, the specification) or the numba strategy's fused loops, which reproduce
+    them (dispatch/kernels.py: the ReLU passes bit for bit, SwiGLU to a few units in the last place)."""
+    bias_relu: Callable     # (h (M, H), b (H,)) -> h = max(h + b, 0)
+    add_bias: Callable      # (y (M, D), b (D,)) -> y += b
+    relu_grad: Callable     # (da (M, H), h (M, H)) -> db (H,): da *= h > 0, db its column sums
+    column_sums: Callable   # (a (M, D)) -> (D,)
+    swiglu: Callable        # (a, b, out (M, H)) -> out = silu(a) b
+    swiglu_grad: Callable   # (du, a, b, db (M, H)) -> (da written over du, db)
+
+
+def _bias_relu(h, b):
+    h += b                                                         # (M, H)
+    return np.maximum(h, 0, out=h)                                 # (M, H) ReLU in place
+
+
+def _add_bias(y, b):
+    y += b                                                         # (M, D)
+    return y
+
+
+def _relu_grad(da, h):
+    da *= h > 0                                                    # (M, H) ReLU mask
+    return da.sum(axis=0)                                          # (H,)
+
+
+def _swiglu(a, b, out):
+    return np.multiply(layers.silu_forward(a)[0], b, out=out)      # (M, H)
+
+
+def _swiglu_grad(du, a, b, db):
+    silu_a, silu_cache = layers.silu_forward(a)                    # (M, H)
+    np.multiply(du, silu_a, out=db)                                # (M, H) db = du silu(a)
+    du[...] = layers.silu_backward(du * b, silu_cache)             # (M, H) da over du
+    return du, db
+
+
+NUMPY_POINTWISE = Pointwise(_bias_relu, _add_bias, _relu_grad, lambda a: a.sum(axis=0),
+                            _swiglu, _swiglu_grad)
+
+
 # -- the ragged layout: expert-contiguous rows of a sparse layer ------------------
 
 class RaggedCache(NamedTuple):
@@ -159,6 +203,7 @@ class RaggedCache(NamedTuple):
     hidden: tuple          # mlp: (h,) relu output (M, H); swiglu: (a, b) pre-activations (M, H)
     gemm: Callable         # every matrix product: np.matmul, or a low-precision one
     source: tuple | None   # (x (N, D), rows_token (M,)) with x_sorted[m] = x[rows_token[m]], or None
+    pointwise: Pointwise   # the elementwise passes
 
 
 def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
@@ -169,7 +214,7 @@ def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
 
 
 def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.matmul,
-                           source=None):
+                           source=None, pointwise: Pointwise = NUMPY_POINTWISE):
     """y_sorted[lo:hi] = f_e(x_sorted[lo:hi]) for lo, hi = offsets[e], offsets[e+1].
 
     x_sorted: (M, D), params: the stacked expert matrices (E, ...) -> y_sorted (M, D).
@@ -180,19 +225,35 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.m
     segment at a time (the same values, so the same gradients, one (M, D)
     buffer less). gemm(a, b, out=) computes every matrix product, forward and
     backward: np.matmul, or a simulated low-precision product (lowp.gemm_for).
+    pointwise: the elementwise passes (NUMPY_POINTWISE, or compiled ones that match them).
     """
     matrices = tuple(params[k] for k in expert_kind(kind).names)
     validate.ndim("ragged_experts_forward", "x_sorted", x_sorted, 2)
-    if x_sorted.shape[1] != matrices[0].shape[1]:
-        raise ValueError(f"ragged_experts_forward: x_sorted has D={x_sorted.shape[1]} but the "
-                         f"expert matrices have D={matrices[0].shape[1]}")
+    _check_matrices(kind, matrices, x_sorted)
     check_offsets("ragged_experts_forward", offsets, len(x_sorted), matrices[0].shape[0])
     if source is not None:
         _check_source(source, x_sorted)
     run = _ragged_mlp_forward if kind == "mlp" else _ragged_swiglu_forward
-    y_sorted, hidden = run(x_sorted, matrices, offsets, gemm)      # (M, D)
+    y_sorted, hidden = run(x_sorted, matrices, offsets, gemm, pointwise)   # (M, D)
     kept = x_sorted if source is None else None
-    return y_sorted, RaggedCache(kind, kept, offsets, matrices, hidden, gemm, source)
+    return y_sorted, RaggedCache(kind, kept, offsets, matrices, hidden, gemm, source, pointwise)
+
+
+def _check_matrices(kind: str, matrices, x_sorted) -> None:
+    """The stacked matrices' shapes agree with each other and with x_sorted's width D, and
+    share its dtype (the compiled passes read the biases by these shapes)."""
+    e, d, h = matrices[0].shape if np.ndim(matrices[0]) == 3 else (0, -1, 0)
+    want = {"mlp": ((e, d, h), (e, h), (e, h, d), (e, d)),
+            "swiglu": ((e, d, h), (e, d, h), (e, h, d))}[kind]
+    names = expert_kind(kind).names
+    for name, w, shape in zip(names, matrices, want):
+        if np.shape(w) != shape or w.dtype != x_sorted.dtype:
+            raise ValueError(f"ragged_experts_forward: {name} must be {shape} {x_sorted.dtype} "
+                             f"(from {names[0]} {np.shape(matrices[0])} and x_sorted's dtype), "
+                             f"got {np.shape(w)} {w.dtype}")
+    if x_sorted.shape[1] != d:
+        raise ValueError(f"ragged_experts_forward: x_sorted has D={x_sorted.shape[1]} but the "
+                         f"expert matrices have D={d}")
 
 
 def _check_source(source, x_sorted) -> None:
@@ -223,7 +284,7 @@ def _each_segment(fn, offsets, gemm) -> None:
             fn(segment)
 
 
-def _ragged_mlp_forward(x, matrices, offsets, gemm):
+def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w1, b1, w2, b2 = matrices
     h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
     y = np.empty_like(x)                                           # (M, D)
@@ -231,15 +292,13 @@ def _ragged_mlp_forward(x, matrices, offsets, gemm):
     def expert(segment):
         e, lo, hi = segment
         he = gemm(x[lo:hi], w1[e], out=h[lo:hi])                   # (M_e, H)
-        he += b1[e]
-        np.maximum(he, 0, out=he)                                  # ReLU in place
-        ye = gemm(he, w2[e], out=y[lo:hi])                         # (M_e, D)
-        ye += b2[e]
+        pw.bias_relu(he, b1[e])                                    # (M_e, H) in place
+        pw.add_bias(gemm(he, w2[e], out=y[lo:hi]), b2[e])          # (M_e, D)
     _each_segment(expert, offsets, gemm)
     return y, (h,)
 
 
-def _ragged_swiglu_forward(x, matrices, offsets, gemm):
+def _ragged_swiglu_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w_gate, w_up, w_down = matrices
     a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
     b = np.empty_like(a)                                           # (M, H)
@@ -249,7 +308,7 @@ def _ragged_swiglu_forward(x, matrices, offsets, gemm):
         e, lo, hi = segment
         gemm(x[lo:hi], w_gate[e], out=a[lo:hi])                    # (M_e, H)
         gemm(x[lo:hi], w_up[e], out=b[lo:hi])                      # (M_e, H)
-        u = layers.silu_forward(a[lo:hi])[0] * b[lo:hi]            # (M_e, H)
+        u = pw.swiglu(a[lo:hi], b[lo:hi], np.empty_like(b[lo:hi]))   # (M_e, H)
         gemm(u, w_down[e], out=y[lo:hi])                           # (M_e, D)
     _each_segment(expert, offsets, gemm)
     return y, (a, b)
@@ -268,7 +327,7 @@ class Segment(NamedTuple):
     dx: np.ndarray       # (M_e, D) where its input gradient goes (dy's own memory with overwrite);
                          # its input rows are gathered again here, after dy's last read
     hidden: tuple        # its rows of cache.hidden, (M_e, H) each
-    scratch: np.ndarray  # (M_e, H) a work buffer for the hidden-layer gradient
+    scratch: np.ndarray  # (S, M_e, H) work buffers for the hidden layer (S = 1 mlp, 2 swiglu)
 
 
 def _input_rows(seg: Segment, cache: RaggedCache):
@@ -301,15 +360,16 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
             g[e] = 0
     dx = dy_sorted if overwrite else np.empty_like(dy_sorted)      # (M, D) every row written
     widest, width = int(np.diff(cache.offsets).max(initial=0)), cache.hidden[0].shape[1]
+    buffers = 1 if cache.kind == "mlp" else 2
     local = threading.local()                                      # one work buffer per thread
     run = _ragged_mlp_backward if cache.kind == "mlp" else _ragged_swiglu_backward
 
     def expert(segment):
         e, lo, hi = segment
         if not hasattr(local, "scratch"):
-            local.scratch = np.empty((widest, width), dtype=dy_sorted.dtype)   # (M_max, H)
+            local.scratch = np.empty((buffers, widest, width), dtype=dy_sorted.dtype)   # (S, M_max, H)
         run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi],
-                    tuple(a[lo:hi] for a in cache.hidden), local.scratch[:hi - lo]), grads, cache)
+                    tuple(a[lo:hi] for a in cache.hidden), local.scratch[:, :hi - lo]), grads, cache)
     _each_segment(expert, cache.offsets, cache.gemm)
     return dx, dict(zip(expert_kind(cache.kind).names, grads))
 
@@ -318,23 +378,23 @@ def _ragged_mlp_backward(seg: Segment, grads, cache):
     """One expert's segment: its slices of the gradients, then dx (after dy's last read)."""
     w1, _, w2, _ = cache.matrices
     dw1, db1, dw2, db2 = grads
-    gemm, e, h = cache.gemm, seg.e, seg.hidden[0]                  # h: (M_e, H)
+    gemm, pw, e, h = cache.gemm, cache.pointwise, seg.e, seg.hidden[0]   # h: (M_e, H)
     gemm(h.T, seg.dy, out=dw2[e])                                  # (H, D)
-    db2[e] = seg.dy.sum(axis=0)                                    # (D,)
-    da = gemm(seg.dy, w2[e].T, out=seg.scratch)                    # (M_e, H); dy's last read
-    da *= h > 0                                                    # ReLU mask from the activations
+    db2[e] = pw.column_sums(seg.dy)                                # (D,)
+    da = gemm(seg.dy, w2[e].T, out=seg.scratch[0])                 # (M_e, H); dy's last read
+    db1[e] = pw.relu_grad(da, h)                                   # (H,); da masked in place
     gemm(_input_rows(seg, cache).T, da, out=dw1[e])                # (D, H)
-    db1[e] = da.sum(axis=0)                                        # (H,)
     gemm(da, w1[e].T, out=seg.dx)                                  # (M_e, D)
 
 
 def _ragged_swiglu_backward(seg: Segment, grads, cache):
     w_gate, w_up, w_down = cache.matrices
     dw_gate, dw_up, dw_down = grads
-    gemm, e, (a, b) = cache.gemm, seg.e, seg.hidden                # (M_e, H) each
-    u, glu_cache = layers.swiglu_forward(a, b)                     # (M_e, H) recomputed
+    gemm, pw, e, (a, b) = cache.gemm, cache.pointwise, seg.e, seg.hidden   # (M_e, H) each
+    u = pw.swiglu(a, b, seg.scratch[1])                            # (M_e, H) recomputed
     gemm(u.T, seg.dy, out=dw_down[e])                              # (H, D)
-    da, db = layers.swiglu_backward(gemm(seg.dy, w_down[e].T, out=seg.scratch), glu_cache)
+    du = gemm(seg.dy, w_down[e].T, out=seg.scratch[0])             # (M_e, H)
+    da, db = pw.swiglu_grad(du, a, b, seg.scratch[1])              # (M_e, H) each, over du and u
     x = _input_rows(seg, cache)                                    # (M_e, D), after dy's last read
     gemm(x.T, da, out=dw_gate[e])                                  # (D, H)
     gemm(x.T, db, out=dw_up[e])                                    # (D, H)

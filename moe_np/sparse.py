@@ -193,7 +193,8 @@ def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan,
     if config.precision.compute == "fp32":
         return strategy.experts_forward(x_disp, params, config.expert, plan, x=x)
     return ragged_experts_forward(x_disp, params, config.expert, plan.offsets,
-                                  gemm=lowp.gemm_for(config.precision), source=(x, plan.rows_token))
+                                  gemm=lowp.gemm_for(config.precision), source=(x, plan.rows_token),
+                                  pointwise=dispatch.pointwise_for(config.dispatch))
 
 
 def sparse_moe_selection(cache: SparseCache) -> tuple:

@@ -3,7 +3,8 @@
     plan     ids (N, K)        -> Plan              one counting sort (kernels.plan_kernel),
                                                     padding masks and per-sequence capacity included
     gather   x (N, D)          -> x_sorted (M, D)   parallel row copy
-    experts  x_sorted (M, D)   -> y_sorted (M, D)   one GEMM chain per expert (experts.py)
+    experts  x_sorted (M, D)   -> y_sorted (M, D)   one GEMM chain per expert (experts.py), its
+                                                    bias, ReLU / SwiGLU passes fused (POINTWISE)
     combine  y_sorted (M, D)   -> y (N, D)          each token sums its own rows, in parallel
     backward: combine_grad_rows gives dy_sorted and dweights in one pass;
               gather's backward is again a per-token sum of rows (no np.add.at).
@@ -19,21 +20,31 @@ are, since a silent copy would cost what this strategy exists to save.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
-import numba
+# numba's parallel loops run on OpenMP threads (its "omp" layer). By default an idle OpenMP
+# thread spins while it waits for work, holding a core that OpenBLAS's next GEMM needs: on a
+# 2-core machine the benchmark's step took 1.45x its GEMM floor so, 1.33x with waiting threads
+# asleep. The variable is read once, when numba first starts its threads; a choice already made
+# in the environment stands.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402  (after the wait policy)
 import numpy as np
 
+from moe_np import experts
 from moe_np.dispatch import kernels
-# the experts run on the same ragged layout as the reference strategy's
-from moe_np.dispatch.reference import experts_backward, experts_forward, experts_selection  # noqa: F401
+# the experts run on the same ragged layout as the reference strategy's, their pointwise passes compiled
+from moe_np.dispatch.reference import experts_backward, experts_selection  # noqa: F401
 from moe_np.dispatch.plan import Plan, check_buffer, check_eligible, check_routing, \
     check_seq_len, check_weights
 
 LAYOUT = "ragged"
 DTYPES = (np.float32, np.float64)
-PARALLEL_MIN_ELEMENTS = 1 << 16   # below this many buffer entries a kernel runs on one thread:
-                                  # waking the others would cost more than the copy itself
+PARALLEL_MIN_ELEMENTS = 1 << 20   # below this many buffer entries a kernel runs on one thread:
+                                  # waking the others (and taking a core from OpenBLAS) would cost
+                                  # more than the copy itself; chapter 9's step ran 84 -> 60 ms
 
 
 class GatherCache(NamedTuple):
@@ -111,6 +122,46 @@ def run_kernel(kernel, work: int, *args):
         return kernel(*args)
     finally:
         numba.set_num_threads(threads)
+
+
+# -- the experts' pointwise passes, compiled ------------------------------------------------
+
+def _bias_relu(h, b):
+    return kernels.bias_relu_rows(h, b, h.dtype.type(0))
+
+
+def _relu_grad(da, h):
+    return kernels.relu_grad_columns(da, h, da.dtype.type(0), da.dtype.type(1))
+
+
+def _column_sums(a):
+    return kernels.column_sums(a, a.dtype.type(0))
+
+
+def _swiglu(a, b, out):
+    return kernels.swiglu_rows(a, b, a.dtype.type(1), out)
+
+
+def _swiglu_grad(du, a, b, db):
+    return kernels.swiglu_grad_rows(du, a, b, a.dtype.type(1), db)
+
+
+POINTWISE = experts.Pointwise(_bias_relu, kernels.add_bias_rows, _relu_grad, _column_sums, _swiglu, _swiglu_grad)
+
+
+def pointwise():
+    """The experts' pointwise passes this strategy runs: POINTWISE (SparseMoE, the
+    expert-parallel layer and the low-precision path ask for it through dispatch.pointwise_for)."""
+    return POINTWISE
+
+
+def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None):
+    """The reference's ragged experts (experts.ragged_experts_forward), their pointwise passes
+    compiled (pointwise()). Given x, the cache keeps x and the plan's rows instead of x_sorted."""
+    check_data("experts_forward", "x_sorted", x_sorted)
+    source = None if x is None else (x, plan.rows_token)
+    return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets, source=source,
+                                          pointwise=pointwise())
 
 
 # -- the strategy ------------------------------------------------------------------------
@@ -201,3 +252,6 @@ def warm_up(dtype=np.float32) -> None:
     y, combine_cache = combine_forward(x_sorted, np.ones((4, 2), dtype=dtype), plan)   # (N, D)
     dy_sorted, _ = combine_backward(y, combine_cache)                  # (M, D)
     gather_backward(dy_sorted, gather_cache)
+    h, b = np.ones((2, 4, 2), dtype=dtype)                             # (M, H) each
+    _relu_grad(_bias_relu(kernels.add_bias_rows(h, b[0]), b[0]), h)
+    _swiglu_grad(_swiglu(h, b, np.empty_like(h)), h, b, _column_sums(b) * b)

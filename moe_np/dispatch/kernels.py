@@ -223,3 +223,93 @@ def sum_rows_twin(dx_sorted, token_rows):
         has = rows >= 0                                # (N,)
         dx[has] += dx_sorted[rows[has]]                # (N_j, D)
     return dx
+
+
+# -- the experts' pointwise passes: bias, ReLU, SwiGLU and their gradients ---------------------
+# Twins: experts.NUMPY_POINTWISE. These run between two BLAS calls of one expert, so they run
+# on the calling thread (a second team of threads would fight OpenBLAS's for the cores) and
+# release the GIL (experts side by side on Python threads run them at once). `zero` and `one`
+# arrive as scalars of the data's dtype, so no float64 constant promotes a float32 loop. The
+# ReLU kernels reproduce NumPy's bits exactly (np.maximum(v, 0) keeps a NaN and turns -0.0
+# into +0; a sum over axis 0 starts from +0 and adds the rows in order, as these do). The
+# SwiGLU kernels call the C library's exp where NumPy has its own, so they agree to a few
+# units in the last place, not bit for bit.
+
+@njit(cache=True, nogil=True)
+def bias_relu_rows(h, b, zero):
+    """h[i] = max(h[i] + b, 0) in place.   h (M, H), b (H,) -> h."""
+    m, w = h.shape
+    for i in range(m):
+        for j in range(w):
+            v = h[i, j] + b[j]
+            h[i, j] = v if (v > zero or v != v) else zero
+    return h
+
+
+@njit(cache=True, nogil=True)
+def add_bias_rows(y, b):
+    """y[i] += b in place.   y (M, D), b (D,) -> y."""
+    m, w = y.shape
+    for i in range(m):
+        for j in range(w):
+            y[i, j] += b[j]
+    return y
+
+
+@njit(cache=True, nogil=True)
+def relu_grad_columns(da, h, zero, one):
+    """da *= (h > 0) in place; -> its column sums, from +0, rows added in order.
+    da, h (M, H) -> db (H,)."""
+    m, w = da.shape
+    db = np.full(w, zero)                              # (H,) a private sum: the loop vectorizes
+    for i in range(m):
+        for j in range(w):
+            v = da[i, j] * (one if h[i, j] > zero else zero)
+            da[i, j] = v
+            db[j] += v
+    return db
+
+
+@njit(cache=True, nogil=True)
+def column_sums(a, zero):
+    """The column sums of a, from +0, rows added in order.   a (M, D) -> (D,)."""
+    m, w = a.shape
+    out = np.full(w, zero)                             # (D,)
+    for i in range(m):
+        for j in range(w):
+            out[j] += a[i, j]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _sigmoid(x, one):
+    """1 / (1 + exp(-x)) as functional.sigmoid computes it, in x's dtype."""
+    e = np.exp(-abs(x))
+    return (one if x >= 0 else e) / (one + e)          # a select, not a branch: it vectorizes
+
+
+@njit(cache=True, nogil=True)
+def swiglu_rows(a, b, one, out):
+    """out = silu(a) * b = (a sigmoid(a)) b.   a, b, out (M, H) -> out."""
+    m, w = a.shape
+    for i in range(m):
+        for j in range(w):
+            x = a[i, j]
+            out[i, j] = (x * _sigmoid(x, one)) * b[i, j]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def swiglu_grad_rows(du, a, b, one, db):
+    """da = (du b) s (1 + a (1 - s)) written over du, db = du silu(a), s = sigmoid(a).
+
+    du, a, b, db (M, H) -> (du holding da, db)."""
+    m, w = a.shape
+    for i in range(m):
+        for j in range(w):
+            x = a[i, j]
+            s = _sigmoid(x, one)
+            g = du[i, j]
+            db[i, j] = g * (x * s)
+            du[i, j] = ((g * b[i, j]) * s) * (one + x * (one - s))
+    return du, db

@@ -106,14 +106,16 @@ def local_experts_forward(x_buf, params: dict, config, offsets, lone=None):
     expert's several rows. So an expert in `lone` (E/Q,) bool gets its row
     twice (a 2-row segment, the same bits as in any taller product); padded
     (I,) says where each row sits, and the copy is dropped."""
-    gemm = lowp.gemm_for(config.precision)
+    gemm, pointwise = lowp.gemm_for(config.precision), dispatch.pointwise_for(config.dispatch)
     if lone is None or not lone.any():
-        return (*ragged_experts_forward(x_buf, params, config.expert, offsets, gemm=gemm), None)
+        return (*ragged_experts_forward(x_buf, params, config.expert, offsets, gemm=gemm,
+                                        pointwise=pointwise), None)
     extra = np.repeat(lone, np.diff(offsets))                         # (I,) rows to duplicate
     take = np.repeat(np.arange(len(x_buf)), 1 + extra)                # (I_p,)
     padded = np.cumsum(1 + extra) - 1 - extra                         # (I,) first copy of each
     offsets_p = offsets + np.concatenate([[0], np.cumsum(lone)])      # (E/Q+1,)
-    y_p, cache = ragged_experts_forward(x_buf[take], params, config.expert, offsets_p, gemm=gemm)
+    y_p, cache = ragged_experts_forward(x_buf[take], params, config.expert, offsets_p, gemm=gemm,
+                                        pointwise=pointwise)
     return y_p[padded], cache, padded
 
 
