@@ -23,14 +23,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-# numba's parallel loops run on OpenMP threads (its "omp" layer). By default an idle OpenMP
-# thread spins while it waits for work, holding a core that OpenBLAS's next GEMM needs: on a
-# 2-core machine the benchmark's step took 1.45x its GEMM floor so, 1.33x with waiting threads
-# asleep. The variable is read once, when numba first starts its threads; a choice already made
-# in the environment stands.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numba  # noqa: E402  (after the wait policy)
+import numba
 import numpy as np
 
 from moe_np import experts
@@ -57,6 +50,29 @@ class CombineCache(NamedTuple):
     w_flat: np.ndarray       # (W,) the routing weights, flattened (W = N*K or E*C)
     weights_shape: tuple     # (N, K) or (E, C)
     plan: Plan
+
+
+def _start_threads_asleep_when_idle() -> None:
+    """Start numba's thread pool now, with OMP_WAIT_POLICY=PASSIVE for it alone.
+
+    numba's parallel loops run on OpenMP threads (its "omp" layer). By default an idle OpenMP
+    thread spins while it waits for work, holding a core that OpenBLAS's next GEMM needs: on a
+    2-core machine the benchmark's step took 1.45x its GEMM floor so, 1.33x with idle threads
+    asleep. OpenMP reads the variable once, when its library loads, so it is set only while
+    numba loads its own and removed after: PyTorch, loaded later with its own OpenMP, keeps
+    its default (with PASSIVE its eager Mixtral step ran 36 -> 61 ms). A policy already in the
+    environment stands, and without the pool's private starter nothing changes."""
+    start = getattr(getattr(numba.np.ufunc, "parallel", None), "_launch_threads", None)
+    if "OMP_WAIT_POLICY" in os.environ or start is None or numba.config.DISABLE_JIT:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        start()
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+_start_threads_asleep_when_idle()
 
 
 # -- boundary checks ---------------------------------------------------------------------
