@@ -154,7 +154,7 @@ def experts_selection(kind: str, cache):
 class Pointwise(NamedTuple):
     """The elementwise passes of the ragged pair, in place or into a given buffer: NumPy's
     (NUMPY_POINTWISE, the specification) or the numba strategy's fused loops, which reproduce
-    them (dispatch/kernels.py: the ReLU passes bit for bit, SwiGLU to a few units in the last place)."""
+    them bit for bit (dispatch/kernels.py)."""
     bias_relu: Callable     # (h (M, H), b (H,)) -> h = max(h + b, 0)
     add_bias: Callable      # (y (M, D), b (D,)) -> y += b
     relu_grad: Callable     # (da (M, H), h (M, H)) -> db (H,): da *= h > 0, db its column sums

@@ -155,10 +155,12 @@ def _column_sums(a):
 
 
 def _swiglu(a, b, out):
-    return kernels.swiglu_rows(a, b, a.dtype.type(1), out)
+    e = np.exp(kernels.neg_abs_rows(a, out), out=out)                  # (M, H) exp(-|a|)
+    return kernels.swiglu_rows(a, b, e, a.dtype.type(1), out)
 
 
 def _swiglu_grad(du, a, b, db):
+    np.exp(kernels.neg_abs_rows(a, db), out=db)                        # (M, H) exp(-|a|)
     return kernels.swiglu_grad_rows(du, a, b, a.dtype.type(1), db)
 
 

@@ -230,10 +230,10 @@ def sum_rows_twin(dx_sorted, token_rows):
 # on the calling thread (a second team of threads would fight OpenBLAS's for the cores) and
 # release the GIL (experts side by side on Python threads run them at once). `zero` and `one`
 # arrive as scalars of the data's dtype, so no float64 constant promotes a float32 loop. The
-# ReLU kernels reproduce NumPy's bits exactly (np.maximum(v, 0) keeps a NaN and turns -0.0
-# into +0; a sum over axis 0 starts from +0 and adds the rows in order, as these do). The
-# SwiGLU kernels call the C library's exp where NumPy has its own, so they agree to a few
-# units in the last place, not bit for bit.
+# kernels reproduce NumPy's bits exactly: np.maximum(v, 0) keeps a NaN and turns -0.0 into +0;
+# a sum over axis 0 starts from +0 and adds the rows in order, as these do; SwiGLU's exp is
+# NumPy's own (np.exp between two kernels: the C library's expf would round differently, and
+# compiled code cannot call NumPy's vectorized one), the rest the same operations in the same order.
 
 @njit(cache=True, nogil=True)
 def bias_relu_rows(h, b, zero):
@@ -282,34 +282,37 @@ def column_sums(a, zero):
 
 
 @njit(cache=True, nogil=True)
-def _sigmoid(x, one):
-    """1 / (1 + exp(-x)) as functional.sigmoid computes it, in x's dtype."""
-    e = np.exp(-abs(x))
-    return (one if x >= 0 else e) / (one + e)          # a select, not a branch: it vectorizes
-
-
-@njit(cache=True, nogil=True)
-def swiglu_rows(a, b, one, out):
-    """out = silu(a) * b = (a sigmoid(a)) b.   a, b, out (M, H) -> out."""
+def neg_abs_rows(a, out):
+    """out = -|a|, the argument of functional.sigmoid's exp.   a, out (M, H) -> out."""
     m, w = a.shape
     for i in range(m):
         for j in range(w):
-            x = a[i, j]
-            out[i, j] = (x * _sigmoid(x, one)) * b[i, j]
+            out[i, j] = -abs(a[i, j])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def swiglu_rows(a, b, e, one, out):
+    """out = silu(a) b = (a s) b with s = (1 or e) / (1 + e), e = exp(-|a|) given (NumPy's exp,
+    as functional.sigmoid calls it).   a, b, e, out (M, H) -> out; out may be e's memory."""
+    m, w = a.shape
+    for i in range(m):
+        for j in range(w):
+            x, ej = a[i, j], e[i, j]
+            s = (one if x >= 0 else ej) / (one + ej)   # a select, not a branch: it vectorizes
+            out[i, j] = (x * s) * b[i, j]
     return out
 
 
 @njit(cache=True, nogil=True)
 def swiglu_grad_rows(du, a, b, one, db):
-    """da = (du b) s (1 + a (1 - s)) written over du, db = du silu(a), s = sigmoid(a).
-
-    du, a, b, db (M, H) -> (du holding da, db)."""
+    """da = (du b) s (1 + a (1 - s)) written over du, db = du silu(a); s as in swiglu_rows,
+    from e = exp(-|a|) given in db.   du, a, b, db (M, H) -> (du holding da, db)."""
     m, w = a.shape
     for i in range(m):
         for j in range(w):
-            x = a[i, j]
-            s = _sigmoid(x, one)
-            g = du[i, j]
+            x, ej, g = a[i, j], db[i, j], du[i, j]
+            s = (one if x >= 0 else ej) / (one + ej)
             db[i, j] = g * (x * s)
             du[i, j] = ((g * b[i, j]) * s) * (one + x * (one - s))
     return du, db
