@@ -74,6 +74,16 @@ def kernels():
     return lowp_kernels
 
 
+PARALLEL_MIN_ELEMENTS = 1 << 16   # rounding costs a few ns an entry: worth two threads sooner
+                                  # than a copy (dispatch.jit.PARALLEL_MIN_ELEMENTS)
+
+
+def _run(kernel, work: int, *args) -> None:
+    """A compiled sweep on numba's threads, or on one for a small array (jit.run_kernel)."""
+    from moe_np.dispatch.jit import run_kernel   # also starts numba's threads, asleep when idle
+    run_kernel(kernel, work, *args, threshold=PARALLEL_MIN_ELEMENTS)
+
+
 # ---------------------------------------------------------------- scratch buffers
 
 class Scratch:
@@ -172,9 +182,11 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
     result = np.empty(x.shape, np.float32, order=order) if out is None else out
     in_order = result.flags.f_contiguous if order == "F" else result.flags.c_contiguous
     target = result if in_order else np.empty(x.shape, np.float32, order=order)
-    compiled = kernels()
-    run = round_twin if compiled is None else compiled.round_kernel
-    run(x.ravel(order=order), target.ravel(order=order), *params)     # (S,) views in memory order
+    compiled, flat = kernels(), (x.ravel(order=order), target.ravel(order=order))   # (S,) views
+    if compiled is None:
+        round_twin(*flat, *params)
+    else:
+        _run(compiled.round_kernel, x.size, *flat, *params)
     if target is not result:
         result[...] = target
     return result
@@ -240,7 +252,7 @@ def scaled_round(x: np.ndarray, fmt: str, rows: int, cols: int, power_of_two: bo
     if compiled is None:
         scaled_twin(x, sc, out, fmt)
     else:
-        compiled.scaled_kernel(np.ascontiguousarray(x), sc, out, *rounding(fmt))
+        _run(compiled.scaled_kernel, x.size, np.ascontiguousarray(x), sc, out, *rounding(fmt))
     return out
 
 

@@ -1,15 +1,18 @@
 """The compiled loops of the low-precision compute mode (lowp.py): Numba kernels.
 
     round_value    one float32 rounded to a format on its bit pattern
-    round_kernel   a sweep of round_value over a flat array
+    round_kernel   a sweep of round_value over a flat array, in parallel
     tile_scale     one fp8 tile's scale from its amax
     band_maxima    the tile maxima of a band of rows
-    scaled_kernel  scale, saturate, round and scale back, one band of rows at a time
+    scaled_kernel  scale, saturate, round and scale back, one band of rows at a time,
+                   groups of bands in parallel
 
 lowp.py imports this module on its first rounding, never at `import moe_np`,
 and each kernel has a NumPy twin there (round_twin, scaled_twin) giving the
 same bits; the twins run without numba or with NUMBA_DISABLE_JIT=1. The
 integers a kernel takes are lowp.Rounding's fields; `sc` is a lowp.Scaling.
+Every entry is rounded on its own, so splitting the sweep among threads
+changes no bit; lowp.py runs a small array on one thread (dispatch.jit.run_kernel).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import math
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 JIT = not numba.config.DISABLE_JIT   # False: the kernels would run as slow Python; use the twins
 
@@ -49,10 +52,10 @@ def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     return np.uint32((b & 0x80000000) | r).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out[k] = x[k] rounded to the format, one sweep.   x, out: (S,) float32 (may be the same)."""
-    for k in range(x.size):
+    for k in prange(x.size):
         out[k] = round_value(x[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
 
 
@@ -92,31 +95,47 @@ def band_maxima(x, i0, i1, cols, amax):
             amax[t] = best
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out = round(clip(x / s, +-qmax)) * s in float32, s = tile_scale(amax of the tile).
 
     x: (N, D) C-contiguous; out: (N, D) (may be x). One band of sc.rows rows
     at a time: its tile maxima in one sweep, then the rounding in a second
     sweep while the band is still in the cache. A trailing partial tile uses
-    its own entries only.
+    its own entries only. The bands go to the threads in GROUPS groups, each
+    with its own buffer of tile scales.
     """
     n, d = x.shape
     tile_of = np.arange(d) // sc.cols                   # (D,) each column's tile
+    bands = -(-n // sc.rows)
+    per_group = -(-bands // GROUPS)
+    for group in prange(GROUPS):
+        scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's maxima, then scales
+        for band in range(group * per_group, min(bands, group * per_group + per_group)):
+            _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits,
+                         sub_scale, limit_bits)
+
+
+GROUPS = 16   # groups of bands in scaled_kernel: enough to share among a few threads
+
+
+@njit(cache=True)
+def _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits, sub_scale,
+                 limit_bits):
+    """scaled_kernel on one band of sc.rows rows; scale (T,) is its work buffer."""
+    n, d = x.shape
     limit = np.float32(sc.qmax)
-    scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's tile maxima, then scales
-    for band in range(-(-n // sc.rows)):
-        i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
-        scale[:] = 0.0
-        band_maxima(x, i0, i1, sc.cols, scale)
-        for t in range(scale.size):
-            scale[t] = tile_scale(scale[t], sc)
-        for i in range(i0, i1):
-            for j in range(d):
-                s = scale[tile_of[j]]
-                q = x[i, j] / s
-                if q > limit:                           # a scaled cast saturates; NaN passes
-                    q = limit
-                elif q < -limit:
-                    q = -limit
-                out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+    i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
+    scale[:] = 0.0
+    band_maxima(x, i0, i1, sc.cols, scale)
+    for t in range(scale.size):
+        scale[t] = tile_scale(scale[t], sc)
+    for i in range(i0, i1):
+        for j in range(d):
+            s = scale[tile_of[j]]
+            q = x[i, j] / s
+            if q > limit:                               # a scaled cast saturates; NaN passes
+                q = limit
+            elif q < -limit:
+                q = -limit
+            out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
