@@ -77,22 +77,22 @@ def tile_scale(amax, sc):
 @njit(cache=True)
 def band_maxima(x, i0, i1, cols, amax):
     """amax[t] = max(amax[t], |x[i, j]|) over rows i0:i1 and tile t's columns; a NaN stays.
-    x: (N, D); amax: (T,). A tile one column wide gets a loop of its own (no inner loop)."""
+    x: (N, D); amax: (T,) float32. Compared as bit patterns with the sign cleared: there the
+    integer order is the float order, and every NaN's pattern lies above inf's, so a NaN
+    stays (as a NaN) and the loops vectorize. A tile one column wide gets a loop of its own."""
     d = x.shape[1]
+    bits, top = x.view(np.uint32), amax.view(np.uint32)     # (N, D), (T,) the same memory
+    low = np.uint32(0x7FFFFFFF)
     for i in range(i0, i1):
         if cols == 1:
             for j in range(d):
-                a = abs(x[i, j])
-                if a > amax[j] or a != a:
-                    amax[j] = a
+                top[j] = max(top[j], bits[i, j] & low)
             continue
-        for t in range(amax.size):
-            best = amax[t]
+        for t in range(top.size):
+            best = top[t]
             for j in range(t * cols, min(t * cols + cols, d)):
-                a = abs(x[i, j])
-                if a > best or a != a:
-                    best = a
-            amax[t] = best
+                best = max(best, bits[i, j] & low)
+            top[t] = best
 
 
 @njit(cache=True, parallel=True)
@@ -122,7 +122,10 @@ GROUPS = 16   # groups of bands in scaled_kernel: enough to share among a few th
 @njit(cache=True)
 def _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits, sub_scale,
                  limit_bits):
-    """scaled_kernel on one band of sc.rows rows; scale (T,) is its work buffer."""
+    """scaled_kernel on one band of sc.rows rows; scale (T,) is its work buffer. Each tile's
+    row segment goes first through round_value's normal-range path alone, with no branch (so
+    the loop vectorizes); a segment holding a NaN or an entry with 0 < |q| < min_normal is
+    then redone entry by entry by round_value itself."""
     n, d = x.shape
     limit = np.float32(sc.qmax)
     i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
@@ -130,12 +133,21 @@ def _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bi
     band_maxima(x, i0, i1, sc.cols, scale)
     for t in range(scale.size):
         scale[t] = tile_scale(scale[t], sc)
+    keep, half = 0xFFFFFFFF ^ ((1 << drop) - 1), (1 << (drop - 1)) - 1
     for i in range(i0, i1):
-        for j in range(d):
-            s = scale[tile_of[j]]
-            q = x[i, j] / s
-            if q > limit:                               # a scaled cast saturates; NaN passes
-                q = limit
-            elif q < -limit:
-                q = -limit
-            out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+        for t in range(scale.size):
+            s, j0, j1 = scale[t], t * sc.cols, min(t * sc.cols + sc.cols, d)
+            special = 0
+            for j in range(j0, j1):
+                q = x[i, j] / s
+                q = limit if q > limit else (-limit if q < -limit else q)   # saturate; NaN passes
+                b = np.float32(q).view(np.uint32)
+                a = b & 0x7FFFFFFF
+                r = (a + half + ((a >> drop) & 1)) & keep
+                special += (a > 0x7F800000) | (((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1)
+                out[i, j] = s * np.uint32((b & 0x80000000) | (limit_bits if r > max_bits else r)).view(np.float32)
+            if special:
+                for j in range(j0, j1):
+                    q = x[i, j] / s
+                    q = limit if q > limit else (-limit if q < -limit else q)
+                    out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)

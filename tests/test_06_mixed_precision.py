@@ -609,7 +609,8 @@ def test_round_fast_is_round_to_bit_for_bit(fmt, kernels):
 @pytest.mark.parametrize("fmt", FP8)
 @pytest.mark.parametrize("shape", [(64, 300), (130, 257), (5, 4)])
 def test_scaled_round_is_the_scaled_cast_of_precision(fmt, shape, kernels):
-    """Tiles, blocks, one tensor scale and MX, with partial tiles and a transposed input."""
+    """Tiles, blocks, one tensor scale and MX, with partial tiles, a transposed input and
+    column tiles (128, 1) of a C-ordered input (a right-hand operand's)."""
     rng = np.random.default_rng(21)
     x = (rng.standard_normal(shape) * np.exp(rng.uniform(-8, 8, shape))).astype(F32)
     s = tensor_scale(x, fmt)
@@ -621,6 +622,7 @@ def test_scaled_round_is_the_scaled_cast_of_precision(fmt, shape, kernels):
         assert np.array_equal(lowp.scaled_round(x, fmt, rows, cols, pow2), want), (rows, cols)
     xt = np.ascontiguousarray(x.T)
     assert np.array_equal(lowp.scaled_round(xt.T, fmt, 32, 1, True), dequantize_mx(*quantize_mx(xt, fmt)).T)
+    assert np.array_equal(lowp.scaled_round(x, fmt, 128, 1), dequantize_tiles(*quantize_tiles(xt, fmt)).T)
 
 
 def test_scaled_round_loses_only_the_tile_that_holds_inf_or_nan(kernels):
