@@ -161,6 +161,7 @@ class Pointwise(NamedTuple):
     column_sums: Callable   # (a (M, D)) -> (D,)
     swiglu: Callable        # (a, b, out (M, H)) -> out = silu(a) b
     swiglu_grad: Callable   # (du, a, b, db (M, H)) -> (da written over du, db)
+    take_rows: Callable     # (x (N, D), rows (M,), out (M, D)) -> out = x[rows]
 
 
 def _bias_relu(h, b):
@@ -190,7 +191,8 @@ def _swiglu_grad(du, a, b, db):
 
 
 NUMPY_POINTWISE = Pointwise(_bias_relu, _add_bias, _relu_grad, lambda a: a.sum(axis=0),
-                            _swiglu, _swiglu_grad)
+                            _swiglu, _swiglu_grad,
+                            lambda x, rows, out: np.take(x, rows, axis=0, out=out))
 
 
 # -- the ragged layout: expert-contiguous rows of a sparse layer ------------------
@@ -260,9 +262,10 @@ def _check_source(source, x_sorted) -> None:
     """source = (x (N, D), rows_token (M,)) from which x_sorted was gathered."""
     x, rows_token = source
     if x.ndim != 2 or x.shape[1] != x_sorted.shape[1] or x.dtype != x_sorted.dtype \
-            or rows_token.shape != (len(x_sorted),):
+            or rows_token.shape != (len(x_sorted),) \
+            or (len(rows_token) and not 0 <= rows_token.min() <= rows_token.max() < len(x)):
         raise ValueError(f"ragged_experts_forward: source must be (x (N, D={x_sorted.shape[1]}) "
-                         f"{x_sorted.dtype}, rows_token (M={len(x_sorted)},)), got x "
+                         f"{x_sorted.dtype}, rows_token (M={len(x_sorted)},) in [0, N)), got x "
                          f"{x.shape} {x.dtype} and rows_token {rows_token.shape}")
 
 
@@ -286,8 +289,8 @@ def _each_segment(fn, offsets, gemm) -> None:
 
 def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w1, b1, w2, b2 = matrices
-    h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
-    y = np.empty_like(x)                                           # (M, D)
+    h = blas.empty((len(x), w1.shape[2]), x.dtype)                 # (M, H) GEMM outputs: their
+    y = blas.empty(x.shape, x.dtype)                               # (M, D) pages touched here
 
     def expert(segment):
         e, lo, hi = segment
@@ -300,9 +303,9 @@ def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
 
 def _ragged_swiglu_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w_gate, w_up, w_down = matrices
-    a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
-    b = np.empty_like(a)                                           # (M, H)
-    y = np.empty_like(x)                                           # (M, D)
+    a = blas.empty((len(x), w_gate.shape[2]), x.dtype)             # (M, H) GEMM outputs: their
+    b = blas.empty(a.shape, x.dtype)                               # (M, H) pages touched here
+    y = blas.empty(x.shape, x.dtype)                               # (M, D)
 
     def expert(segment):
         e, lo, hi = segment
@@ -336,7 +339,7 @@ def _input_rows(seg: Segment, cache: RaggedCache):
     if cache.source is None:
         return cache.x_sorted[seg.rows]                            # (M_e, D)
     x, rows_token = cache.source
-    return np.take(x, rows_token[seg.rows], axis=0, out=seg.dx)    # (M_e, D)
+    return cache.pointwise.take_rows(x, rows_token[seg.rows], seg.dx)   # (M_e, D)
 
 
 def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = False):
@@ -354,11 +357,11 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
         raise ValueError(f"ragged_experts_backward: dy_sorted must be (M={cache.offsets[-1]}, "
                          f"D={cache.matrices[0].shape[1]}) {cache.hidden[0].dtype}, got "
                          f"{dy_sorted.shape} {dy_sorted.dtype}")
-    grads = tuple(np.empty_like(w) for w in cache.matrices)        # each expert writes its slices
+    grads = tuple(blas.empty(w.shape, w.dtype) for w in cache.matrices)   # each expert writes its slices
     for e in np.flatnonzero(np.diff(cache.offsets) == 0):          # an idle expert: gradient 0
         for g in grads:
             g[e] = 0
-    dx = dy_sorted if overwrite else np.empty_like(dy_sorted)      # (M, D) every row written
+    dx = dy_sorted if overwrite else blas.empty(dy_sorted.shape, dy_sorted.dtype)   # (M, D) all written
     widest, width = int(np.diff(cache.offsets).max(initial=0)), cache.hidden[0].shape[1]
     buffers = 1 if cache.kind == "mlp" else 2
     local = threading.local()                                      # one work buffer per thread
@@ -367,7 +370,7 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
     def expert(segment):
         e, lo, hi = segment
         if not hasattr(local, "scratch"):
-            local.scratch = np.empty((buffers, widest, width), dtype=dy_sorted.dtype)   # (S, M_max, H)
+            local.scratch = blas.empty((buffers, widest, width), dy_sorted.dtype)   # (S, M_max, H)
         run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi],
                     tuple(a[lo:hi] for a in cache.hidden), local.scratch[:, :hi - lo]), grads, cache)
     _each_segment(expert, cache.offsets, cache.gemm)

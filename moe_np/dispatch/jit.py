@@ -165,7 +165,12 @@ def _swiglu_grad(du, a, b, db):
     return kernels.swiglu_grad_rows(du, a, b, a.dtype.type(1), db)
 
 
-POINTWISE = experts.Pointwise(_bias_relu, kernels.add_bias_rows, _relu_grad, _column_sums, _swiglu, _swiglu_grad)
+def _take_rows(x, rows, out):
+    return run_kernel(kernels.gather_rows, out.size, x, rows, out)
+
+
+POINTWISE = experts.Pointwise(_bias_relu, kernels.add_bias_rows, _relu_grad, _column_sums, _swiglu,
+                              _swiglu_grad, _take_rows)
 
 
 def pointwise():
