@@ -322,20 +322,31 @@ def test_bad_masks_rejected_before_the_plan_kernel():
 
 
 def test_numba_strategy_runs_the_kernels(monkeypatch):
-    """A layer with dispatch="numba" calls every compiled kernel once per forward+backward,
-    masked or not: the fast path, not the NumPy reference under another name."""
+    """A layer with dispatch="numba" calls every compiled kernel, masked or not: the fast path,
+    not the NumPy reference under another name. The plan, combine and gather backward run
+    once per forward+backward; the gather once, then once per expert with rows (the backward
+    gathers its input rows again); the experts' pointwise kernels once per expert with rows."""
+    once = ("plan_kernel", "combine_rows", "combine_grad_rows", "sum_rows")
+    pointwise = {"mlp": ("bias_relu_rows", "add_bias_rows", "relu_grad_columns", "column_sums"),
+                 "swiglu": ("neg_abs_rows", "swiglu_rows", "swiglu_grad_rows")}
     calls = []
-    for name in ("plan_kernel", "gather_rows", "combine_rows", "combine_grad_rows", "sum_rows"):
+    for name in once + ("gather_rows",) + pointwise["mlp"] + pointwise["swiglu"]:
         kernel = getattr(kernels, name)
         assert hasattr(kernel, "py_func") or os.environ.get("NUMBA_DISABLE_JIT") == "1"
         monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
     x, dy = np.random.default_rng(16).standard_normal((2, 16, 6))    # (N, D) each
-    for mask, changes in [(None, {}), (np.arange(16) % 3 > 0, {}),
-                          (None, dict(capacity_scope="sequence", seq_len=8))]:
+    for router, mask, changes in [("softmax_topk", None, {}), ("softmax_topk", np.arange(16) % 3 > 0, {}),
+                                  ("softmax_topk", None, dict(capacity_scope="sequence", seq_len=8)),
+                                  ("softmax_topk_raw", None, {})]:
         calls.clear()
-        run_layer(layer_config("softmax_topk", dispatch="numba", **changes), x, dy, mask)
-        assert sorted(calls) == ["combine_grad_rows", "combine_rows", "gather_rows", "plan_kernel",
-                                 "sum_rows"], (mask, changes, calls)
+        config = layer_config(router, dispatch="numba", **changes)
+        layer = SparseMoE(config, seed=3, dtype=x.dtype)
+        layer.forward(x, mask=mask)
+        layer.backward(dy)
+        busy = int(np.count_nonzero(layer.stats.counts))               # experts with rows
+        assert all(calls.count(name) == 1 for name in once), (router, mask, changes, calls)
+        assert calls.count("gather_rows") == 1 + busy, (router, mask, changes, calls)
+        assert all(calls.count(name) >= busy for name in pointwise[config.expert]), (router, calls)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "swiglu"])

@@ -147,6 +147,10 @@ def _bias_relu(h, b):
     return kernels.bias_relu_rows(h, b, h.dtype.type(0))
 
 
+def _add_bias(y, b):
+    return kernels.add_bias_rows(y, b)
+
+
 def _relu_grad(da, h):
     return kernels.relu_grad_columns(da, h, da.dtype.type(0), da.dtype.type(1))
 
@@ -169,7 +173,7 @@ def _take_rows(x, rows, out):
     return run_kernel(kernels.gather_rows, out.size, x, rows, out)
 
 
-POINTWISE = experts.Pointwise(_bias_relu, kernels.add_bias_rows, _relu_grad, _column_sums, _swiglu,
+POINTWISE = experts.Pointwise(_bias_relu, _add_bias, _relu_grad, _column_sums, _swiglu,
                               _swiglu_grad, _take_rows)
 
 
@@ -277,5 +281,5 @@ def warm_up(dtype=np.float32) -> None:
     dy_sorted, _ = combine_backward(y, combine_cache)                  # (M, D)
     gather_backward(dy_sorted, gather_cache)
     h, b = np.ones((2, 4, 2), dtype=dtype)                             # (M, H) each
-    _relu_grad(_bias_relu(kernels.add_bias_rows(h, b[0]), b[0]), h)
+    _relu_grad(_bias_relu(_add_bias(h, b[0]), b[0]), h)
     _swiglu_grad(_swiglu(h, b, np.empty_like(h)), h, b, _column_sums(b) * b)
