@@ -242,9 +242,12 @@ def derive(size: Size, core: dict) -> dict:
     r["combine_copy_s"] = moved / (r["copy_loop_gbps"] * 1e9)          # a copy loop moving as many bytes
     for label, key in (("numba", "scaling_ratio_64_8"),
                        ("numba, experts side by side", "scaling_ratio_64_8_side_by_side")):
-        per_e = {row["E"]: row["us_per_token"] for row in core["scaling"] if row["strategy"] == label}
+        per_e = {row["E"]: row for row in core["scaling"] if row["strategy"] == label}
         if 8 in per_e and 64 in per_e:
-            r[key] = per_e[64] / per_e[8]
+            r[key] = per_e[64]["us_per_token"] / per_e[8]["us_per_token"]
+            if "floor_us_per_token" in per_e[8]:      # how much of the rise the GEMMs alone show
+                r[key.replace("ratio", "floor_ratio")] = \
+                    per_e[64]["floor_us_per_token"] / per_e[8]["floor_us_per_token"]
     if "torch" in t:
         r |= {"torch_fwd_bwd_s": t["torch"]["fwd_bwd_s"], "torch_max_abs_diff": core["torch_max_abs_diff"],
               "torch_gemm_floor_s": t["torch_gemm_floor"]["fwd_bwd_s"]}
@@ -321,7 +324,7 @@ def assemble(size: Size, repeats: int, cores: dict, jit: dict, memory: dict) -> 
     for s, c in cores.items():
         keep = ("moe_fwd_bwd_s", "gemm_floor_s", "gather_gbps", "memcpy_gbps", "copy_loop_gbps",
                 "combine_numba_s", "combine_add_at_s", "combine_copy_s", "scaling_ratio_64_8",
-                "scaling_ratio_64_8_side_by_side", "moe_vs_torch",
+                "scaling_floor_ratio_64_8", "scaling_ratio_64_8_side_by_side", "moe_vs_torch",
                 "torch_fwd_bwd_s", "scaling", "strategies")
         r["threads"][s] = {"variables": "none set" if s == "default" else
                            " ".join(f"{k}=1" for k in THREAD_VARIABLES),
@@ -388,6 +391,10 @@ def _settings_table(r: dict) -> list[str]:
         rows.append((f"{name} us/token E={','.join(map(str, SCALING_E))}",
                      {s: " ".join(f"{row['us_per_token']:.0f}" for row in t["scaling"]
                                   if row["strategy"] == label) or "-" for s, t in th.items()}))
+    rows.append((f"GEMM floor us/token E={','.join(map(str, SCALING_E))}",
+                 {s: " ".join(f"{row['floor_us_per_token']:.0f}" for row in t["scaling"]
+                              if row["strategy"] == "numba" and "floor_us_per_token" in row) or "-"
+                  for s, t in th.items()}))
     lines = [f"{'':<36}{'default threads':>22}{'one thread each':>22}"]
     return lines + [f"{name:<36}" + "".join(f"{v[s]:>22}" for s in THREAD_SETTINGS) for name, v in rows]
 

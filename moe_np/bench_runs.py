@@ -255,7 +255,8 @@ def copy_seconds(size: Size, repeats: int) -> dict:
 # -- scaling with the number of experts -------------------------------------------------------
 
 def scaling(size: Size, strategies, repeats: int, deadline: float) -> tuple[list, list]:
-    """Time per token of forward+backward for E in SCALING_E, K, D, H fixed.
+    """Time per token of forward+backward for E in SCALING_E, K, D, H fixed; for numba also
+    its GEMM floor at the same E (floor_us_per_token: gemm_floor_runner, N K / E rows each).
 
     Every numba point and each strategy's first point always run; another
     point whose projected time (from the strategy's previous point) would
@@ -274,5 +275,9 @@ def scaling(size: Size, strategies, repeats: int, deadline: float) -> tuple[list
             steps = [sum(layer_step(layer, x, dy)) for _ in range(repeats + 1)]
             last[s] = float(np.median(steps[1:]))
             rows.append({"E": e, "strategy": s, "us_per_token": last[s] / n * 1e6})
+            if s == "numba":                                  # the same GEMMs alone, at this E
+                floor = gemm_floor_runner(sub, layer.params)
+                rows[-1]["floor_us_per_token"] = float(np.median(
+                    [sum(floor()) for _ in range(repeats + 1)][1:])) / n * 1e6
             progress(f"scaling E={e:2d} {s:6s}: {rows[-1]['us_per_token']:.2f} us/token")
     return rows, notes

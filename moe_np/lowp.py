@@ -80,7 +80,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 16   # rounding costs a few ns an entry: worth two 
 
 def _run(kernel, work: int, *args) -> None:
     """A compiled sweep on numba's threads, or on one for a small array (jit.run_kernel)."""
-    from moe_np.dispatch.jit import run_kernel   # also starts numba's threads, asleep when idle
+    from moe_np.dispatch.jit import run_kernel
     run_kernel(kernel, work, *args, threshold=PARALLEL_MIN_ELEMENTS)
 
 

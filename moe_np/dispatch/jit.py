@@ -20,7 +20,6 @@ are, since a silent copy would cost what this strategy exists to save.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numba
@@ -36,8 +35,8 @@ from moe_np.dispatch.plan import Plan, check_buffer, check_eligible, check_routi
 LAYOUT = "ragged"
 DTYPES = (np.float32, np.float64)
 PARALLEL_MIN_ELEMENTS = 1 << 20   # below this many buffer entries a kernel runs on one thread:
-                                  # waking the others (and taking a core from OpenBLAS) would cost
-                                  # more than the copy itself; chapter 9's step ran 84 -> 60 ms
+                                  # waking the others (and taking a core from OpenBLAS, whose
+                                  # threads wait spinning between GEMMs) costs more than the copy
 
 
 class GatherCache(NamedTuple):
@@ -50,29 +49,6 @@ class CombineCache(NamedTuple):
     w_flat: np.ndarray       # (W,) the routing weights, flattened (W = N*K or E*C)
     weights_shape: tuple     # (N, K) or (E, C)
     plan: Plan
-
-
-def _start_threads_asleep_when_idle() -> None:
-    """Start numba's thread pool now, with OMP_WAIT_POLICY=PASSIVE for it alone.
-
-    numba's parallel loops run on OpenMP threads (its "omp" layer). By default an idle OpenMP
-    thread spins while it waits for work, holding a core that OpenBLAS's next GEMM needs: on a
-    2-core machine the benchmark's step took 1.45x its GEMM floor so, 1.33x with idle threads
-    asleep. OpenMP reads the variable once, when its library loads, so it is set only while
-    numba loads its own and removed after: PyTorch, loaded later with its own OpenMP, keeps
-    its default (with PASSIVE its eager Mixtral step ran 36 -> 61 ms). A policy already in the
-    environment stands, and without the pool's private starter nothing changes."""
-    start = getattr(getattr(numba.np.ufunc, "parallel", None), "_launch_threads", None)
-    if "OMP_WAIT_POLICY" in os.environ or start is None or numba.config.DISABLE_JIT:
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        start()
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
-
-
-_start_threads_asleep_when_idle()
 
 
 # -- boundary checks ---------------------------------------------------------------------
@@ -170,7 +146,7 @@ def _swiglu_grad(du, a, b, db):
 
 
 def _take_rows(x, rows, out):
-    return run_kernel(kernels.gather_rows, out.size, x, rows, out)
+    return kernels.take_rows(x, rows, out)
 
 
 POINTWISE = experts.Pointwise(_bias_relu, _add_bias, _relu_grad, _column_sums, _swiglu,

@@ -100,6 +100,18 @@ def gather_rows(x, rows_token, out):
     return out
 
 
+@njit(cache=True, nogil=True)
+def take_rows(x, rows, out):
+    """out[m] = x[rows[m]] on the calling thread.   x (N, D), rows (M_e,), out (M_e, D) -> out.
+    gather_rows for one expert's rows, inside its chain of GEMMs (the experts' backward
+    gathers its input rows again): like every kernel run there, single-threaded."""
+    for i in range(rows.shape[0]):
+        src = rows[i]
+        for c in range(x.shape[1]):
+            out[i, c] = x[src, c]
+    return out
+
+
 def gather_rows_twin(x, rows_token):
     """NumPy twin of gather_rows: fancy indexing."""
     return x[rows_token]                               # (M, D)
@@ -227,8 +239,9 @@ def sum_rows_twin(dx_sorted, token_rows):
 
 # -- the experts' pointwise passes: bias, ReLU, SwiGLU and their gradients ---------------------
 # Twins: experts.NUMPY_POINTWISE. These run between two BLAS calls of one expert, so they run
-# on the calling thread (a second team of threads would fight OpenBLAS's for the cores) and
-# release the GIL (experts side by side on Python threads run them at once). `zero` and `one`
+# on the calling thread (a second team of threads would fight OpenBLAS's, which wait spinning
+# between GEMMs, for the cores; measured, a parallel version made the step slower) and release
+# the GIL (experts side by side on Python threads run them at once). `zero` and `one`
 # arrive as scalars of the data's dtype, so no float64 constant promotes a float32 loop. The
 # kernels reproduce NumPy's bits exactly: np.maximum(v, 0) keeps a NaN and turns -0.0 into +0;
 # a sum over axis 0 starts from +0 and adds the rows in order, as these do; SwiGLU's exp is
