@@ -74,16 +74,6 @@ def kernels():
     return lowp_kernels
 
 
-PARALLEL_MIN_ELEMENTS = 1 << 16   # rounding costs a few ns an entry: worth two threads sooner
-                                  # than a copy (dispatch.jit.PARALLEL_MIN_ELEMENTS)
-
-
-def _run(kernel, work: int, *args) -> None:
-    """A compiled sweep on numba's threads, or on one for a small array (jit.run_kernel)."""
-    from moe_np.dispatch.jit import run_kernel
-    run_kernel(kernel, work, *args, threshold=PARALLEL_MIN_ELEMENTS)
-
-
 # ---------------------------------------------------------------- scratch buffers
 
 class Scratch:
@@ -186,7 +176,7 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
     if compiled is None:
         round_twin(*flat, *params)
     else:
-        _run(compiled.round_kernel, x.size, *flat, *params)
+        compiled.round_kernel(*flat, *params)
     if target is not result:
         result[...] = target
     return result
@@ -252,7 +242,7 @@ def scaled_round(x: np.ndarray, fmt: str, rows: int, cols: int, power_of_two: bo
     if compiled is None:
         scaled_twin(x, sc, out, fmt)
     else:
-        _run(compiled.scaled_kernel, x.size, np.ascontiguousarray(x), sc, out, *rounding(fmt))
+        compiled.scaled_kernel(np.ascontiguousarray(x), sc, out, *rounding(fmt))
     return out
 
 

@@ -1,18 +1,19 @@
 """The compiled loops of the low-precision compute mode (lowp.py): Numba kernels.
 
     round_value    one float32 rounded to a format on its bit pattern
-    round_kernel   a sweep of round_value over a flat array, in parallel
+    round_kernel   a sweep of round_value over a flat array
     tile_scale     one fp8 tile's scale from its amax
     band_maxima    the tile maxima of a band of rows
-    scaled_kernel  scale, saturate, round and scale back, one band of rows at a time,
-                   groups of bands in parallel
+    scaled_kernel  scale, saturate, round and scale back, one band of rows at a time
 
 lowp.py imports this module on its first rounding, never at `import moe_np`,
 and each kernel has a NumPy twin there (round_twin, scaled_twin) giving the
 same bits; the twins run without numba or with NUMBA_DISABLE_JIT=1. The
 integers a kernel takes are lowp.Rounding's fields; `sc` is a lowp.Scaling.
-Every entry is rounded on its own, so splitting the sweep among threads
-changes no bit; lowp.py runs a small array on one thread (dispatch.jit.run_kernel).
+The sweeps run on the calling thread: they sit between two GEMMs, and a
+second team of threads there fights OpenBLAS's (which wait spinning for the
+next GEMM) for the cores; measured on 2 cores, a parallel version made the
+fp16 step 0.76 -> 1.2 s.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 JIT = not numba.config.DISABLE_JIT   # False: the kernels would run as slow Python; use the twins
 
@@ -52,10 +53,10 @@ def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     return np.uint32((b & 0x80000000) | r).view(np.float32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out[k] = x[k] rounded to the format, one sweep.   x, out: (S,) float32 (may be the same)."""
-    for k in prange(x.size):
+    for k in range(x.size):
         out[k] = round_value(x[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
 
 
@@ -95,28 +96,21 @@ def band_maxima(x, i0, i1, cols, amax):
             top[t] = best
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out = round(clip(x / s, +-qmax)) * s in float32, s = tile_scale(amax of the tile).
 
     x: (N, D) C-contiguous; out: (N, D) (may be x). One band of sc.rows rows
     at a time: its tile maxima in one sweep, then the rounding in a second
     sweep while the band is still in the cache. A trailing partial tile uses
-    its own entries only. The bands go to the threads in GROUPS groups, each
-    with its own buffer of tile scales.
+    its own entries only.
     """
     n, d = x.shape
     tile_of = np.arange(d) // sc.cols                   # (D,) each column's tile
-    bands = -(-n // sc.rows)
-    per_group = -(-bands // GROUPS)
-    for group in prange(GROUPS):
-        scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's maxima, then scales
-        for band in range(group * per_group, min(bands, group * per_group + per_group)):
-            _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits,
-                         sub_scale, limit_bits)
-
-
-GROUPS = 16   # groups of bands in scaled_kernel: enough to share among a few threads
+    scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's maxima, then scales
+    for band in range(-(-n // sc.rows)):
+        _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits,
+                     sub_scale, limit_bits)
 
 
 @njit(cache=True)

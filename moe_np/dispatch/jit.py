@@ -104,10 +104,9 @@ def _check_weight_rows(fn: str, plan: Plan, w_flat) -> None:
         raise ValueError(f"{fn}: plan.rows_weight repeats an index; each row needs its own weight")
 
 
-def run_kernel(kernel, work: int, *args, threshold: int = PARALLEL_MIN_ELEMENTS):
-    """kernel(*args) on numba's threads, or on one thread when `work` (entries touched) is
-    below `threshold`."""
-    if work >= threshold:
+def run_kernel(kernel, work: int, *args):
+    """kernel(*args) on numba's threads, or on one thread when `work` (entries touched) is small."""
+    if work >= PARALLEL_MIN_ELEMENTS:
         return kernel(*args)
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
