@@ -653,8 +653,8 @@ def synthetic_core(seconds):
     layer = {"forward_s": seconds, "fwd_bwd_s": 2 * seconds}
     return {"layer_times": {"numpy": layer, "numba": layer, "gemm_floor": layer},
             "stages": {"numpy": stage, "numba": stage}, "memcpy_s": seconds, "copy_loop_s": seconds,
-            "scaling": [{"E": 8, "strategy": "numba", "us_per_token": 2.0},
-                        {"E": 64, "strategy": "numba", "us_per_token": 3.0}]}
+            "scaling": [{"E": 8, "strategy": "numba", "us_per_token": 2.0, "floor_us_per_token": 1.0},
+                        {"E": 64, "strategy": "numba", "us_per_token": 3.0, "floor_us_per_token": 1.25}]}
 
 
 def test_bench_bandwidths_have_known_values():
@@ -668,9 +668,12 @@ def test_bench_bandwidths_have_known_values():
     assert values["gather_over_memcpy"] == pytest.approx(1.0)
     assert values["gather_over_copy_loop"] == pytest.approx(1.0)
     assert values["scaling_ratio_64_8"] == pytest.approx(1.5)
+    assert values["scaling_over_floor_64_8"] == pytest.approx(1.5 / 1.25)   # the GEMMs rose 1.25x
     assert values["combine_over_copy"] == pytest.approx(0.01 / (3_000_000 / 0.4e9))   # (M + N) D 4 bytes
     rows = {t["key"]: t for t in bench.targets(values, judged=True)}
-    assert rows["gather_over_copy_loop"]["met"] and not rows["scaling_ratio_64_8"]["met"]
+    assert rows["gather_over_copy_loop"]["met"] and rows["scaling_over_floor_64_8"]["met"]
+    values["scaling_over_floor_64_8"] = 1.21
+    assert not {t["key"]: t for t in bench.targets(values, judged=True)}["scaling_over_floor_64_8"]["met"]
 
 
 def test_memory_model_counts_the_arrays_backward_keeps():
