@@ -10,7 +10,8 @@
         lm_stages         seconds per part: attention, moe (or ffn), head (+ loss), optimizer
                           (+ clipping), rest (embedding, norms, residuals)
         lm_torch_step_s   with torch and transformers importable: HF's MixtralForCausalLM at
-                          the same config and batch, random weights, forward + backward + AdamW
+                          the same config and batch, random weights, forward + backward + AdamW,
+                          with the fastest of its experts implementations (lm_torch_experts)
 
 A stage is timed by wrapping the forward and backward of that part of the model with a
 clock (the methods of these instances only); the sum of the stages is the step.
@@ -136,32 +137,43 @@ def gemm_floor(gemms, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
-def torch_step(config, lm, repeats: int) -> float | None:
-    """HF MixtralForCausalLM at the same sizes: median seconds of forward, backward, AdamW."""
+TORCH_EXPERTS = ("grouped_mm", "eager")   # HF's experts implementations worth timing on a CPU
+                                          # ("batched_mm" copies every expert's weights per token:
+                                          # 30x slower here)
+
+
+def torch_step(config, lm, repeats: int) -> tuple[float, str] | None:
+    """HF MixtralForCausalLM at the same sizes, random weights: median seconds of forward,
+    backward and AdamW with each of TORCH_EXPERTS -> (the fastest, its name), or None."""
     try:
         import torch
         from transformers import MixtralConfig, MixtralForCausalLM
     except ImportError:
         return None
-    hf = MixtralConfig(vocab_size=lm.vocab_size, hidden_size=lm.d_model,
-                       intermediate_size=lm.moe.d_hidden, num_hidden_layers=lm.num_layers,
-                       num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
-                       max_position_embeddings=lm.context_length, num_local_experts=lm.moe.num_experts,
-                       num_experts_per_tok=lm.moe.k, rope_theta=lm.rope_theta,
-                       rms_norm_eps=lm.rms_eps, tie_word_embeddings=lm.tie_embeddings)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(hf)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    ids = torch.randint(0, lm.vocab_size, (config.batch_size, config.context + 1))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        out = model(input_ids=ids[:, :-1], labels=ids[:, 1:].contiguous())
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+    ids = torch.randint(0, lm.vocab_size, (config.batch_size, config.context + 1),
+                        generator=torch.Generator().manual_seed(0))
+    best = None
+    for experts in TORCH_EXPERTS:
+        hf = MixtralConfig(vocab_size=lm.vocab_size, hidden_size=lm.d_model,
+                           intermediate_size=lm.moe.d_hidden, num_hidden_layers=lm.num_layers,
+                           num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
+                           max_position_embeddings=lm.context_length,
+                           num_local_experts=lm.moe.num_experts, num_experts_per_tok=lm.moe.k,
+                           rope_theta=lm.rope_theta, rms_norm_eps=lm.rms_eps,
+                           tie_word_embeddings=lm.tie_embeddings, experts_implementation=experts)
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(hf)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(input_ids=ids[:, :-1], labels=ids[:, 1:].contiguous()).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - start)
+        seconds = float(np.median(times[1:]))
+        best = (seconds, experts) if best is None or seconds < best[0] else best
+    return best
 
 
 def measure_lm(quick: bool = False, repeats: int = 5, use_torch: bool = True) -> dict:
@@ -183,7 +195,7 @@ def measure_lm(quick: bool = False, repeats: int = 5, use_torch: bool = True) ->
     if use_torch:
         hf = torch_step(config, lm, repeats)
         if hf is not None:
-            r["lm_torch_step_s"] = hf
+            r["lm_torch_step_s"], r["lm_torch_experts"] = hf
     return r
 
 
@@ -198,6 +210,6 @@ def format_lm(r: dict) -> list[str]:
              f"peak memory {r['lm_peak_mem_mib']:.0f} MiB",
              "  " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["lm_stages"].items())]
     if "lm_torch_step_s" in r:
-        lines.append(f"  HF MixtralForCausalLM step {r['lm_torch_step_s'] * 1e3:.0f} ms "
-                     f"(moe_np / HF {r['lm_step_s'] / r['lm_torch_step_s']:.2f})")
+        lines.append(f"  HF MixtralForCausalLM step {r['lm_torch_step_s'] * 1e3:.0f} ms, experts "
+                     f"{r['lm_torch_experts']!r} (moe_np / HF {r['lm_step_s'] / r['lm_torch_step_s']:.2f})")
     return lines
