@@ -46,8 +46,8 @@ from moe_np.bench_memory import (MEMORY_CALLS, array_mib, max_resident_mib, memo
 from moe_np.bench_runs import (FULL, QUICK, SCALING_E, SCALING_TOKENS, STAGES, STRATEGY_CALLS,  # noqa: F401
                                Size, _START, bandwidth_gbps, copy_seconds, gemm_floor_runner,
                                instrument, layer_step, make_inputs, make_layer, median_time,
-                               progress, scaling, stage_medians, staged_runner, time_interleaved,
-                               torch_gemm_floor_runner, torch_runner)
+                               progress, scaling, stage_medians, staged_runner, step_time_ratios,
+                               time_interleaved, torch_gemm_floor_runner, torch_runner)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("numpy", "numba", "einsum")
@@ -450,56 +450,3 @@ def run(args) -> int:
     results = measure(quick=args.quick, repeats=args.repeats, use_torch=not args.no_torch)
     print(json.dumps(results, indent=1) if args.json else format_report(results))
     return 0
-
-
-# -- the low-precision compute mode: what a training step costs ---------------------------
-
-def _timed_step(layer, x, dy, scaler) -> float:
-    """Seconds of one training step of the layer: forward, backward of the (scaled) upstream
-    gradient and, with a scaler, its unscale and inf check. The optimizer is left out: it is
-    the same float32 update in every precision."""
-    start = time.perf_counter()
-    layer.forward(x)
-    if scaler is None:
-        layer.backward(dy)
-    else:
-        layer.backward(dy * np.float32(scaler.scale), aux_scale=scaler.scale)
-        _, found = scaler.unscale(layer.grads)
-        scaler.update(found)
-    return time.perf_counter() - start
-
-
-def step_time_ratios(make_layer, x: np.ndarray, dy: np.ndarray, repeats: int = 5) -> dict:
-    """Time of a SparseMoE training step in simulated fp16 and in fp8, each over the fp32 step.
-
-    make_layer(compute) -> a float32 layer computing in "fp32", "fp16" or
-    "fp8_e4m3" (as the chapter builds it).
-    The benchmark's layer, at N=8192, D=512, H=1024, E=8, K=2:
-
-        base = SparseConfig(d_model=512, num_experts=8, d_hidden=1024, k=2, capacity_factor=None)
-        make_layer = lambda c: SparseMoE(replace(base, precision=PrecisionConfig(compute=c)),
-                                         seed=0, dtype=np.float32)
-
-    x, dy: (N, D) float32 input and upstream gradient (a mean loss's scale,
-    e.g. standard normal / N). fp16 runs with a loss scale of 2**16, fp8
-    with 1 (static: the step is timed, not trained). Medians of `repeats`
-    steps after one warm-up, the precisions taking turns within each repeat
-    so that a busy moment of a shared machine hits them alike.
-    -> {"fp16_step_ratio", "fp8_step_ratio", "fp32_step_s", "fp16_step_s", "fp8_step_s"}.
-    """
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"step_time_ratios: repeats must be an integer >= 1, got {repeats!r}")
-    from moe_np.scaling import LossScaler
-    runs = {name: (make_layer(compute), None if init is None else
-                   LossScaler(init_scale=init, dynamic=False))
-            for name, compute, init in (("fp32", "fp32", None), ("fp16", "fp16", 2.0**16),
-                                        ("fp8", "fp8_e4m3", 1.0))}
-    times = {name: [] for name in runs}
-    for r in range(repeats + 1):
-        for name, (layer, scaler) in runs.items():
-            seconds = _timed_step(layer, x, dy, scaler)
-            if r:                                                      # repeat 0 warms up
-                times[name].append(seconds)
-    med = {name: float(np.median(t)) for name, t in times.items()}
-    return {"fp16_step_ratio": med["fp16"] / med["fp32"], "fp8_step_ratio": med["fp8"] / med["fp32"],
-            **{f"{name}_step_s": t for name, t in med.items()}}
