@@ -1,8 +1,6 @@
 """BLAS threads: how many OpenBLAS runs, and independent GEMM chains run side by side.
 
     threads()            how many threads NumPy's OpenBLAS splits one GEMM across (1 if unknown)
-    empty(shape, dtype)  np.empty with its memory pages touched on this thread: an output for
-                         a GEMM that OpenBLAS splits across threads
     run_each(fn, items)  fn(item) for every item: in turn, or with MOE_NP_EXPERT_THREADS=T > 1
                          on T Python threads, each GEMM on one BLAS thread
 
@@ -61,27 +59,6 @@ def threads() -> int:
     """The number of threads NumPy's OpenBLAS uses for one GEMM (1 if it cannot be told)."""
     control = _control()
     return max(1, int(control[0]())) if control else 1
-
-
-PAGE_BYTES = 4096
-
-
-def empty(shape, dtype) -> np.ndarray:
-    """np.empty(shape, dtype), one entry per 4 KiB page written (0) on the calling thread.
-
-    A large fresh array is new memory: the first write to each page faults, and
-    Linux hands NumPy's large arrays 2 MiB pages, zeroing each as it arrives.
-    When that first write comes from a GEMM split across OpenBLAS's threads,
-    the threads fault on the same pages at once and wait for each other;
-    measured on 2 cores, a SparseMoE forward's expert GEMMs took 185 ms writing
-    into fresh buffers and 135 ms after this touch, which costs one store a
-    page (and the zeroing, which happens either way). At one thread the two
-    are alike. The entries are left as np.empty leaves them: the caller
-    writes every one."""
-    out = np.empty(shape, dtype=dtype)
-    flat = out.reshape(-1)                                         # a view: out is contiguous
-    flat[::max(1, PAGE_BYTES // out.itemsize)] = 0
-    return out
 
 
 ENV = "MOE_NP_EXPERT_THREADS"   # Python threads for independent experts; unset or 1: in turn

@@ -289,8 +289,8 @@ def _each_segment(fn, offsets, gemm) -> None:
 
 def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w1, b1, w2, b2 = matrices
-    h = blas.empty((len(x), w1.shape[2]), x.dtype)                 # (M, H) GEMM outputs: their
-    y = blas.empty(x.shape, x.dtype)                               # (M, D) pages touched here
+    h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
+    y = np.empty_like(x)                                           # (M, D)
 
     def expert(segment):
         e, lo, hi = segment
@@ -303,9 +303,9 @@ def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
 
 def _ragged_swiglu_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w_gate, w_up, w_down = matrices
-    a = blas.empty((len(x), w_gate.shape[2]), x.dtype)             # (M, H) GEMM outputs: their
-    b = blas.empty(a.shape, x.dtype)                               # (M, H) pages touched here
-    y = blas.empty(x.shape, x.dtype)                               # (M, D)
+    a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
+    b = np.empty_like(a)                                           # (M, H)
+    y = np.empty_like(x)                                           # (M, D)
 
     def expert(segment):
         e, lo, hi = segment
@@ -357,11 +357,11 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
         raise ValueError(f"ragged_experts_backward: dy_sorted must be (M={cache.offsets[-1]}, "
                          f"D={cache.matrices[0].shape[1]}) {cache.hidden[0].dtype}, got "
                          f"{dy_sorted.shape} {dy_sorted.dtype}")
-    grads = tuple(blas.empty(w.shape, w.dtype) for w in cache.matrices)   # each expert writes its slices
+    grads = tuple(np.empty_like(w) for w in cache.matrices)        # each expert writes its slices
     for e in np.flatnonzero(np.diff(cache.offsets) == 0):          # an idle expert: gradient 0
         for g in grads:
             g[e] = 0
-    dx = dy_sorted if overwrite else blas.empty(dy_sorted.shape, dy_sorted.dtype)   # (M, D) all written
+    dx = dy_sorted if overwrite else np.empty_like(dy_sorted)      # (M, D) every row written
     widest, width = int(np.diff(cache.offsets).max(initial=0)), cache.hidden[0].shape[1]
     buffers = 1 if cache.kind == "mlp" else 2
     local = threading.local()                                      # one work buffer per thread
@@ -370,7 +370,7 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
     def expert(segment):
         e, lo, hi = segment
         if not hasattr(local, "scratch"):
-            local.scratch = blas.empty((buffers, widest, width), dy_sorted.dtype)   # (S, M_max, H)
+            local.scratch = np.empty((buffers, widest, width), dtype=dy_sorted.dtype)   # (S, M_max, H)
         run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi],
                     tuple(a[lo:hi] for a in cache.hidden), local.scratch[:, :hi - lo]), grads, cache)
     _each_segment(expert, cache.offsets, cache.gemm)
