@@ -172,11 +172,9 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
     result = np.empty(x.shape, np.float32, order=order) if out is None else out
     in_order = result.flags.f_contiguous if order == "F" else result.flags.c_contiguous
     target = result if in_order else np.empty(x.shape, np.float32, order=order)
-    compiled, flat = kernels(), (x.ravel(order=order), target.ravel(order=order))   # (S,) views
-    if compiled is None:
-        round_twin(*flat, *params)
-    else:
-        compiled.round_kernel(*flat, *params)
+    compiled = kernels()
+    run = round_twin if compiled is None else compiled.round_kernel
+    run(x.ravel(order=order), target.ravel(order=order), *params)     # (S,) views in memory order
     if target is not result:
         result[...] = target
     return result

@@ -106,16 +106,14 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
     its own entries only.
     """
     n, d = x.shape
-    tile_of = np.arange(d) // sc.cols                   # (D,) each column's tile
-    scale = np.empty(tile_of[-1] + 1, dtype=np.float32)   # (T,) a band's maxima, then scales
+    scale = np.empty(-(-d // sc.cols), dtype=np.float32)   # (T,) a band's maxima, then scales
     for band in range(-(-n // sc.rows)):
-        _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits,
-                     sub_scale, limit_bits)
+        _scaled_band(x, sc, out, band, scale, drop, max_bits, min_normal_bits, sub_scale,
+                     limit_bits)
 
 
 @njit(cache=True)
-def _scaled_band(x, sc, out, band, tile_of, scale, drop, max_bits, min_normal_bits, sub_scale,
-                 limit_bits):
+def _scaled_band(x, sc, out, band, scale, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """scaled_kernel on one band of sc.rows rows; scale (T,) is its work buffer. Each tile's
     row segment goes first through round_value's normal-range path alone, with no branch (so
     the loop vectorizes); a segment holding a NaN or an entry with 0 < |q| < min_normal is

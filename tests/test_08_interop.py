@@ -440,6 +440,8 @@ SD_PER = hf_state_dict("mixtral", "per_expert")
     ("mixtral", [SD], MIXTRAL, "state_dict must be a dict"),
     ("mixtral", SD, _without(MIXTRAL, "num_experts_per_tok"), "missing the field 'num_experts_per_tok'"),
     ("mixtral", SD, MIXTRAL | {"hidden_size": "5"}, "'hidden_size' must be an integer >= 1, got '5'"),
+    ("mixtral", SD, MIXTRAL | {"hidden_size": 0}, "'hidden_size' must be an integer >= 1, got 0"),
+    ("mixtral", SD, MIXTRAL | {"hidden_size": True}, "'hidden_size' must be an integer >= 1, got True"),
     ("mixtral", SD, MIXTRAL | {"num_experts_per_tok": 5}, "config does not fit moe_np.*k=5 exceeds num_experts=4"),
     ("mixtral", SD, MIXTRAL | {"hidden_act": "gelu"}, "hidden_act='gelu' cannot be represented"),
     ("mixtral", SD, MIXTRAL | {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 scales the input"),

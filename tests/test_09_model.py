@@ -497,6 +497,9 @@ def test_a_bad_hf_state_dict_names_the_key(change, message):
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "RoPE scaling"),
     (dict(num_key_value_heads=3), "num_kv_heads=3 must divide num_heads=2"),
     (dict(head_dim=2), "head_dim=2 differs from hidden_size / num_attention_heads"),
+    (dict(num_hidden_layers=0), "from_hf_model: config field 'num_hidden_layers' must be an integer >= 1, got 0"),
+    (dict(rms_norm_eps=0.0), "from_hf_model: config field 'rms_norm_eps' must be a number > 0, got 0.0"),
+    (dict(tie_word_embeddings=1), "from_hf_model: config field 'tie_word_embeddings' must be a bool, got 1"),
 ])
 def test_a_bad_hf_config_is_refused(fields, message):
     config = HF_CONFIGS["mixtral"] | fields

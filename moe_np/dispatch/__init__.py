@@ -36,11 +36,8 @@ STRATEGIES = tuple(STRATEGY_MODULES)
 def pointwise_for(name: str):
     """The experts' elementwise passes strategy `name` runs (experts.Pointwise): the numba
     strategy's compiled loops, or NumPy's (experts.NUMPY_POINTWISE, every other strategy)."""
-    module = get_strategy(name)
-    if hasattr(module, "pointwise"):
-        return module.pointwise()
     from moe_np.experts import NUMPY_POINTWISE
-    return NUMPY_POINTWISE
+    return getattr(get_strategy(name), "POINTWISE", NUMPY_POINTWISE)
 
 
 def get_strategy(name: str):

@@ -148,23 +148,19 @@ def _take_rows(x, rows, out):
     return kernels.take_rows(x, rows, out)
 
 
+# The wrappers look each kernel up when called (a test observes every call). The
+# low-precision path and the expert-parallel layer use these too (dispatch.pointwise_for).
 POINTWISE = experts.Pointwise(_bias_relu, _add_bias, _relu_grad, _column_sums, _swiglu,
                               _swiglu_grad, _take_rows)
 
 
-def pointwise():
-    """The experts' pointwise passes this strategy runs: POINTWISE (SparseMoE, the
-    expert-parallel layer and the low-precision path ask for it through dispatch.pointwise_for)."""
-    return POINTWISE
-
-
 def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None):
     """The reference's ragged experts (experts.ragged_experts_forward), their pointwise passes
-    compiled (pointwise()). Given x, the cache keeps x and the plan's rows instead of x_sorted."""
+    compiled (POINTWISE). Given x, the cache keeps x and the plan's rows instead of x_sorted."""
     check_data("experts_forward", "x_sorted", x_sorted)
     source = None if x is None else (x, plan.rows_token)
     return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets, source=source,
-                                          pointwise=pointwise())
+                                          pointwise=POINTWISE)
 
 
 # -- the strategy ------------------------------------------------------------------------
@@ -258,3 +254,4 @@ def warm_up(dtype=np.float32) -> None:
     h, b = np.ones((2, 4, 2), dtype=dtype)                             # (M, H) each
     _relu_grad(_bias_relu(_add_bias(h, b[0]), b[0]), h)
     _swiglu_grad(_swiglu(h, b, np.empty_like(h)), h, b, _column_sums(b) * b)
+    _take_rows(h, np.arange(2), np.empty_like(h[:2]))

@@ -192,22 +192,36 @@ def _check_style(fn: str, arch: str, style) -> str:
 
 # -- HF config -> SparseConfig -------------------------------------------------------------
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+KINDS = {   # an HF config field's kind: (its test, what it must be)
+    "size": (lambda v: _number(v) and isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "flag": (lambda v: isinstance(v, bool), "a bool"),
+    "coef": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "number": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "str": (lambda v: isinstance(v, str), "a string")}
+
+
+def hf_value(owner: str, config: dict, name: str, kind: str, default):
+    """config[name] checked against its kind (KINDS; a "coef" as a float), or `default` when
+    absent (REQUIRED: it must be there). owner starts each error: "from_hf: mixtral config"."""
+    if name not in config:
+        if default is REQUIRED:
+            raise ValueError(f"{owner} is missing the field {name!r}")
+        return default
+    value = config[name]
+    test, need = KINDS[kind]
+    if not test(value):
+        raise ValueError(f"{owner} field {name!r} must be {need}, got {value!r}")
+    return float(value) if kind == "coef" else value
+
+
 def _field(arch: str, config: dict, name: str):
     """config[name] (or its HF default), checked against its kind."""
     kind, default, _ = ARCH[arch].fields[name]
-    if name not in config:
-        if default is REQUIRED:
-            raise ValueError(f"from_hf: {arch} config is missing the field {name!r}")
-        return default
-    value = config[name]
-    ok = {"size": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-          "flag": isinstance(value, bool),
-          "coef": isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-          "str": isinstance(value, str)}[kind]
-    if not ok:
-        need = {"size": "an integer >= 1", "flag": "a bool", "coef": "a number >= 0", "str": "a string"}
-        raise ValueError(f"from_hf: {arch} config field {name!r} must be {need[kind]}, got {value!r}")
-    return float(value) if kind == "coef" else value
+    return hf_value(f"from_hf: {arch} config", config, name, kind, default)
 
 
 def _read_config(arch: str, config: dict) -> dict:

@@ -68,19 +68,9 @@ def _check_arch(fn: str, arch) -> None:
 
 
 def _hf_field(config: dict, name: str, kind: str, default):
-    if name not in config:
-        if default is None:
-            raise ValueError(f"from_hf_model: config is missing the field {name!r}")
-        return default
-    value = config[name]
-    ok = {"size": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-          "number": isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-          "flag": isinstance(value, bool)}[kind]
-    if not ok:
-        raise ValueError(f"from_hf_model: config field {name!r} must be "
-                         f"{ {'size': 'an integer >= 1', 'number': 'a number > 0', 'flag': 'a bool'}[kind]}, "
-                         f"got {value!r}")
-    return value
+    """config[name] checked against its kind (blocks.KINDS); default None: it must be there."""
+    return interop.hf_value("from_hf_model: config", config, name, kind,
+                            interop.REQUIRED if default is None else default)
 
 
 def rope_theta_of(config: dict) -> float:
