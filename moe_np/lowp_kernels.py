@@ -13,7 +13,8 @@ integers a kernel takes are lowp.Rounding's fields; `sc` is a lowp.Scaling.
 The sweeps run on the calling thread: they sit between two GEMMs, and a
 second team of threads there fights OpenBLAS's (which wait spinning for the
 next GEMM) for the cores; measured on 2 cores, a parallel version made the
-fp16 step 0.76 -> 1.2 s.
+fp16 step 0.76 -> 1.2 s. They compile with error_model="numpy" (IEEE
+division, as in NumPy): Python's model tests every divisor for zero.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from numba import njit
 JIT = not numba.config.DISABLE_JIT   # False: the kernels would run as slow Python; use the twins
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """v (a float32) rounded to the format, as a float32.
 
@@ -53,14 +54,14 @@ def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     return np.uint32((b & 0x80000000) | r).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out[k] = x[k] rounded to the format, one sweep.   x, out: (S,) float32 (may be the same)."""
     for k in range(x.size):
         out[k] = round_value(x[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def tile_scale(amax, sc):
     """One tile's scale from its amax, as precision.amax_scale / precision.mx_scale compute it;
     NaN for a tile holding inf or NaN (the whole tile is then lost)."""
@@ -75,7 +76,7 @@ def tile_scale(amax, sc):
     return s if s >= np.float32(2.0**-149) else np.float32(2.0**-149)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def band_maxima(x, i0, i1, cols, amax):
     """amax[t] = max(amax[t], |x[i, j]|) over rows i0:i1 and tile t's columns; a NaN stays.
     x: (N, D); amax: (T,) float32. Compared as bit patterns with the sign cleared: there the
@@ -96,7 +97,7 @@ def band_maxima(x, i0, i1, cols, amax):
             top[t] = best
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out = round(clip(x / s, +-qmax)) * s in float32, s = tile_scale(amax of the tile).
 
@@ -112,7 +113,7 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
                      limit_bits)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scaled_band(x, sc, out, band, scale, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """scaled_kernel on one band of sc.rows rows; scale (T,) is its work buffer. Each tile's
     row segment goes first through round_value's normal-range path alone, with no branch (so

@@ -136,7 +136,7 @@ def _column_sums(a):
 
 def _swiglu(a, b, out):
     e = np.exp(kernels.neg_abs_rows(a, out), out=out)                  # (M, H) exp(-|a|)
-    return kernels.swiglu_rows(a, b, e, a.dtype.type(1), out)
+    return kernels.swiglu_rows(a, b, e, a.dtype.type(1))               # (M, H) over e (out)
 
 
 def _swiglu_grad(du, a, b, db):
