@@ -88,10 +88,13 @@ def rms_norm_backward(dy, cache: RMSNormCache):
     """g = dy w;  dx = (g - xhat mean(g xhat)) / rms;  dw = sum dy xhat.   -> dx (..., D), dw (D,)."""
     xhat, rinv, w = cache
     d = w.shape[0]
-    dw = (dy * xhat).reshape(-1, d).sum(axis=0)                    # (D,)
-    g = dy * w                                                     # (..., D)
-    dx = rinv * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))   # (..., D)
-    return dx, dw
+    t = dy * xhat                                                  # (..., D) work buffer
+    dw = t.reshape(-1, d).sum(axis=0)                              # (D,)
+    g = dy * w                                                     # (..., D), becomes dx
+    mu = np.mean(np.multiply(g, xhat, out=t), axis=-1, keepdims=True)   # (..., 1)
+    g -= np.multiply(xhat, mu, out=t)                              # g - xhat mean(g xhat)
+    g *= rinv                                                      # dx, in place
+    return g, dw
 
 
 # -- rotary position embedding --------------------------------------------------------------
@@ -198,8 +201,8 @@ def attend_forward(q, k, v, block: int = QUERY_BLOCK):
     for lo, hi, end in query_blocks(t, length, block):
         qb = q5[:, :, :, lo:hi].reshape(b, g, r * (hi - lo), f)    # (B, P, A/P T_j, F)
         s = qb @ np.swapaxes(k[:, :, :end], -1, -2)                # (B, P, A/P T_j, L_j)
-        s.reshape(b, g, r, hi - lo, end)[...] += np.where(
-            causal_mask(hi - lo, end), 0.0, -np.inf).astype(s.dtype)   # (T_j, L_j) broadcast
+        np.copyto(s.reshape(b, g, r, hi - lo, end), -np.inf,
+                  where=~causal_mask(hi - lo, end))                # (T_j, L_j) broadcast
         p, softmax_cache = functional.softmax_forward(s, temperature=temperature)   # as s
         o5[:, :, :, lo:hi] = (p @ v[:, :, :end]).reshape(b, g, r, hi - lo, f)
         blocks.append(AttendBlock(lo, hi, end, p, softmax_cache))

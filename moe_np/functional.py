@@ -37,9 +37,10 @@ class LogSoftmaxCache(NamedTuple):
 def softmax_forward(z, axis: int = -1, temperature: float = 1.0):
     """p = exp(z/T - max) / sum exp(z/T - max) along axis.   SoftmaxCache(p, axis, T)."""
     validate.positive("softmax_forward", "temperature", temperature)
-    s = z / temperature                                  # same shape as z
-    e = np.exp(s - s.max(axis=axis, keepdims=True))      # same shape; largest entry is 1
-    p = e / e.sum(axis=axis, keepdims=True)              # same shape; sums to 1 along axis
+    p = z / temperature                                  # same shape as z: the one new array
+    np.subtract(p, p.max(axis=axis, keepdims=True), out=p)   # in place; largest entry 0
+    np.exp(p, out=p)                                     # largest entry 1
+    np.divide(p, p.sum(axis=axis, keepdims=True), out=p)     # sums to 1 along axis
     return p, SoftmaxCache(p, axis, temperature)
 
 
@@ -47,7 +48,10 @@ def softmax_backward(dp, cache: SoftmaxCache):
     """dz = p * (dp - sum(dp * p, axis)) / T."""
     p = cache.p                                          # z's shape
     inner = np.sum(dp * p, axis=cache.axis, keepdims=True)   # one value per softmax row
-    return p * (dp - inner) / cache.temperature
+    dz = dp - inner                                      # dp's shape: the result's one array
+    dz *= p                                              # p (dp - inner), the same bits
+    dz /= cache.temperature
+    return dz
 
 
 def logsumexp(z, axis: int = -1):

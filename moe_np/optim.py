@@ -103,13 +103,21 @@ class Adam(Optimizer):
         self.t += 1
         for name, p in self.params.items():
             g, m, v = grads[name], self.state["m"][name], self.state["v"][name]
-            m[...] = b1 * m + (1 - b1) * g
-            v[...] = b2 * v + (1 - b2) * g * g
-            m_hat = m / (1 - b1**self.t)
-            v_hat = v / (1 - b2**self.t)
+            m *= b1                                        # m <- b1 m + (1 - b1) g, in place
+            m += (1 - b1) * g
+            v *= b2                                        # v <- b2 v + (1 - b2) g g
+            g2 = (1 - b2) * g                              # g's shape and dtype
+            g2 *= g
+            v += g2
+            step = m / (1 - b1**self.t)                    # m_hat, then lr m_hat / (...)
+            step *= self.lr
+            den = v / (1 - b2**self.t)                     # v_hat, then sqrt(v_hat) + eps
+            np.sqrt(den, out=den)
+            den += self.eps
+            step /= den
             if self.weight_decay:
                 p -= self.lr * self.weight_decay * p
-            p -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+            p -= step
 
 
 class AdamW(Adam):
