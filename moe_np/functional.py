@@ -57,7 +57,8 @@ def softmax_backward(dp, cache: SoftmaxCache):
 def logsumexp(z, axis: int = -1):
     """log sum exp(z) along axis, stable for large |z|.   (N, V) -> (N,)."""
     m = z.max(axis=axis, keepdims=True)                  # (N, 1)
-    return np.squeeze(m, axis) + np.log(np.exp(z - m).sum(axis=axis))
+    e = (z - m).astype(np.result_type(z, 1.0), copy=False)   # (N, V) floats: exp in place
+    return np.squeeze(m, axis) + np.log(np.exp(e, out=e).sum(axis=axis))
 
 
 def log_softmax_forward(z, axis: int = -1):
