@@ -180,3 +180,25 @@ def test_softmax_caches_are_read_by_field_name():
     g = np.cos(z)                                                      # (3, 4)
     by_field = functional.softmax_backward(g, functional.SoftmaxCache(p=p, axis=0, temperature=2.0))
     assert np.array_equal(functional.softmax_backward(g, cache), by_field)
+
+
+def test_softmax_and_logsumexp_leave_their_inputs_as_they_were():
+    """They build their results in arrays of their own (in place there): the caller's logits,
+    upstream gradient and cached probabilities stay as they were, and the results equal the
+    textbook formulas written out with temporaries, to the bit."""
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((5, 6)).astype(np.float32)                # (N, E)
+    dp = rng.standard_normal((5, 6)).astype(np.float32)               # (N, E)
+    z0, dp0 = z.copy(), dp.copy()
+    p, cache = functional.softmax_forward(z, temperature=0.7)
+    p0 = p.copy()
+    dz = functional.softmax_backward(dp, cache)
+    lse = functional.logsumexp(z)
+    assert np.array_equal(z, z0) and np.array_equal(dp, dp0) and np.array_equal(cache.p, p0)
+    s = z / 0.7                                                       # (N, E) the textbook forms
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    assert np.array_equal(p, e / e.sum(axis=-1, keepdims=True))
+    assert np.array_equal(dz, p0 * (dp0 - np.sum(dp0 * p0, axis=-1, keepdims=True)) / 0.7)
+    m = z0.max(axis=-1, keepdims=True)
+    assert np.array_equal(lse, np.squeeze(m, -1) + np.log(np.exp(z0 - m).sum(axis=-1)))
+    assert p.dtype == dz.dtype == lse.dtype == np.float32

@@ -69,6 +69,28 @@ def test_adamw_step_by_hand():
     assert p["w"][0] == pytest.approx(0.8714672987058463, rel=1e-13)
 
 
+def test_adamw_updates_in_place_without_touching_the_gradients():
+    """float32 parameters and moments stay float32 objects updated in place, the gradients
+    stay as they were, and three steps equal the textbook update written with temporaries,
+    to the bit."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 3)).astype(np.float32)                 # (4, 3)
+    p, ref = {"w": w}, w.copy()
+    opt = AdamW(p, lr=0.05, weight_decay=0.1)
+    m, v = np.zeros_like(ref), np.zeros_like(ref)
+    for t in range(1, 4):
+        g = rng.standard_normal((4, 3)).astype(np.float32)             # (4, 3)
+        g0 = g.copy()
+        opt.step({"w": g})
+        assert np.array_equal(g, g0)
+        m = 0.9 * m + (1 - 0.9) * g0
+        v = 0.999 * v + (1 - 0.999) * g0 * g0
+        ref = ref - 0.05 * 0.1 * ref
+        ref = ref - 0.05 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    assert p["w"] is w and w.dtype == opt.state["m"]["w"].dtype == np.float32
+    assert np.array_equal(w, ref) and np.array_equal(opt.state["v"]["w"], v)
+
+
 def test_clip_grad_norm_rescales_together_and_keeps_dtypes():
     grads = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float16)}
     clipped, norm = clip_grad_norm(grads, 1.0)

@@ -514,3 +514,20 @@ def test_to_hf_model_refuses_what_hf_cannot_hold():
         interop.to_hf_model("mixtral", dense_first)
     with pytest.raises(ValueError, match="arch must be one of"):
         interop.to_hf_model("deepseek_v3", dense_first)
+
+
+def test_rms_norm_backward_leaves_its_inputs_and_matches_the_formula():
+    """The backward reuses one work buffer of its own: dy and the cache stay as they were, and
+    dx, dw equal the formula written with temporaries, to the bit, in float32."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)             # (B, T, D)
+    w = rng.standard_normal(8).astype(np.float32)                     # (D,)
+    dy = rng.standard_normal((2, 3, 8)).astype(np.float32)            # (B, T, D)
+    _, cache = att.rms_norm_forward(x, w, 1e-5)
+    dy0, xhat0 = dy.copy(), cache.xhat.copy()
+    dx, dw = att.rms_norm_backward(dy, cache)
+    assert np.array_equal(dy, dy0) and np.array_equal(cache.xhat, xhat0)
+    g = dy0 * w                                                       # (B, T, D)
+    assert np.array_equal(dx, cache.rinv * (g - xhat0 * np.mean(g * xhat0, axis=-1, keepdims=True)))
+    assert np.array_equal(dw, (dy0 * xhat0).reshape(-1, 8).sum(axis=0))
+    assert dx.dtype == dw.dtype == np.float32
