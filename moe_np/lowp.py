@@ -240,7 +240,10 @@ def scaled_round(x: np.ndarray, fmt: str, rows: int, cols: int, power_of_two: bo
     if compiled is None:
         scaled_twin(x, sc, out, fmt)
     else:
-        compiled.scaled_kernel(np.ascontiguousarray(x), sc, out, *rounding(fmt))
+        source = np.ascontiguousarray(x)                               # (N, D)
+        if np.may_share_memory(source, out):                           # the kernel reads x after
+            source = source.copy()                                     # writing out: keep them apart
+        compiled.scaled_kernel(source, sc, out, *rounding(fmt))
     return out
 
 

@@ -101,46 +101,46 @@ def band_maxima(x, i0, i1, cols, amax):
 def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out = round(clip(x / s, +-qmax)) * s in float32, s = tile_scale(amax of the tile).
 
-    x: (N, D) C-contiguous; out: (N, D) (may be x). One band of sc.rows rows
-    at a time: its tile maxima in one sweep, then the rounding in a second
-    sweep while the band is still in the cache. A trailing partial tile uses
-    its own entries only.
+    x: (N, D) C-contiguous; out: (N, D), not x's memory. One band of sc.rows
+    rows at a time: its tile maxima in one sweep, then the rounding in a
+    second sweep while the band is still in the cache. A trailing partial
+    tile uses its own entries only.
     """
     n, d = x.shape
     scale = np.empty(-(-d // sc.cols), dtype=np.float32)   # (T,) a band's maxima, then scales
+    columns = np.empty(d, dtype=np.float32)                # (D,) each column's scale in the band
     for band in range(-(-n // sc.rows)):
-        _scaled_band(x, sc, out, band, scale, drop, max_bits, min_normal_bits, sub_scale,
-                     limit_bits)
+        i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
+        scale[:] = 0.0
+        band_maxima(x, i0, i1, sc.cols, scale)
+        for t in range(scale.size):
+            columns[t * sc.cols:(t + 1) * sc.cols] = tile_scale(scale[t], sc)
+        for i in range(i0, i1):
+            if _scaled_row(x[i], columns, out[i], np.float32(sc.qmax), drop, max_bits,
+                           min_normal_bits, limit_bits):
+                limit = np.float32(sc.qmax)
+                for j in range(d):                         # rare: redone entry by entry
+                    q = x[i, j] / columns[j]
+                    q = limit if q > limit else (-limit if q < -limit else q)
+                    out[i, j] = columns[j] * round_value(q, drop, max_bits, min_normal_bits,
+                                                         sub_scale, limit_bits)
 
 
 @njit(cache=True, error_model="numpy")
-def _scaled_band(x, sc, out, band, scale, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
-    """scaled_kernel on one band of sc.rows rows; scale (T,) is its work buffer. Each tile's
-    row segment goes first through round_value's normal-range path alone, with no branch (so
-    the loop vectorizes); a segment holding a NaN or an entry with 0 < |q| < min_normal is
-    then redone entry by entry by round_value itself."""
-    n, d = x.shape
-    limit = np.float32(sc.qmax)
-    i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
-    scale[:] = 0.0
-    band_maxima(x, i0, i1, sc.cols, scale)
-    for t in range(scale.size):
-        scale[t] = tile_scale(scale[t], sc)
+def _scaled_row(xr, columns, row, limit, drop, max_bits, min_normal_bits, limit_bits):
+    """One row through round_value's normal-range path alone, with no branch, so the loop
+    vectorizes: row[j] = columns[j] round(clip(xr[j] / columns[j], +-limit)). -> nonzero when
+    an entry is a NaN or has 0 < |q| < min_normal, for which the caller redoes the row by
+    round_value itself. xr, columns, row: (D,)."""
     keep, half = 0xFFFFFFFF ^ ((1 << drop) - 1), (1 << (drop - 1)) - 1
-    for i in range(i0, i1):
-        for t in range(scale.size):
-            s, j0, j1 = scale[t], t * sc.cols, min(t * sc.cols + sc.cols, d)
-            special = 0
-            for j in range(j0, j1):
-                q = x[i, j] / s
-                q = limit if q > limit else (-limit if q < -limit else q)   # saturate; NaN passes
-                b = np.float32(q).view(np.uint32)
-                a = b & 0x7FFFFFFF
-                r = (a + half + ((a >> drop) & 1)) & keep
-                special += (a > 0x7F800000) | (((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1)
-                out[i, j] = s * np.uint32((b & 0x80000000) | (limit_bits if r > max_bits else r)).view(np.float32)
-            if special:
-                for j in range(j0, j1):
-                    q = x[i, j] / s
-                    q = limit if q > limit else (-limit if q < -limit else q)
-                    out[i, j] = s * round_value(q, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+    special = 0
+    for j in range(xr.size):
+        s = columns[j]
+        q = xr[j] / s
+        q = limit if q > limit else (-limit if q < -limit else q)   # saturate; NaN passes
+        b = np.float32(q).view(np.uint32)
+        a = b & 0x7FFFFFFF
+        r = (a + half + ((a >> drop) & 1)) & keep
+        special += (a > 0x7F800000) | (((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1)
+        row[j] = s * np.uint32((b & 0x80000000) | (limit_bits if r > max_bits else r)).view(np.float32)
+    return special

@@ -636,6 +636,25 @@ def test_scaled_round_loses_only_the_tile_that_holds_inf_or_nan(kernels):
         assert np.array_equal(np.isnan(y), lost) and np.all(y[~lost] == 1.0), (rows, cols)
 
 
+def test_scaled_round_of_its_own_scratch_buffer(kernels):
+    """x may be the very buffer the result is written to (the same scratch name): the kernel
+    reads a row again after writing it when the row holds a NaN or a value that rounds to an
+    fp8 subnormal, so it must read an untouched copy, and give the bits of a fresh call.
+    Row 3's tile has amax 448, so its scale is 1 and q = x: 2^-7 + 2^-10 + 2^-14 rounds to
+    5 subnormal steps of 2^-9, but read again after the normal-range pass had written
+    2^-7 + 2^-10 (4.5 steps, a tie) it would round to 4."""
+    rng = np.random.default_rng(4)
+    scratch = lowp.Scratch()
+    x = scratch.get("q", (6, 256), F32)                                               # (6, 256)
+    x[...] = rng.standard_normal((6, 256))
+    x[1, 5], x[2, 9] = np.nan, 1e-7                                                   # specials
+    x[3, 0], x[3, 1] = 448.0, 2.0**-7 + 2.0**-10 + 2.0**-14
+    want = lowp.scaled_round(x.copy(), "fp8_e4m3", 1, 128)
+    got = lowp.scaled_round(x, "fp8_e4m3", 1, 128, scratch=scratch, name="q")
+    assert np.shares_memory(got, x)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("compute, scaling", [("fp16", "tile"), ("bf16", "tile"), ("fp8_e4m3", "tile"),
                                               ("fp8_e5m2", "mx"), ("fp8_e4m3", "tensor")])
 def test_gemm_rounds_operands_and_output(compute, scaling):
