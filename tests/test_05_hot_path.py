@@ -712,3 +712,73 @@ def test_thread_settings_are_the_defaults_and_one_thread():
     default, one = bench.thread_env("default"), bench.thread_env("one")
     assert not any(k in default for k in bench.THREAD_VARIABLES)
     assert all(one[k] == "1" for k in bench.THREAD_VARIABLES)
+
+
+# -- the workspace: large arrays kept from one step for the next ---------------------------
+
+def test_workspace_hands_out_a_buffer_again_only_when_nothing_refers_to_it():
+    from moe_np import workspace
+    space = workspace.Workspace()
+    n = workspace.MIN_BYTES // 2                                       # float32 entries: 2 MIN_BYTES
+    a = space.empty((2, n // 2), np.float32)                           # (2, n/2)
+    view = a[1]
+    del a
+    b = space.empty((n,), np.float32)                                  # a's memory is seen via view
+    assert len(space.kept) == 2 and not np.shares_memory(b, view)
+    del view
+    c = space.empty((n // 2, 2), np.float32)                           # free again: handed out
+    assert len(space.kept) == 2 and np.shares_memory(c, space.kept[0])
+    assert c.shape == (n // 2, 2) and c.dtype == np.float32 and c.flags.c_contiguous
+    del b, c
+    d = space.empty((n // 2,), np.float64)                             # the same bytes, float64
+    assert d.dtype == np.float64 and np.shares_memory(d, space.kept[0])
+    del d
+    small = space.empty((n // 2,), np.float32)                         # MIN_BYTES: would waste half
+    assert len(space.kept) == 3 and np.shares_memory(small, space.kept[2])   # a buffer of its own
+    assert workspace.empty(None, (3, 2), np.float16).dtype == np.float16
+
+
+def test_workspace_keeps_at_most_max_kept_and_copies_start_empty(monkeypatch):
+    import copy
+    import pickle
+    from moe_np import workspace
+    monkeypatch.setattr(workspace, "MAX_KEPT", 2)
+    space = workspace.Workspace()
+    n = workspace.MIN_BYTES // 4
+    held = [space.empty((n,), np.float32) for _ in range(3)]           # the third is not kept
+    assert len(space.kept) == 2 and not any(np.shares_memory(held[2], k) for k in space.kept)
+    del held[0]
+    bigger = space.empty((2 * n,), np.float32)                         # no free one fits: it
+    assert len(space.kept) == 2 and np.shares_memory(bigger, space.kept[0])   # takes a free slot
+    assert copy.deepcopy(space).kept == [] and pickle.loads(pickle.dumps(space)).kept == []
+
+
+@pytest.mark.parametrize("strategy", ["numba", "numpy"])
+def test_layer_workspace_changes_no_number_and_never_writes_over_what_the_caller_holds(
+        monkeypatch, strategy):
+    """Every array of these small layers goes through their workspace (MIN_BYTES 0). Over four
+    steps the pooled layer's outputs, input gradients and parameter gradients equal a layer's
+    without one, bit for bit; what the caller kept from every step is still as it was at the
+    end; and once steps stop being held, the kept buffers stop growing."""
+    from moe_np import workspace
+    monkeypatch.setattr(workspace, "MIN_BYTES", 0)
+    config = SparseConfig(d_model=8, num_experts=4, d_hidden=16, k=2, dispatch=strategy)
+    pooled, fresh = (SparseMoE(config, seed=3, dtype=np.float32) for _ in range(2))
+    fresh.workspace = None
+    rng = np.random.default_rng(9)
+    held = []
+    for _ in range(4):
+        x = rng.standard_normal((24, 8)).astype(np.float32)            # (N, D)
+        dy = rng.standard_normal((24, 8)).astype(np.float32)           # (N, D)
+        got = [pooled.forward(x), pooled.backward(dy), *pooled.grads.values()]
+        want = [fresh.forward(x), fresh.backward(dy), *fresh.grads.values()]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+        held.append((got, [g.copy() for g in got]))
+    assert all(np.array_equal(g, c) for got, copies in held for g, c in zip(got, copies))
+    del held, got
+    sizes = []
+    for _ in range(3):
+        pooled.forward(x)
+        pooled.backward(dy)
+        sizes.append(len(pooled.workspace.kept))
+    assert sizes[0] > 0 and sizes[1] == sizes[2]
