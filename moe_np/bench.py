@@ -44,7 +44,7 @@ import numpy as np
 from moe_np.bench_memory import (MEMORY_CALLS, array_mib, max_resident_mib, memory_model,  # noqa: F401
                                  memory_parts, memory_run, resident_mib)
 from moe_np.bench_runs import (FULL, QUICK, SCALING_E, SCALING_TOKENS, STAGES, STRATEGY_CALLS,  # noqa: F401
-                               Size, _START, bandwidth_gbps, copy_runner, gemm_floor_runner,
+                               Size, _START, bandwidth_gbps, copy_seconds, gemm_floor_runner,
                                instrument, layer_step, make_inputs, make_layer, median_time,
                                progress, scaling, stage_medians, staged_runner, step_time_ratios,
                                time_interleaved, torch_gemm_floor_runner, torch_runner)
@@ -79,16 +79,12 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     x, dy = make_inputs(size)
     logs = {s: [] for s in STRATEGIES}
     runners = {s: staged_runner(layers[s], x, dy, logs[s]) for s in ("numpy", "numba")}
-    copies = []                   # right after the numba layer: the caches its gather finds
-    runners["copies"] = copy_runner(size, copies)
     runners["gemm_floor"] = gemm_floor_runner(size, layers["numba"].params)
     out = {"numba_threads": numba.get_num_threads(), "notes": [],
            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
            "load_average_1min": os.getloadavg()[0]}
     runners |= _torch_runners(layers["numba"], x, dy, size, use_torch, out)
     out["layer_times"] = time_interleaved(runners, repeats)
-    del out["layer_times"]["copies"]
-    out |= {k: float(np.median([c[k] for c in copies[1:]])) for k in ("memcpy_s", "copy_loop_s")}
     out["stages"] = {s: stage_medians(logs[s]) for s in ("numpy", "numba")}
     if full_set:                  # einsum after the others: its GiB temporaries slow what follows
         warm = size == QUICK      # at full size one einsum step (seconds) is its own warm-up
@@ -96,6 +92,7 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
                                                                         logs["einsum"])}, 1, warm)
         out["stages"]["einsum"] = stage_medians(logs["einsum"], warm)
     del layers
+    out |= copy_seconds(size, 2 * repeats + 1)
     out["scaling"], notes = scaling(size, ("numba",), repeats, time.perf_counter() + SCALING_BUDGET_S)
     out["notes"] += notes
     if full_set:                  # the experts side by side (blas.run_each), two Python threads

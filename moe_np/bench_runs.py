@@ -243,27 +243,16 @@ def stage_medians(log: list, warm_up: bool = True) -> dict:
     return {name: float(np.median([t[name] for t in kept])) for name in STAGES}
 
 
-def copy_runner(size: Size, log: list):
-    """A runner for time_interleaved that copies the gathered buffer's bytes (M*D floats) into
-    a buffer reused from call to call, as the layer's gather writes into its workspace: by
-    NumPy (memcpy), then by a compiled row loop (kernels.copy_rows, numba's threads), each
-    from a source of its own. Put right after the numba layer's runner, each copy finds the
-    caches as a step of the layer leaves them, as the gather does; appends
-    {"memcpy_s", "copy_loop_s"} to log and returns the two times."""
+def copy_seconds(size: Size, repeats: int) -> dict:
+    """The gathered buffer's bytes (M*D floats) copied into one buffer reused from repeat to
+    repeat, as the layer's gather writes into its workspace: by NumPy (memcpy) and by a
+    compiled row loop (kernels.copy_rows, numba's threads).   -> {"memcpy_s", "copy_loop_s"}."""
     from moe_np.dispatch import kernels
-    rng = np.random.default_rng(3)
-    pairs = [(rng.standard_normal((size.n * size.k, size.d), dtype=np.float32),   # (M, D) source
-              np.zeros((size.n * size.k, size.d), dtype=np.float32)) for _ in range(2)]   # (M, D)
-
-    def run() -> tuple[float, float]:
-        (src, dst), (src2, dst2) = pairs
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        middle = time.perf_counter()
-        kernels.copy_rows(src2, dst2)
-        log.append({"memcpy_s": middle - start, "copy_loop_s": time.perf_counter() - middle})
-        return log[-1]["memcpy_s"], log[-1]["copy_loop_s"]
-    return run
+    src = np.random.default_rng(3).standard_normal((size.n * size.k, size.d), dtype=np.float32)  # (M, D)
+    dst = np.zeros_like(src)                                            # (M, D) written once first
+    loop = lambda: kernels.copy_rows(src, dst)                          # noqa: E731
+    return {"memcpy_s": median_time(lambda: np.copyto(dst, src), repeats),
+            "copy_loop_s": median_time(loop, repeats)}
 
 
 # -- scaling with the number of experts -------------------------------------------------------
