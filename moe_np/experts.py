@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe_np import blas, layers, validate, workspace as ws
+from moe_np import blas, layers, validate
 
 
 def _batched(fn, x, w_in):
@@ -206,7 +206,6 @@ class RaggedCache(NamedTuple):
     gemm: Callable         # every matrix product: np.matmul, or a low-precision one
     source: tuple | None   # (x (N, D), rows_token (M,)) with x_sorted[m] = x[rows_token[m]], or None
     pointwise: Pointwise   # the elementwise passes
-    workspace: ws.Workspace | None = None   # where the backward takes its large arrays
 
 
 def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
@@ -217,7 +216,7 @@ def check_offsets(fn: str, offsets, rows: int, num_experts: int) -> None:
 
 
 def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.matmul,
-                           source=None, pointwise: Pointwise = NUMPY_POINTWISE, workspace=None):
+                           source=None, pointwise: Pointwise = NUMPY_POINTWISE):
     """y_sorted[lo:hi] = f_e(x_sorted[lo:hi]) for lo, hi = offsets[e], offsets[e+1].
 
     x_sorted: (M, D), params: the stacked expert matrices (E, ...) -> y_sorted (M, D).
@@ -229,7 +228,6 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.m
     buffer less). gemm(a, b, out=) computes every matrix product, forward and
     backward: np.matmul, or a simulated low-precision product (lowp.gemm_for).
     pointwise: the elementwise passes (NUMPY_POINTWISE, or compiled ones that match them).
-    workspace: a workspace.Workspace for the large arrays, forward and backward, or None.
     """
     matrices = tuple(params[k] for k in expert_kind(kind).names)
     validate.ndim("ragged_experts_forward", "x_sorted", x_sorted, 2)
@@ -238,10 +236,9 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.m
     if source is not None:
         _check_source(source, x_sorted)
     run = _ragged_mlp_forward if kind == "mlp" else _ragged_swiglu_forward
-    y_sorted, hidden = run(x_sorted, matrices, offsets, gemm, pointwise, workspace)   # (M, D)
+    y_sorted, hidden = run(x_sorted, matrices, offsets, gemm, pointwise)   # (M, D)
     kept = x_sorted if source is None else None
-    return y_sorted, RaggedCache(kind, kept, offsets, matrices, hidden, gemm, source, pointwise,
-                                 workspace)
+    return y_sorted, RaggedCache(kind, kept, offsets, matrices, hidden, gemm, source, pointwise)
 
 
 def _check_matrices(kind: str, matrices, x_sorted) -> None:
@@ -290,10 +287,10 @@ def _each_segment(fn, offsets, gemm) -> None:
             fn(segment)
 
 
-def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise, space):
+def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w1, b1, w2, b2 = matrices
-    h = ws.empty(space, (len(x), w1.shape[2]), x.dtype)            # (M, H)
-    y = ws.empty(space, x.shape, x.dtype)                          # (M, D)
+    h = np.empty((len(x), w1.shape[2]), dtype=x.dtype)             # (M, H)
+    y = np.empty_like(x)                                           # (M, D)
 
     def expert(segment):
         e, lo, hi = segment
@@ -304,11 +301,11 @@ def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise, space):
     return y, (h,)
 
 
-def _ragged_swiglu_forward(x, matrices, offsets, gemm, pw: Pointwise, space):
+def _ragged_swiglu_forward(x, matrices, offsets, gemm, pw: Pointwise):
     w_gate, w_up, w_down = matrices
-    a = ws.empty(space, (len(x), w_gate.shape[2]), x.dtype)        # (M, H)
-    b = ws.empty(space, a.shape, x.dtype)                          # (M, H)
-    y = ws.empty(space, x.shape, x.dtype)                          # (M, D)
+    a = np.empty((len(x), w_gate.shape[2]), dtype=x.dtype)         # (M, H)
+    b = np.empty_like(a)                                           # (M, H)
+    y = np.empty_like(x)                                           # (M, D)
 
     def expert(segment):
         e, lo, hi = segment
@@ -360,8 +357,7 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
         raise ValueError(f"ragged_experts_backward: dy_sorted must be (M={cache.offsets[-1]}, "
                          f"D={cache.matrices[0].shape[1]}) {cache.hidden[0].dtype}, got "
                          f"{dy_sorted.shape} {dy_sorted.dtype}")
-    space = cache.workspace
-    grads = tuple(ws.empty(space, w.shape, w.dtype) for w in cache.matrices)   # written per expert
+    grads = tuple(np.empty_like(w) for w in cache.matrices)        # each expert writes its slices
     for e in np.flatnonzero(np.diff(cache.offsets) == 0):          # an idle expert: gradient 0
         for g in grads:
             g[e] = 0
@@ -370,14 +366,11 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
     buffers = 1 if cache.kind == "mlp" else 2
     local = threading.local()                                      # one work buffer per thread
     run = _ragged_mlp_backward if cache.kind == "mlp" else _ragged_swiglu_backward
-    caller = threading.get_ident()                                 # its buffer is the workspace's
-    first = ws.empty(space, (buffers, widest, width), dy_sorted.dtype)   # (S, M_max, H)
 
     def expert(segment):
         e, lo, hi = segment
         if not hasattr(local, "scratch"):
-            local.scratch = first if threading.get_ident() == caller else np.empty(
-                (buffers, widest, width), dtype=dy_sorted.dtype)   # (S, M_max, H)
+            local.scratch = np.empty((buffers, widest, width), dtype=dy_sorted.dtype)   # (S, M_max, H)
         run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi],
                     tuple(a[lo:hi] for a in cache.hidden), local.scratch[:, :hi - lo]), grads, cache)
     _each_segment(expert, cache.offsets, cache.gemm)

@@ -21,7 +21,6 @@ from typing import NamedTuple
 import numpy as np
 
 from moe_np import balance, dispatch, functional, lowp, routers, validate
-from moe_np.workspace import Workspace
 from moe_np.config import SparseConfig
 from moe_np.experts import expert_kind, experts_selection, init_experts, ragged_experts_forward
 from moe_np.layer import Layer, RoutingStats
@@ -128,7 +127,7 @@ def _check_input(x, params: dict, config: SparseConfig, mask=None) -> None:
 
 
 def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, noise=None, rng=None,
-                       jitter=None, mask=None, workspace=None):
+                       jitter=None, mask=None):
     """(y (N, D), aux float), SparseCache.
 
     bias: (E,) selection bias (sigmoid_bias). noise: (N, E) standard-normal
@@ -136,9 +135,7 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, nois
     or seed for the random drop policy. jitter: (N, D) multiplicative noise
     on the router's input only (Switch), None at evaluation. mask: (N,)
     bool, False for padding tokens: they take no slot, get no routed output
-    and add nothing to counts or to the auxiliary loss. workspace: a
-    workspace.Workspace the strategy takes its large arrays from (forward and
-    backward), or None (fresh arrays; the same numbers either way).
+    and add nothing to counts or to the auxiliary loss.
     """
     _check_input(x, params, config, mask)
     strategy = dispatch.get_strategy(config.dispatch)
@@ -147,10 +144,10 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, nois
     x_router = x if jitter is None else x * jitter                     # (N, D)
     route, router_cache = routers.router_forward(x_router, params, config, bias=bias, noise=noise)
     plan = make_plan(route, config, strategy, rng, mask)
-    x_disp, gather_cache = strategy.gather_forward(x, plan, workspace)   # (M, D) or (E, C, D)
-    y_disp, experts_cache = _experts_forward(strategy, x_disp, params, config, plan, x, workspace)
+    x_disp, gather_cache = strategy.gather_forward(x, plan)            # (M, D) or (E, C, D)
+    y_disp, experts_cache = _experts_forward(strategy, x_disp, params, config, plan, x)
     del x_disp                        # not kept: the experts' backward gathers its rows again
-    y, combine_cache = strategy.combine_forward(y_disp, route.weights, plan, workspace)   # (N, D)
+    y, combine_cache = strategy.combine_forward(y_disp, route.weights, plan)   # (N, D)
     y_shared, shared_cache = shared_experts_forward(x, params, config)
     if y_shared is not None:
         y += y_shared                                                  # (N, D)
@@ -189,15 +186,15 @@ def sparse_moe_backward(dout, cache: SparseCache):
     return lowp.round_output(dx, cache.config.precision), grads | router_grads
 
 
-def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan, x, workspace):
+def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan, x):
     """The experts on the dispatched rows: the strategy's own path in fp32; in low precision
     the ragged pair with lowp's GEMM (operands rounded, float32 sums, output rounded). The
     cache keeps x and the plan's rows, not x_disp (a ragged backward gathers them again)."""
     if config.precision.compute == "fp32":
-        return strategy.experts_forward(x_disp, params, config.expert, plan, x=x, workspace=workspace)
+        return strategy.experts_forward(x_disp, params, config.expert, plan, x=x)
     return ragged_experts_forward(x_disp, params, config.expert, plan.offsets,
                                   gemm=lowp.gemm_for(config.precision), source=(x, plan.rows_token),
-                                  pointwise=dispatch.pointwise_for(config.dispatch), workspace=workspace)
+                                  pointwise=dispatch.pointwise_for(config.dispatch))
 
 
 def sparse_moe_selection(cache: SparseCache) -> tuple:
@@ -255,8 +252,6 @@ class SparseMoE(Layer):
     Training mode draws router noise and the random drop order from the
     layer's own stream and, with bias_gamma > 0, nudges the selection bias
     (a buffer) by DeepSeek-V3's loss-free rule; evaluation does neither.
-    Its large arrays come from its own Workspace (`workspace`), so that step
-    after step they reuse memory already written instead of fresh pages.
     """
 
     def __init__(self, config: SparseConfig, *, seed: int = 0, dtype=np.float64):
@@ -274,7 +269,6 @@ class SparseMoE(Layer):
         if config.router == "sigmoid_bias":
             self.buffers["selection_bias"] = np.zeros(config.num_experts, dtype=self.dtype)   # (E,)
         self.rngs["routing"] = np.random.default_rng(seed + 1)
-        self.workspace = Workspace()
 
     def _draws(self, num_tokens: int):
         return routing_draws(self.config, self.rngs["routing"], self.training, num_tokens, self.dtype)
@@ -282,10 +276,9 @@ class SparseMoE(Layer):
     def forward(self, x, mask=None):
         """x (N, D) -> y (N, D); mask (N,) bool marks real tokens (None: all)."""
         noise, drop_seed, jitter = self._draws(len(x))
-        self._cache = None                # the last step's arrays are free for this one
         (y, self._aux), self._cache = sparse_moe_forward(
             x, self.params, self.config, bias=self.buffers.get("selection_bias"), noise=noise,
-            rng=drop_seed, jitter=jitter, mask=mask, workspace=self.workspace)
+            rng=drop_seed, jitter=jitter, mask=mask)
         self.stats = routing_stats(self._cache)
         c = self.config
         if self.training and c.bias_gamma > 0:

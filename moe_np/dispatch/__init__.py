@@ -7,20 +7,14 @@ around the experts, behind one interface, chosen by `SparseConfig.dispatch`:
     plan_token_choice(ids, num_experts, cap, order, eligible=None, seq_len=None) -> Plan
         eligible (N, K) bool: False leaves an assignment out (a padding token's);
         seq_len: capacity counted per sequence of seq_len tokens (cap slots each)
-    gather_forward(x, plan, workspace=None) -> x_disp, cache
-    gather_backward(dx_disp, cache) -> dx
-    experts_forward(x_disp, params, kind, plan, x=None, workspace=None) -> y_disp, cache
+    gather_forward(x, plan) -> x_disp, cache       gather_backward(dx_disp, cache) -> dx
+    experts_forward(x_disp, params, kind, plan, x=None) -> y_disp, cache
         given x, a ragged strategy keeps (x, plan rows) instead of x_disp
     experts_backward(dy_disp, cache, overwrite=False)   -> dx_disp, grads
         overwrite=True may write dx_disp over dy_disp (the caller owns it)
     experts_selection(cache)                       -> the experts' discrete choices
-    combine_forward(y_disp, weights, plan, workspace=None) -> y, cache
+    combine_forward(y_disp, weights, plan) -> y, cache
     combine_backward(dy, cache) -> dy_disp, dweights
-
-workspace: a workspace.Workspace whose kept memory a forward, and the
-backward after it (through the cache), may take its large arrays from
-(the numba strategy takes all of them there; the numpy one its experts'
-arrays; the einsum one none), or None for fresh arrays.
 
 Every strategy validates its inputs at this boundary (ids in range, shapes,
 dtypes, a plan that matches the batch) before any kernel runs.

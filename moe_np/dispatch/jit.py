@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from moe_np import experts, workspace as ws
+from moe_np import experts
 from moe_np.dispatch import kernels
 # the experts run on the same ragged layout as the reference strategy's, their pointwise passes compiled
 from moe_np.dispatch.reference import experts_backward, experts_selection  # noqa: F401
@@ -42,7 +42,6 @@ PARALLEL_MIN_ELEMENTS = 1 << 20   # below this many buffer entries a kernel runs
 class GatherCache(NamedTuple):
     num_tokens: int          # N, rows of the input
     plan: Plan
-    workspace: ws.Workspace | None = None   # where the backward takes dx
 
 
 class CombineCache(NamedTuple):
@@ -50,7 +49,6 @@ class CombineCache(NamedTuple):
     w_flat: np.ndarray       # (W,) the routing weights, flattened (W = N*K or E*C)
     weights_shape: tuple     # (N, K) or (E, C)
     plan: Plan
-    workspace: ws.Workspace | None = None   # where the backward takes dy_sorted
 
 
 # -- boundary checks ---------------------------------------------------------------------
@@ -156,14 +154,13 @@ POINTWISE = experts.Pointwise(_bias_relu, _add_bias, _relu_grad, _column_sums, _
                               _swiglu_grad, _take_rows)
 
 
-def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None, workspace=None):
+def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None):
     """The reference's ragged experts (experts.ragged_experts_forward), their pointwise passes
-    compiled (POINTWISE). Given x, the cache keeps x and the plan's rows instead of x_sorted.
-    workspace: a workspace.Workspace for the large arrays, forward and backward, or None."""
+    compiled (POINTWISE). Given x, the cache keeps x and the plan's rows instead of x_sorted."""
     check_data("experts_forward", "x_sorted", x_sorted)
     source = None if x is None else (x, plan.rows_token)
     return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets, source=source,
-                                          pointwise=POINTWISE, workspace=workspace)
+                                          pointwise=POINTWISE)
 
 
 # -- the strategy ------------------------------------------------------------------------
@@ -192,15 +189,14 @@ def plan_token_choice(ids, num_experts: int, cap: int | None, order=None, eligib
     return Plan(rows_token, rows_weight, offsets, token_rows, cap, int(dropped))
 
 
-def gather_forward(x, plan: Plan, workspace=None):
-    """x_sorted[m] = x[rows_token[m]].   x (N, D) -> (M, D). workspace: where x_sorted and the
-    backward's dx are taken (workspace.Workspace), or None."""
+def gather_forward(x, plan: Plan):
+    """x_sorted[m] = x[rows_token[m]].   x (N, D) -> (M, D)."""
     check_buffer("gather_forward", "x", x, plan, rows=plan.token_rows.shape[0])
     check_data("gather_forward", "x", x)
     check_plan("gather_forward", plan)
-    x_sorted = ws.empty(workspace, (len(plan.rows_token), x.shape[1]), x.dtype)   # (M, D)
+    x_sorted = np.empty((len(plan.rows_token), x.shape[1]), dtype=x.dtype)   # (M, D)
     run_kernel(kernels.gather_rows, x_sorted.size, x, plan.rows_token, x_sorted)
-    return x_sorted, GatherCache(len(x), plan, workspace)
+    return x_sorted, GatherCache(len(x), plan)
 
 
 def gather_backward(dx_sorted, cache: GatherCache):
@@ -209,23 +205,22 @@ def gather_backward(dx_sorted, cache: GatherCache):
     check_buffer("gather_backward", "dx_sorted", dx_sorted, plan)
     check_data("gather_backward", "dx_sorted", dx_sorted)
     check_plan("gather_backward", plan)
-    dx = ws.empty(cache.workspace, (cache.num_tokens, dx_sorted.shape[1]), dx_sorted.dtype)   # (N, D)
+    dx = np.empty((cache.num_tokens, dx_sorted.shape[1]), dtype=dx_sorted.dtype)   # (N, D)
     return run_kernel(kernels.sum_rows, dx_sorted.size, dx_sorted, plan.token_rows, dx)
 
 
-def combine_forward(y_sorted, weights, plan: Plan, workspace=None):
-    """y[n] = sum over token n's rows m of w_m y_sorted[m].   (M, D), (N, K) or (E, C) -> (N, D).
-    workspace: where y and the backward's dy_sorted are taken (workspace.Workspace), or None."""
+def combine_forward(y_sorted, weights, plan: Plan):
+    """y[n] = sum over token n's rows m of w_m y_sorted[m].   (M, D), (N, K) or (E, C) -> (N, D)."""
     check_buffer("combine_forward", "y_sorted", y_sorted, plan)
     check_data("combine_forward", "y_sorted", y_sorted)
     check_weights("combine_forward", weights, plan, y_sorted.dtype)
     check_plan("combine_forward", plan)
     w_flat = np.ascontiguousarray(weights).ravel()                     # (W,)
     _check_weight_rows("combine_forward", plan, w_flat)
-    y = ws.empty(workspace, (plan.token_rows.shape[0], y_sorted.shape[1]), y_sorted.dtype)   # (N, D)
+    y = np.empty((plan.token_rows.shape[0], y_sorted.shape[1]), dtype=y_sorted.dtype)   # (N, D)
     run_kernel(kernels.combine_rows, y_sorted.size, y_sorted, w_flat, plan.rows_weight,
                plan.token_rows, y)
-    return y, CombineCache(y_sorted, w_flat, weights.shape, plan, workspace)
+    return y, CombineCache(y_sorted, w_flat, weights.shape, plan)
 
 
 def combine_backward(dy, cache: CombineCache):
@@ -237,7 +232,7 @@ def combine_backward(dy, cache: CombineCache):
         raise ValueError(f"combine_backward: dy has D={dy.shape[1]} but the combined rows "
                          f"had D={y_sorted.shape[1]}")
     check_plan("combine_backward", plan)
-    dy_sorted = ws.empty(cache.workspace, y_sorted.shape, y_sorted.dtype)   # (M, D)
+    dy_sorted = np.empty_like(y_sorted)                                # (M, D)
     dweights = np.empty(len(cache.w_flat), dtype=y_sorted.dtype)       # (W,) zeroed by the kernel
     run_kernel(kernels.combine_grad_rows, y_sorted.size, dy, y_sorted, cache.w_flat,
                plan.rows_token, plan.rows_weight, dy_sorted, dweights)

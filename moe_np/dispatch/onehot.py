@@ -110,7 +110,7 @@ def check_padded(fn: str, name: str, a, plan: Plan) -> None:
         raise ValueError(f"{fn}: {name} must be float16, float32 or float64, got {a.dtype}")
 
 
-def gather_forward(x, plan: Plan, workspace=None):
+def gather_forward(x, plan: Plan):
     """x_disp = einsum("nec,nd->ecd", dispatch, x).   x (N, D) -> (E, C, D); padding rows 0."""
     check_buffer("gather_forward", "x", x, plan, rows=plan.token_rows.shape[0])
     dispatch = one_hot(plan, 1, x.dtype)                               # (N, E, C)
@@ -124,7 +124,7 @@ def gather_backward(dx_disp, cache: GatherCache):
     return contract("nec,ecd->nd", cache.dispatch, dx_disp)   # (N, D)
 
 
-def experts_forward(x_disp, params: dict, kind: str, plan: Plan, x=None, workspace=None):
+def experts_forward(x_disp, params: dict, kind: str, plan: Plan, x=None):
     """y_disp[e] = f_e(x_disp[e]) on all C slots, padding included.   (E, C, D) -> (E, C, D).
     x is accepted for the common interface and unused: the stacked pair keeps x_disp."""
     check_padded("experts_forward", "x_disp", x_disp, plan)
@@ -149,7 +149,7 @@ def experts_selection(cache: ExpertsCache):
     return (pattern[cache.slots.expert, cache.slots.slot],)           # (M, H) real rows
 
 
-def combine_forward(y_disp, weights, plan: Plan, workspace=None):
+def combine_forward(y_disp, weights, plan: Plan):
     """y = einsum("nec,ecd->nd", combine, y_disp), combine = dispatch * weight.   -> (N, D)."""
     check_padded("combine_forward", "y_disp", y_disp, plan)
     check_weights("combine_forward", weights, plan, y_disp.dtype)

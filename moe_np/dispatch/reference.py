@@ -31,7 +31,7 @@ class CombineCache(NamedTuple):
     plan: Plan
 
 
-def gather_forward(x, plan: Plan, workspace=None):
+def gather_forward(x, plan: Plan):
     """x_sorted[m] = x[rows_token[m]].   x (N, D) -> (M, D)."""
     check_buffer("gather_forward", "x", x, plan, rows=plan.token_rows.shape[0])
     return x[plan.rows_token], GatherCache(len(x), plan)               # (M, D)
@@ -45,7 +45,7 @@ def gather_backward(dx_sorted, cache: GatherCache):
     return dx
 
 
-def combine_forward(y_sorted, weights, plan: Plan, workspace=None):
+def combine_forward(y_sorted, weights, plan: Plan):
     """y[n] = sum over token n's rows m of w_m y_sorted[m].   (M, D), (N, K) or (E, C) -> (N, D)."""
     check_buffer("combine_forward", "y_sorted", y_sorted, plan)
     check_weights("combine_forward", weights, plan, y_sorted.dtype)
@@ -66,12 +66,11 @@ def combine_backward(dy, cache: CombineCache):
     return cache.w_rows[:, None] * dy_rows, dweights.reshape(cache.weights_shape)
 
 
-def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None, workspace=None):
+def experts_forward(x_sorted, params: dict, kind: str, plan: Plan, x=None):
     """Each expert on its own contiguous rows (see experts.ragged_experts_forward). Given x, the
     input x_sorted was gathered from, the cache keeps x and the plan's rows instead of x_sorted."""
     source = None if x is None else (x, plan.rows_token)
-    return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets, source=source,
-                                          workspace=workspace)
+    return experts.ragged_experts_forward(x_sorted, params, kind, plan.offsets, source=source)
 
 
 def experts_backward(dy_sorted, cache, overwrite: bool = False):
