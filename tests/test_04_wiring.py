@@ -231,3 +231,26 @@ def test_linear_and_softmax_accept_extra_leading_axes():
     assert dx.shape == x.shape and np.allclose(dw, x.reshape(-1, 4).T @ dy.reshape(-1, 5))
     p = functional.softmax_forward(x)[0]
     assert np.allclose(p.sum(axis=-1), 1.0)
+
+
+def test_sparse_layer_lets_its_last_cache_go_as_a_forward_begins_but_keeps_it_on_bad_input(
+        monkeypatch):
+    """The last step's arrays (h, y_sorted, ...) are freed before this step makes its own, so
+    the two never coexist; an input the layer refuses leaves the cache, and its backward, as
+    they were."""
+    import weakref
+    from moe_np import sparse
+    config = SparseConfig(d_model=6, num_experts=4, d_hidden=8, k=2)
+    layer, twin = SparseMoE(config, seed=2), SparseMoE(config, seed=2)
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((10, 6)), rng.standard_normal((10, 6))     # (N, D) each
+    layer.forward(x), twin.forward(x)
+    hidden = weakref.ref(layer._cache.experts_cache.hidden[0])             # (M, H) of that step
+    with pytest.raises(ValueError, match="x"):
+        layer.forward(x.astype(np.float32))                                # a float64 layer
+    assert hidden() is not None
+    assert np.array_equal(layer.backward(dy), twin.backward(dy))
+    seen, inner = [], sparse.sparse_moe_forward
+    monkeypatch.setattr(sparse, "sparse_moe_forward", lambda *a, **k: (seen.append(hidden()), inner(*a, **k))[1])
+    layer.forward(x)
+    assert seen == [None]
