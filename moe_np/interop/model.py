@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_np.interop import blocks as interop
+from moe_np.interop import blocks as interop, fields
 from moe_np.config import LMConfig
 from moe_np.sparse import SparseMoE
 from moe_np.transformer import MoETransformer
@@ -68,9 +68,9 @@ def _check_arch(fn: str, arch) -> None:
 
 
 def _hf_field(config: dict, name: str, kind: str, default):
-    """config[name] checked against its kind (blocks.KINDS); default None: it must be there."""
-    return interop.hf_value("from_hf_model: config", config, name, kind,
-                            interop.REQUIRED if default is None else default)
+    """config[name] checked against its kind (fields.KINDS); default None: it must be there."""
+    return fields.hf_value("from_hf_model: config", config, name, kind,
+                           fields.REQUIRED if default is None else default)
 
 
 def rope_theta_of(config: dict) -> float:
