@@ -109,6 +109,7 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
     n, d = x.shape
     scale = np.empty(-(-d // sc.cols), dtype=np.float32)   # (T,) a band's maxima, then scales
     columns = np.empty(d, dtype=np.float32)                # (D,) each column's scale in the band
+    limit = np.float32(sc.qmax)
     for band in range(-(-n // sc.rows)):
         i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
         scale[:] = 0.0
@@ -116,9 +117,8 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
         for t in range(scale.size):
             columns[t * sc.cols:(t + 1) * sc.cols] = tile_scale(scale[t], sc)
         for i in range(i0, i1):
-            if _scaled_row(x[i], columns, out[i], np.float32(sc.qmax), drop, max_bits,
-                           min_normal_bits, limit_bits):
-                limit = np.float32(sc.qmax)
+            if _scaled_row(x[i], columns, out[i], limit, drop, max_bits, min_normal_bits,
+                           limit_bits):
                 for j in range(d):                         # rare: redone entry by entry
                     q = x[i, j] / columns[j]
                     q = limit if q > limit else (-limit if q < -limit else q)

@@ -275,9 +275,9 @@ class SparseMoE(Layer):
 
     def forward(self, x, mask=None):
         """x (N, D) -> y (N, D); mask (N,) bool marks real tokens (None: all)."""
-        _check_input(x, self.params, self.config, mask)
-        self._cache = None            # the last step's arrays (h, y_sorted, ...) go before this
-        noise, drop_seed, jitter = self._draws(len(x))   # step's are made, not after
+        _check_input(x, self.params, self.config, mask)   # refused input keeps the last cache
+        self._cache = None            # the last step's h, y_sorted, ... go before this step's come
+        noise, drop_seed, jitter = self._draws(len(x))
         (y, self._aux), self._cache = sparse_moe_forward(
             x, self.params, self.config, bias=self.buffers.get("selection_bias"), noise=noise,
             rng=drop_seed, jitter=jitter, mask=mask)
