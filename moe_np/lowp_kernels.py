@@ -1,7 +1,7 @@
 """The compiled loops of the low-precision compute mode (lowp.py): Numba kernels.
 
     round_value    one float32 rounded to a format on its bit pattern
-    round_kernel   a sweep of round_value over a flat array
+    round_kernel   round_value over a flat array, in vectorized spans
     tile_scale     one fp8 tile's scale from its amax
     band_maxima    the tile maxima of a band of rows
     scaled_kernel  scale, saturate, round and scale back, one band of rows at a time
@@ -54,11 +54,61 @@ def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     return np.uint32((b & 0x80000000) | r).view(np.float32)
 
 
+SPAN = 1024   # entries round_kernel takes at a time: a span's second and third reads hit L1
+
+
 @njit(cache=True, error_model="numpy")
 def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
-    """out[k] = x[k] rounded to the format, one sweep.   x, out: (S,) float32 (may be the same)."""
-    for k in range(x.size):
-        out[k] = round_value(x[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+    """out[k] = round_value(x[k], ...) for every k.   x, out: (S,) float32, the same array
+    or not overlapping at all.
+
+    One SPAN at a time: count the entries with 0 < |v| < min_normal, then
+    sweep the span with round_value's normal-range path alone (_normal_bits:
+    no branch, so the loop vectorizes), and send the counted entries through
+    round_value itself. Writing in place, those are rounded first: the sweep
+    leaves a value on the format's grid as it is. A span made mostly of such
+    entries (fp16 gradients that underflow) goes entry by entry.
+    """
+    u = np.uint32
+    keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
+    shift, top, limit, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits - 1)
+    in_place = x.ctypes.data == out.ctypes.data
+    for lo in range(0, x.size, SPAN):
+        xs, os = x[lo:lo + SPAN], out[lo:lo + SPAN]                # (s,) float32 each
+        xb, ob = xs.view(np.uint32), os.view(np.uint32)            # (s,) their bit patterns
+        if not in_place:                                           # separate arrays: one loop
+            for k in range(xb.size):
+                ob[k] = _normal_bits(xb[k], keep, half, shift, top, limit)
+        count = _count_small(xb, low)                              # read again, from L1
+        if count * 16 > xs.size:                                   # mostly small: one by one
+            for k in range(xs.size):
+                os[k] = round_value(xs[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+            continue
+        for k in range(xs.size if count else 0):                  # the few small entries
+            if ((xb[k] & u(0x7FFFFFFF)) - u(1)) < low:
+                os[k] = round_value(xs[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+        if in_place:                                               # one array: its own loop
+            for k in range(ob.size):
+                ob[k] = _normal_bits(ob[k], keep, half, shift, top, limit)
+
+
+@njit(cache=True, error_model="numpy")
+def _count_small(bits, low):
+    """How many patterns have 0 < |v| < min_normal (low = min_normal_bits - 1).  bits: (s,)."""
+    n = 0
+    for k in range(bits.size):
+        n += ((bits[k] & np.uint32(0x7FFFFFFF)) - np.uint32(1)) < low
+    return n
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _normal_bits(b, keep, half, shift, top, limit):
+    """round_value's normal-range path on one pattern b, with no branch: a NaN is kept, and a
+    value already on the grid (a rounded subnormal among them) comes back unchanged."""
+    a = b & np.uint32(0x7FFFFFFF)
+    r = (a + half + ((a >> shift) & np.uint32(1))) & keep
+    r = limit if r > top else r
+    return (b & np.uint32(0x80000000)) | (a if a > np.uint32(0x7F800000) else r)
 
 
 @njit(cache=True, error_model="numpy")

@@ -606,6 +606,31 @@ def test_round_fast_is_round_to_bit_for_bit(fmt, kernels):
     assert_bits_equal(m.ravel(), m.ravel(), want.ravel())
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+def test_round_fast_takes_every_span_path_in_place_and_not(fmt, kernels):
+    """round_kernel's spans: none below min_normal (the vectorized sweep alone), a few (the
+    sweep, and round_value for those: written in place they are rounded before the sweep, which
+    must leave them as they are; rounded twice, a value just past a tie would land on the tie
+    and then on the even side), mostly such values (entry by entry), with NaN, inf, overflow
+    and ties among them, and a partial last span. The twins must agree as well."""
+    from moe_np.lowp_kernels import SPAN
+    info, rng = FORMATS[fmt], np.random.default_rng(21)
+    normal = (rng.standard_normal(SPAN) * 4 * info.min_normal).astype(F32)        # (SPAN,)
+    normal[np.abs(normal) < info.min_normal] = info.min_normal * 1.5
+    few = normal * F32(1.0)
+    few[[3, 100, 700]] = info.min_subnormal * np.array([0.5, 1.5, -2.5], F32)       # ties below
+    few[[4, 101]] = info.min_subnormal * np.array([2.5, -0.5], F32) * F32(1 + 2**-16)   # just past
+    few[[9, 10, 11]] = [np.nan, np.inf, min(info.max_finite * 1.01, 3e38)]
+    mostly = (rng.standard_normal(SPAN) * info.min_normal).astype(F32)            # (SPAN,)
+    mostly[[5, 6]] = [np.nan, -np.inf]
+    x = np.concatenate([normal, few, mostly, few[:SPAN // 3]])                     # (S,)
+    want = round_to(x, fmt)
+    assert_bits_equal(x, lowp.round_fast(x, fmt), want)
+    inplace = x.copy()
+    assert lowp.round_fast(inplace, fmt, out=inplace) is inplace
+    assert_bits_equal(x, inplace, want)
+
+
 @pytest.mark.parametrize("fmt", FP8)
 @pytest.mark.parametrize("shape", [(64, 300), (130, 257), (5, 4)])
 def test_scaled_round_is_the_scaled_cast_of_precision(fmt, shape, kernels):
