@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from moe_np import blas, layers, validate
+from moe_np import blas, layers, lowp, validate
 
 
 def _batched(fn, x, w_in):
@@ -309,8 +309,9 @@ def _ragged_swiglu_forward(x, matrices, offsets, gemm, pw: Pointwise):
 
     def expert(segment):
         e, lo, hi = segment
-        gemm(x[lo:hi], w_gate[e], out=a[lo:hi])                    # (M_e, H)
-        gemm(x[lo:hi], w_up[e], out=b[lo:hi])                      # (M_e, H)
+        xe = lowp.once(gemm, x[lo:hi], "x")                        # (M_e, D) rounded once, if at all
+        gemm(xe, w_gate[e], out=a[lo:hi])                          # (M_e, H)
+        gemm(xe, w_up[e], out=b[lo:hi])                            # (M_e, H)
         u = pw.swiglu(a[lo:hi], b[lo:hi], np.empty_like(b[lo:hi]))   # (M_e, H)
         gemm(u, w_down[e], out=y[lo:hi])                           # (M_e, D)
     _each_segment(expert, offsets, gemm)
@@ -382,10 +383,12 @@ def _ragged_mlp_backward(seg: Segment, grads, cache):
     w1, _, w2, _ = cache.matrices
     dw1, db1, dw2, db2 = grads
     gemm, pw, e, h = cache.gemm, cache.pointwise, seg.e, seg.hidden[0]   # h: (M_e, H)
-    gemm(h.T, seg.dy, out=dw2[e])                                  # (H, D)
+    dy = lowp.once(gemm, seg.dy, "dy")                             # (M_e, D) for its two products
+    gemm(h.T, dy, out=dw2[e])                                      # (H, D)
     db2[e] = pw.column_sums(seg.dy)                                # (D,)
-    da = gemm(seg.dy, w2[e].T, out=seg.scratch[0])                 # (M_e, H); dy's last read
+    da = gemm(dy, w2[e].T, out=seg.scratch[0])                     # (M_e, H); dy's last read
     db1[e] = pw.relu_grad(da, h)                                   # (H,); da masked in place
+    da = lowp.once(gemm, da, out=da)                               # (M_e, H) rounded in place
     gemm(_input_rows(seg, cache).T, da, out=dw1[e])                # (D, H)
     gemm(da, w1[e].T, out=seg.dx)                                  # (M_e, D)
 
@@ -395,10 +398,12 @@ def _ragged_swiglu_backward(seg: Segment, grads, cache):
     dw_gate, dw_up, dw_down = grads
     gemm, pw, e, (a, b) = cache.gemm, cache.pointwise, seg.e, seg.hidden   # (M_e, H) each
     u = pw.swiglu(a, b, seg.scratch[1])                            # (M_e, H) recomputed
-    gemm(u.T, seg.dy, out=dw_down[e])                              # (H, D)
-    du = gemm(seg.dy, w_down[e].T, out=seg.scratch[0])             # (M_e, H)
+    dy = lowp.once(gemm, seg.dy, "dy")                             # (M_e, D) for its two products
+    gemm(u.T, dy, out=dw_down[e])                                  # (H, D)
+    du = gemm(dy, w_down[e].T, out=seg.scratch[0])                 # (M_e, H)
     da, db = pw.swiglu_grad(du, a, b, seg.scratch[1])              # (M_e, H) each, over du and u
-    x = _input_rows(seg, cache)                                    # (M_e, D), after dy's last read
+    da, db = lowp.once(gemm, da, out=da), lowp.once(gemm, db, out=db)   # (M_e, H) each, in place
+    x = lowp.once(gemm, _input_rows(seg, cache), "x")              # (M_e, D), after dy's last read
     gemm(x.T, da, out=dw_gate[e])                                  # (D, H)
     gemm(x.T, db, out=dw_up[e])                                    # (D, H)
     dx = gemm(da, w_gate[e].T, out=seg.dx)                         # (M_e, D)

@@ -260,11 +260,37 @@ def _fp8_operand(x, fmt: str, scaling: str, left: bool, scratch, name: str):
 
 # ---------------------------------------------------------------- the named steps
 
+class Rounded(NamedTuple):
+    """An operand already in a 16-bit compute format (from `once`): a gemm_for product takes
+    it as it is."""
+    array: np.ndarray
+
+    @property
+    def T(self) -> "Rounded":
+        return Rounded(self.array.T)
+
+
+def once(gemm, x, name: str = "once", out=None):
+    """x rounded once for several products of `gemm`: Rounded(x in the format) when gemm is a
+    gemm_for product in fp16 or bf16, whose rounding is elementwise (the same on either side
+    of a product) and leaves a rounded value as it is, so the products give the bits of
+    rounding x at each; x itself for np.matmul and for fp8, whose scaling depends on the side.
+    The result lives in gemm's scratch buffer `name`, or in out (x itself allowed)."""
+    fmt = getattr(gemm, "compute", "fp32")
+    if fmt == "fp32" or fmt in FP8:
+        return x
+    target = gemm.scratch.get(name, x.shape, np.float32, x) if out is None else out
+    return Rounded(round_fast(x, fmt, out=target))
+
+
 def round_operand(x, config, left: bool = True, scratch: Scratch | None = None):
     """One operand of a product in config.compute (a PrecisionConfig), as float32 values.
     left: the (rows, inner) operand; else the (inner, cols) one (fp8 scaling differs).
-    With a scratch the result lives in its buffer "a" (left) or "b" (right)."""
+    With a scratch the result lives in its buffer "a" (left) or "b" (right). A Rounded
+    operand (from `once`) is taken as it is."""
     fmt = config.compute
+    if isinstance(x, Rounded):
+        return x.array
     if fmt == "fp32":
         return x
     name = "a" if left else "b"
@@ -285,7 +311,8 @@ def round_output(c, config, out=None):
 def gemm_for(config):
     """gemm(a, b, out=None): round the operands, multiply in float32, round the output in
     place. With config.compute "fp32" it is np.matmul itself. Each gemm owns a Scratch:
-    the rounded operands live there until its next call."""
+    the rounded operands live there until its next call (an operand several products share
+    can be rounded once, with `once`)."""
     if config.compute == "fp32":
         return np.matmul
     scratch = Scratch()
@@ -295,4 +322,5 @@ def gemm_for(config):
         b_low = round_operand(b, config, False, scratch)               # (inner, cols)
         c = np.matmul(a_low, b_low, out=out)                           # (rows, cols), float32 sums
         return round_output(c, config, out=c)                          # rounded where it lies
+    gemm.compute, gemm.scratch = config.compute, scratch               # for `once`
     return gemm
