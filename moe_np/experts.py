@@ -226,7 +226,10 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.m
     x_sorted is kept: the backward gathers each expert's rows again, one
     segment at a time (the same values, so the same gradients, one (M, D)
     buffer less). gemm(a, b, out=) computes every matrix product, forward and
-    backward: np.matmul, or a simulated low-precision product (lowp.gemm_for).
+    backward: np.matmul, or a simulated low-precision product (lowp.gemm_for);
+    in fp16 / bf16 a ReLU expert keeps h rounded to the format, as its second
+    product reads it (so the ReLU mask is that of the stored values, as in
+    hardware that keeps activations in the format).
     pointwise: the elementwise passes (NUMPY_POINTWISE, or compiled ones that match them).
     """
     matrices = tuple(params[k] for k in expert_kind(kind).names)
@@ -296,6 +299,7 @@ def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
         e, lo, hi = segment
         he = gemm(x[lo:hi], w1[e], out=h[lo:hi])                   # (M_e, H)
         pw.bias_relu(he, b1[e])                                    # (M_e, H) in place
+        he = lowp.once(gemm, he, out=he)                           # kept as the next product reads it
         pw.add_bias(gemm(he, w2[e], out=y[lo:hi]), b2[e])          # (M_e, D)
     _each_segment(expert, offsets, gemm)
     return y, (h,)
@@ -330,6 +334,7 @@ class Segment(NamedTuple):
     dy: np.ndarray       # (M_e, D) its upstream gradient rows
     dx: np.ndarray       # (M_e, D) where its input gradient goes (dy's own memory with overwrite);
                          # its input rows are gathered again here, after dy's last read
+    own_dy: bool         # dy may be written (overwrite): rounded in place, not into scratch
     hidden: tuple        # its rows of cache.hidden, (M_e, H) each
     scratch: np.ndarray  # (S, M_e, H) work buffers for the hidden layer (S = 1 mlp, 2 swiglu)
 
@@ -372,10 +377,16 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
         e, lo, hi = segment
         if not hasattr(local, "scratch"):
             local.scratch = np.empty((buffers, widest, width), dtype=dy_sorted.dtype)   # (S, M_max, H)
-        run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi],
+        run(Segment(e, slice(lo, hi), dy_sorted[lo:hi], dx[lo:hi], overwrite,
                     tuple(a[lo:hi] for a in cache.hidden), local.scratch[:, :hi - lo]), grads, cache)
     _each_segment(expert, cache.offsets, cache.gemm)
     return dx, dict(zip(expert_kind(cache.kind).names, grads))
+
+
+def _dy_once(seg: Segment, gemm):
+    """The segment's upstream gradient rounded once for its two products: in place when the
+    backward owns dy (it becomes dx afterwards), else in gemm's scratch."""
+    return lowp.once(gemm, seg.dy, "dy", out=seg.dy if seg.own_dy else None)   # (M_e, D)
 
 
 def _ragged_mlp_backward(seg: Segment, grads, cache):
@@ -383,9 +394,9 @@ def _ragged_mlp_backward(seg: Segment, grads, cache):
     w1, _, w2, _ = cache.matrices
     dw1, db1, dw2, db2 = grads
     gemm, pw, e, h = cache.gemm, cache.pointwise, seg.e, seg.hidden[0]   # h: (M_e, H)
-    dy = lowp.once(gemm, seg.dy, "dy")                             # (M_e, D) for its two products
-    gemm(h.T, dy, out=dw2[e])                                      # (H, D)
     db2[e] = pw.column_sums(seg.dy)                                # (D,)
+    dy = _dy_once(seg, gemm)                                       # (M_e, D) for its two products
+    gemm(lowp.as_rounded(gemm, h).T, dy, out=dw2[e])               # (H, D); h rounded in forward
     da = gemm(dy, w2[e].T, out=seg.scratch[0])                     # (M_e, H); dy's last read
     db1[e] = pw.relu_grad(da, h)                                   # (H,); da masked in place
     da = lowp.once(gemm, da, out=da)                               # (M_e, H) rounded in place
@@ -398,7 +409,7 @@ def _ragged_swiglu_backward(seg: Segment, grads, cache):
     dw_gate, dw_up, dw_down = grads
     gemm, pw, e, (a, b) = cache.gemm, cache.pointwise, seg.e, seg.hidden   # (M_e, H) each
     u = pw.swiglu(a, b, seg.scratch[1])                            # (M_e, H) recomputed
-    dy = lowp.once(gemm, seg.dy, "dy")                             # (M_e, D) for its two products
+    dy = _dy_once(seg, gemm)                                       # (M_e, D) for its two products
     gemm(u.T, dy, out=dw_down[e])                                  # (H, D)
     du = gemm(dy, w_down[e].T, out=seg.scratch[0])                 # (M_e, H)
     da, db = pw.swiglu_grad(du, a, b, seg.scratch[1])              # (M_e, H) each, over du and u

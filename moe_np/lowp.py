@@ -283,6 +283,14 @@ def once(gemm, x, name: str = "once", out=None):
     return Rounded(round_fast(x, fmt, out=target))
 
 
+def as_rounded(gemm, x):
+    """x, which `once(gemm, x, out=x)` rounded in place earlier (a ReLU expert's stored hidden
+    activations), marked so that gemm's products take it as it is: Rounded(x) where `once`
+    rounds, x itself elsewhere."""
+    fmt = getattr(gemm, "compute", "fp32")
+    return x if fmt == "fp32" or fmt in FP8 else Rounded(x)
+
+
 def round_operand(x, config, left: bool = True, scratch: Scratch | None = None):
     """One operand of a product in config.compute (a PrecisionConfig), as float32 values.
     left: the (rows, inner) operand; else the (inner, cols) one (fp8 scaling differs).

@@ -700,8 +700,9 @@ def test_gemm_rounds_operands_and_output(compute, scaling):
 @pytest.mark.parametrize("compute", ["fp16", "bf16", "fp8_e4m3"])
 def test_operands_rounded_once_give_the_bits_of_rounding_at_every_product(kind, compute):
     """The experts round an operand two products share once (lowp.once: x, dy, and the hidden
-    gradients in place). The specification rounds both operands at every product; y, dx and
-    every gradient must match it bit for bit, with the input gathered again or kept."""
+    gradients in place; a ReLU expert's h, biased off the grid, is kept rounded for its
+    backward). The specification rounds both operands at every product; y, dx and every
+    gradient must match it bit for bit, with the input gathered again or kept."""
     from moe_np.experts import init_experts, ragged_experts_backward, ragged_experts_forward
     config = PrecisionConfig(compute=compute)
     rng = np.random.default_rng(25)
@@ -711,15 +712,19 @@ def test_operands_rounded_once_give_the_bits_of_rounding_at_every_product(kind, 
         return lowp.round_output(c, config, out=c)
 
     params = init_experts(kind, 3, 16, 40, rng, dtype=F32)
+    for name in ("b1", "b2") if kind == "mlp" else ():                             # h off the grid
+        params[name][...] = rng.standard_normal(params[name].shape) * 0.3
     x = rng.standard_normal((30, 16)).astype(F32)                                     # (N, D)
     rows = rng.permutation(np.repeat(np.arange(30), 2))                               # (M,) K=2
     offsets = np.array([0, 25, 25, 60])                                               # one idle expert
     dy = (rng.standard_normal((60, 16)) * 50).astype(F32)                             # (M, D)
-    for source in (None, (x, rows)):
+    for source, overwrite in ((None, False), ((x, rows), True)):
         results = []
         for gemm in (lowp.gemm_for(config), spec):
             y, cache = ragged_experts_forward(x[rows], params, kind, offsets, gemm=gemm, source=source)
-            dx, grads = ragged_experts_backward(dy.copy(), cache)
+            dy_given = dy.copy()                                                       # (M, D) unrounded
+            dx, grads = ragged_experts_backward(dy_given, cache, overwrite=overwrite)
+            assert overwrite or np.array_equal(dy_given, dy)                           # not written
             results.append([y, dx] + [grads[k] for k in sorted(grads)])
         for got, want in zip(*results):
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (kind, compute)
