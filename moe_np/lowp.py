@@ -30,7 +30,13 @@ NumPy twin here (round_twin, scaled_twin), used when numba is absent or its
 JIT disabled (NUMBA_DISABLE_JIT=1) and in the tests; a twin makes several
 passes over memory, which is what the kernels exist to avoid. numba is
 loaded on the first rounding (`kernels()`), never by `import moe_np`. The
-rounded operands of a product land in reused buffers (Scratch).
+rounded operands of a product land in reused buffers (Scratch). In fp16 and
+bf16 an operand that two products share is rounded once (`once`): the
+rounding is elementwise and leaves a rounded value as it is, so the bits are
+those of rounding it at each product. A ReLU expert keeps its hidden
+activations rounded, as its second product reads them (its ReLU mask is
+then that of the stored values, as in hardware that keeps activations in
+the format).
 `bench.step_time_ratios` measures what the whole mode costs.
 
 A non-finite entry is not an error here: fp16 overflow gives inf, and an fp8
