@@ -226,10 +226,7 @@ def ragged_experts_forward(x_sorted, params: dict, kind: str, offsets, gemm=np.m
     x_sorted is kept: the backward gathers each expert's rows again, one
     segment at a time (the same values, so the same gradients, one (M, D)
     buffer less). gemm(a, b, out=) computes every matrix product, forward and
-    backward: np.matmul, or a simulated low-precision product (lowp.gemm_for);
-    in fp16 / bf16 a ReLU expert keeps h rounded to the format, as its second
-    product reads it (so the ReLU mask is that of the stored values, as in
-    hardware that keeps activations in the format).
+    backward: np.matmul, or a simulated low-precision product (lowp.gemm_for).
     pointwise: the elementwise passes (NUMPY_POINTWISE, or compiled ones that match them).
     """
     matrices = tuple(params[k] for k in expert_kind(kind).names)
@@ -299,7 +296,6 @@ def _ragged_mlp_forward(x, matrices, offsets, gemm, pw: Pointwise):
         e, lo, hi = segment
         he = gemm(x[lo:hi], w1[e], out=h[lo:hi])                   # (M_e, H)
         pw.bias_relu(he, b1[e])                                    # (M_e, H) in place
-        he = lowp.once(gemm, he, out=he)                           # kept as the next product reads it
         pw.add_bias(gemm(he, w2[e], out=y[lo:hi]), b2[e])          # (M_e, D)
     _each_segment(expert, offsets, gemm)
     return y, (h,)
@@ -396,7 +392,7 @@ def _ragged_mlp_backward(seg: Segment, grads, cache):
     gemm, pw, e, h = cache.gemm, cache.pointwise, seg.e, seg.hidden[0]   # h: (M_e, H)
     db2[e] = pw.column_sums(seg.dy)                                # (D,)
     dy = _dy_once(seg, gemm)                                       # (M_e, D) for its two products
-    gemm(lowp.as_rounded(gemm, h).T, dy, out=dw2[e])               # (H, D); h rounded in forward
+    gemm(h.T, dy, out=dw2[e])                                      # (H, D)
     da = gemm(dy, w2[e].T, out=seg.scratch[0])                     # (M_e, H); dy's last read
     db1[e] = pw.relu_grad(da, h)                                   # (H,); da masked in place
     da = lowp.once(gemm, da, out=da)                               # (M_e, H) rounded in place

@@ -33,10 +33,7 @@ loaded on the first rounding (`kernels()`), never by `import moe_np`. The
 rounded operands of a product land in reused buffers (Scratch). In fp16 and
 bf16 an operand that two products share is rounded once (`once`): the
 rounding is elementwise and leaves a rounded value as it is, so the bits are
-those of rounding it at each product. A ReLU expert keeps its hidden
-activations rounded, as its second product reads them (its ReLU mask is
-then that of the stored values, as in hardware that keeps activations in
-the format).
+those of rounding it at each product.
 `bench.step_time_ratios` measures what the whole mode costs.
 
 A non-finite entry is not an error here: fp16 overflow gives inf, and an fp8
@@ -287,14 +284,6 @@ def once(gemm, x, name: str = "once", out=None):
         return x
     target = gemm.scratch.get(name, x.shape, np.float32, x) if out is None else out
     return Rounded(round_fast(x, fmt, out=target))
-
-
-def as_rounded(gemm, x):
-    """x, which `once(gemm, x, out=x)` rounded in place earlier (a ReLU expert's stored hidden
-    activations), marked so that gemm's products take it as it is: Rounded(x) where `once`
-    rounds, x itself elsewhere."""
-    fmt = getattr(gemm, "compute", "fp32")
-    return x if fmt == "fp32" or fmt in FP8 else Rounded(x)
 
 
 def round_operand(x, config, left: bool = True, scratch: Scratch | None = None):

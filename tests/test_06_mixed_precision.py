@@ -700,9 +700,10 @@ def test_gemm_rounds_operands_and_output(compute, scaling):
 @pytest.mark.parametrize("compute", ["fp16", "bf16", "fp8_e4m3"])
 def test_operands_rounded_once_give_the_bits_of_rounding_at_every_product(kind, compute):
     """The experts round an operand two products share once (lowp.once: x, dy, and the hidden
-    gradients in place; a ReLU expert's h, biased off the grid, is kept rounded for its
-    backward). The specification rounds both operands at every product; y, dx and every
-    gradient must match it bit for bit, with the input gathered again or kept."""
+    gradients in place). The specification rounds both operands at every product and takes
+    the ReLU mask from h as computed: one hidden unit has 0 < h that rounds to 0, so an h
+    kept rounded would lose that unit's gradient. y, dx and every gradient must match the
+    specification bit for bit, with the input gathered again or kept."""
     from moe_np.experts import init_experts, ragged_experts_backward, ragged_experts_forward
     config = PrecisionConfig(compute=compute)
     rng = np.random.default_rng(25)
@@ -714,6 +715,8 @@ def test_operands_rounded_once_give_the_bits_of_rounding_at_every_product(kind, 
     params = init_experts(kind, 3, 16, 40, rng, dtype=F32)
     for name in ("b1", "b2") if kind == "mlp" else ():                             # h off the grid
         params[name][...] = rng.standard_normal(params[name].shape) * 0.3
+    if kind == "mlp":                                  # unit 7: h = b1 > 0, which rounds to 0
+        params["w1"][:, :, 7], params["b1"][:, 7] = 0.0, FORMATS[compute].min_subnormal / 4
     x = rng.standard_normal((30, 16)).astype(F32)                                     # (N, D)
     rows = rng.permutation(np.repeat(np.arange(30), 2))                               # (M,) K=2
     offsets = np.array([0, 25, 25, 60])                                               # one idle expert
