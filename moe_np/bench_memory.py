@@ -65,7 +65,7 @@ MEMORY_CALLS = {"router_forward": "route", "router_backward": "route_bwd"}
 
 def memory_run(size_list, strategy: str = "numba") -> dict:
     """One forward+backward of the benchmark's layer under tracemalloc, after a small warm-up
-    step (BLAS, numba and the allocator set up) and one GEMM at an expert's shape (blas_warm_up):
+    step (BLAS, numba and the allocator set up) and an expert's three products (blas_warm_up):
     peak resident growth, NumPy's peak allocation, the bytes the cache keeps, and [stage,
     alive MiB after it, peak MiB during it] for every stage in the order it ran."""
     import tracemalloc
@@ -105,7 +105,7 @@ def blas_warm_up(size: Size) -> None:
     x = np.ones((max(1, size.n * size.k // size.e), size.d), np.float32)   # (M_e, D)
     w = np.ones((size.d, size.h), np.float32)                          # (D, H)
     h = x @ w                                                          # (M_e, H)
-    h @ w.T, x.T @ h                                                   # (M_e, D), (D, H)
+    _ = h @ w.T, x.T @ h                                               # (M_e, D), (D, H)
 
 
 def memory_parts(size: Size) -> dict:

@@ -348,8 +348,9 @@ def ragged_experts_backward(dy_sorted, cache: RaggedCache, overwrite: bool = Fal
     """-> dx_sorted (M, D), grads {name: (E, ...)}; experts with no rows get zero gradients.
 
     overwrite=True writes dx_sorted over dy_sorted (each expert's rows of dy
-    are read in full before its rows of dx are written) and returns it: the
-    caller must own dy_sorted and need it no more. The work buffer is sized by
+    are read in full before its rows of dx are written; in fp16 / bf16 they
+    are first rounded in place, lowp.once) and returns it: the caller must
+    own dy_sorted and need it no more. The work buffer is sized by
     the largest expert (one per thread running experts), so the backward
     allocates little beyond the gradients, and those are written once: each
     expert's GEMMs fill its slices (only an idle expert's are zeroed), where
@@ -395,7 +396,7 @@ def _ragged_mlp_backward(seg: Segment, grads, cache):
     gemm(h.T, dy, out=dw2[e])                                      # (H, D)
     da = gemm(dy, w2[e].T, out=seg.scratch[0])                     # (M_e, H); dy's last read
     db1[e] = pw.relu_grad(da, h)                                   # (H,); da masked in place
-    da = lowp.once(gemm, da, out=da)                               # (M_e, H) rounded in place
+    da = lowp.once(gemm, da, "da", out=da)                         # (M_e, H) rounded in place
     gemm(_input_rows(seg, cache).T, da, out=dw1[e])                # (D, H)
     gemm(da, w1[e].T, out=seg.dx)                                  # (M_e, D)
 
@@ -409,8 +410,9 @@ def _ragged_swiglu_backward(seg: Segment, grads, cache):
     gemm(u.T, dy, out=dw_down[e])                                  # (H, D)
     du = gemm(dy, w_down[e].T, out=seg.scratch[0])                 # (M_e, H)
     da, db = pw.swiglu_grad(du, a, b, seg.scratch[1])              # (M_e, H) each, over du and u
-    da, db = lowp.once(gemm, da, out=da), lowp.once(gemm, db, out=db)   # (M_e, H) each, in place
-    x = lowp.once(gemm, _input_rows(seg, cache), "x")              # (M_e, D), after dy's last read
+    da, db = lowp.once(gemm, da, "da", out=da), lowp.once(gemm, db, "db", out=db)   # in place
+    x = _input_rows(seg, cache)                                    # (M_e, D), after dy's last read
+    x = lowp.once(gemm, x, "x", out=None if cache.source is None else x)   # gathered: in place
     gemm(x.T, da, out=dw_gate[e])                                  # (D, H)
     gemm(x.T, db, out=dw_up[e])                                    # (D, H)
     dx = gemm(da, w_gate[e].T, out=seg.dx)                         # (M_e, D)

@@ -22,8 +22,8 @@ never round: a layer rounds only when its SparseConfig.precision says so.
 Speed. The roundings give the same bits as precision.round_to and the
 scaled casts of precision.py, which stay the readable specification; the
 tests compare them bit for bit. The hot path is two small Numba loops in
-lowp_kernels.py: round_kernel, one sweep rounding the float32 bit patterns
-with integer arithmetic, and scaled_kernel, which takes a band of rows at a
+lowp_kernels.py: round_kernel, which rounds the float32 bit patterns with
+integer arithmetic in vectorized spans, and scaled_kernel, which takes a band of rows at a
 time, finds its tile maxima, then divides by each tile's scale, saturates,
 rounds and multiplies back while the band is still in the cache. Each has a
 NumPy twin here (round_twin, scaled_twin), used when numba is absent or its
@@ -163,10 +163,12 @@ def round_twin(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits) -
 
 
 def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.ndarray:
-    """precision.round_to(x, fmt), bit for bit, in one sweep.   float32, any shape -> same shape.
+    """precision.round_to(x, fmt), bit for bit, in one pass.   float32, any shape -> same shape.
 
-    out: where to write (x itself is allowed). The sweep follows memory
-    order whether x is C- or F-contiguous (anything else is copied first).
+    out: where to write (x itself is allowed; an out overlapping x otherwise
+    gets a copy of x first). The pass follows memory order whether x is C- or
+    F-contiguous (anything else is copied first). A NaN stays a NaN; the
+    kernel keeps its payload bits, which round_to and the twin may quiet.
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise ValueError(f"round_fast: x must be a float32 array, got {getattr(x, 'dtype', type(x))}")
@@ -177,7 +179,10 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
     target = result if in_order else np.empty(x.shape, np.float32, order=order)
     compiled = kernels()
     run = round_twin if compiled is None else compiled.round_kernel
-    run(x.ravel(order=order), target.ravel(order=order), *params)     # (S,) views in memory order
+    source, dest = x.ravel(order=order), target.ravel(order=order)     # (S,) views in memory order
+    if np.may_share_memory(source, dest) and source.ctypes.data != dest.ctypes.data:
+        source = source.copy()                                         # shifted overlap: keep x apart
+    run(source, dest, *params)
     if target is not result:
         result[...] = target
     return result
@@ -263,27 +268,36 @@ def _fp8_operand(x, fmt: str, scaling: str, left: bool, scratch, name: str):
 
 # ---------------------------------------------------------------- the named steps
 
-class Rounded(NamedTuple):
-    """An operand already in a 16-bit compute format (from `once`): a gemm_for product takes
-    it as it is."""
-    array: np.ndarray
+class Rounded:
+    """An operand already rounded to a 16-bit format (from `once`): a gemm_for product in that
+    format takes it as it is. Not an array: np.matmul refuses it."""
+    __slots__ = ("array", "fmt")
+
+    def __init__(self, array: np.ndarray, fmt: str):
+        self.array, self.fmt = array, fmt                              # any shape, float32
 
     @property
     def T(self) -> "Rounded":
-        return Rounded(self.array.T)
+        return Rounded(self.array.T, self.fmt)
 
 
-def once(gemm, x, name: str = "once", out=None):
+GEMM_BUFFERS = ("a", "b", "q")   # the scratch names gemm_for's own roundings use
+
+
+def once(gemm, x, name: str, out=None):
     """x rounded once for several products of `gemm`: Rounded(x in the format) when gemm is a
     gemm_for product in fp16 or bf16, whose rounding is elementwise (the same on either side
     of a product) and leaves a rounded value as it is, so the products give the bits of
     rounding x at each; x itself for np.matmul and for fp8, whose scaling depends on the side.
-    The result lives in gemm's scratch buffer `name`, or in out (x itself allowed)."""
+    The result lives in gemm's scratch buffer `name` (valid until the next `once` of that
+    name), or in out (x itself allowed)."""
+    if name in GEMM_BUFFERS:
+        raise ValueError(f"once: name must not be one of gemm's own buffers {GEMM_BUFFERS}, got {name!r}")
     fmt = getattr(gemm, "compute", "fp32")
     if fmt == "fp32" or fmt in FP8:
         return x
-    target = gemm.scratch.get(name, x.shape, np.float32, x) if out is None else out
-    return Rounded(round_fast(x, fmt, out=target))
+    target = gemm.scratch.get(name, x.shape, np.float32, x) if out is None else out   # x's shape
+    return Rounded(round_fast(x, fmt, out=target), fmt)
 
 
 def round_operand(x, config, left: bool = True, scratch: Scratch | None = None):
@@ -293,6 +307,8 @@ def round_operand(x, config, left: bool = True, scratch: Scratch | None = None):
     operand (from `once`) is taken as it is."""
     fmt = config.compute
     if isinstance(x, Rounded):
+        if x.fmt != fmt:
+            raise ValueError(f"round_operand: a Rounded operand in {x.fmt!r} given to a {fmt!r} product")
         return x.array
     if fmt == "fp32":
         return x

@@ -60,7 +60,7 @@ SPAN = 1024   # entries round_kernel takes at a time: a span's second and third 
 @njit(cache=True, error_model="numpy")
 def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out[k] = round_value(x[k], ...) for every k.   x, out: (S,) float32, the same array
-    or not overlapping at all.
+    or not overlapping at all (lowp.round_fast copies x when they overlap otherwise).
 
     One SPAN at a time: count the entries with 0 < |v| < min_normal, then
     sweep the span with round_value's normal-range path alone (_normal_bits:
@@ -71,34 +71,41 @@ def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
     """
     u = np.uint32
     keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
-    shift, top, limit, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits - 1)
+    shift, top, limit, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits)
     in_place = x.ctypes.data == out.ctypes.data
     for lo in range(0, x.size, SPAN):
-        xs, os = x[lo:lo + SPAN], out[lo:lo + SPAN]                # (s,) float32 each
-        xb, ob = xs.view(np.uint32), os.view(np.uint32)            # (s,) their bit patterns
+        xs, ys = x[lo:lo + SPAN], out[lo:lo + SPAN]                # (s,) float32 each
+        xb, yb = xs.view(np.uint32), ys.view(np.uint32)            # (s,) their bit patterns
         if not in_place:                                           # separate arrays: one loop
             for k in range(xb.size):
-                ob[k] = _normal_bits(xb[k], keep, half, shift, top, limit)
+                yb[k] = _normal_bits(xb[k], keep, half, shift, top, limit)
         count = _count_small(xb, low)                              # read again, from L1
         if count * 16 > xs.size:                                   # mostly small: one by one
             for k in range(xs.size):
-                os[k] = round_value(xs[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+                ys[k] = round_value(xs[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
             continue
         for k in range(xs.size if count else 0):                  # the few small entries
-            if ((xb[k] & u(0x7FFFFFFF)) - u(1)) < low:
-                os[k] = round_value(xs[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
+            if _is_small(xb[k], low):
+                ys[k] = round_value(xs[k], drop, max_bits, min_normal_bits, sub_scale, limit_bits)
         if in_place:                                               # one array: its own loop
-            for k in range(ob.size):
-                ob[k] = _normal_bits(ob[k], keep, half, shift, top, limit)
+            for k in range(yb.size):
+                yb[k] = _normal_bits(yb[k], keep, half, shift, top, limit)
 
 
 @njit(cache=True, error_model="numpy")
 def _count_small(bits, low):
-    """How many patterns have 0 < |v| < min_normal (low = min_normal_bits - 1).  bits: (s,)."""
+    """How many patterns have 0 < |v| < min_normal (low = min_normal_bits).   bits: (s,)."""
     n = 0
     for k in range(bits.size):
-        n += ((bits[k] & np.uint32(0x7FFFFFFF)) - np.uint32(1)) < low
+        n += _is_small(bits[k], low)
     return n
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _is_small(b, low):
+    """0 < |v| < min_normal for the pattern b (low = min_normal_bits), with no branch."""
+    a = b & np.uint32(0x7FFFFFFF)
+    return (a != np.uint32(0)) & (a < low)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

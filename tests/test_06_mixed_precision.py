@@ -617,10 +617,13 @@ def test_round_fast_takes_every_span_path_in_place_and_not(fmt, kernels):
     info, rng = FORMATS[fmt], np.random.default_rng(21)
     normal = (rng.standard_normal(SPAN) * 4 * info.min_normal).astype(F32)        # (SPAN,)
     normal[np.abs(normal) < info.min_normal] = info.min_normal * 1.5
-    few = normal * F32(1.0)
+    few = normal.copy()
     few[[3, 100, 700]] = info.min_subnormal * np.array([0.5, 1.5, -2.5], F32)       # ties below
     few[[4, 101]] = info.min_subnormal * np.array([2.5, -0.5], F32) * F32(1 + 2**-16)   # just past
-    few[[9, 10, 11]] = [np.nan, np.inf, min(info.max_finite * 1.01, 3e38)]
+    top = info.max_finite + 2.0 ** (info.emax - info.mantissa_bits - 1)            # overflow tie
+    few[[9, 10, 11, 12, 13]] = [np.nan, np.inf, top, -np.nextafter(F32(top), F32(np.inf)), 3.4e38]
+    few[[14, 15, 16]] = [0.0, -0.0, 1e-40]                                         # zeros, fp32 subnormal
+    few[17] = np.uint32(0x7F800001).view(F32)                                      # NaN, low payload
     mostly = (rng.standard_normal(SPAN) * info.min_normal).astype(F32)            # (SPAN,)
     mostly[[5, 6]] = [np.nan, -np.inf]
     x = np.concatenate([normal, few, mostly, few[:SPAN // 3]])                     # (S,)
@@ -696,6 +699,31 @@ def test_gemm_rounds_operands_and_output(compute, scaling):
     assert lowp.gemm_for(PrecisionConfig()) is np.matmul
 
 
+def test_round_fast_into_an_overlapping_shifted_view(kernels):
+    """out one entry behind x in the same buffer: each entry must be x's, rounded (the kernel
+    would read entries the pass already wrote)."""
+    buf = (np.random.default_rng(26).standard_normal(3000) * 1e-3).astype(F32)      # (S+1,)
+    buf[::7] *= F32(1e-3)                                                           # some below min_normal
+    want = round_to(buf[1:].copy(), "fp16")
+    got = lowp.round_fast(buf[1:], "fp16", out=buf[:-1])
+    assert_bits_equal(want, got, want)
+
+
+def test_once_rounds_for_16_bit_products_only():
+    x = np.random.default_rng(27).standard_normal((5, 7)).astype(F32)               # (5, 7)
+    for compute in ("fp16", "bf16"):
+        held = lowp.once(lowp.gemm_for(PrecisionConfig(compute=compute)), x, "x")
+        assert isinstance(held, lowp.Rounded) and held.fmt == compute
+        assert np.array_equal(held.array, round_to(x, compute)) and held.T.array.shape == (7, 5)
+    for gemm in (np.matmul, lowp.gemm_for(PrecisionConfig(compute="fp8_e4m3"))):
+        assert lowp.once(gemm, x, "x") is x
+    with pytest.raises(ValueError, match=r"once: name must not be one of .* got 'a'"):
+        lowp.once(lowp.gemm_for(PrecisionConfig(compute="fp16")), x, "a")
+    bf16_held = lowp.once(lowp.gemm_for(PrecisionConfig(compute="bf16")), x, "x")
+    with pytest.raises(ValueError, match=r"round_operand: a Rounded operand in 'bf16' given to a 'fp16'"):
+        lowp.gemm_for(PrecisionConfig(compute="fp16"))(bf16_held, x.T)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "swiglu"])
 @pytest.mark.parametrize("compute", ["fp16", "bf16", "fp8_e4m3"])
 def test_operands_rounded_once_give_the_bits_of_rounding_at_every_product(kind, compute):
@@ -721,16 +749,23 @@ def test_operands_rounded_once_give_the_bits_of_rounding_at_every_product(kind, 
     rows = rng.permutation(np.repeat(np.arange(30), 2))                               # (M,) K=2
     offsets = np.array([0, 25, 25, 60])                                               # one idle expert
     dy = (rng.standard_normal((60, 16)) * 50).astype(F32)                             # (M, D)
-    for source, overwrite in ((None, False), ((x, rows), True)):
-        results = []
-        for gemm in (lowp.gemm_for(config), spec):
-            y, cache = ragged_experts_forward(x[rows], params, kind, offsets, gemm=gemm, source=source)
-            dy_given = dy.copy()                                                       # (M, D) unrounded
-            dx, grads = ragged_experts_backward(dy_given, cache, overwrite=overwrite)
-            assert overwrite or np.array_equal(dy_given, dy)                           # not written
-            results.append([y, dx] + [grads[k] for k in sorted(grads)])
-        for got, want in zip(*results):
-            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (kind, compute)
+    before = {k: v.copy() for k, v in params.items()}
+    for source in (None, (x, rows)):
+        for overwrite in (False, True):
+            results = []
+            for gemm in (lowp.gemm_for(config), spec):
+                x_sorted = x[rows]                                                     # (M, D)
+                y, cache = ragged_experts_forward(x_sorted, params, kind, offsets, gemm=gemm,
+                                                  source=source)
+                hidden = [h.copy() for h in cache.hidden]
+                dy_given = dy.copy()                                                   # (M, D) unrounded
+                dx, grads = ragged_experts_backward(dy_given, cache, overwrite=overwrite)
+                assert overwrite or np.array_equal(dy_given, dy)                       # not written
+                assert np.array_equal(x_sorted, x[rows]) and all(map(np.array_equal, hidden, cache.hidden))
+                results.append([y, dx] + [grads[k] for k in sorted(grads)])
+            for got, want in zip(*results):
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (kind, compute)
+    assert all(np.array_equal(before[k], params[k]) for k in params)
 
 
 # ---------------------------------------------------------------- the low-precision SparseMoE
