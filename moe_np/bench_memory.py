@@ -102,8 +102,8 @@ def blas_warm_up(size: Size) -> None:
     cores against the same arrays made without a product). That buffer is the library's,
     shared by every GEMM of the process, not the layer's, so it is touched before the layer
     is measured."""
-    x = np.ones((max(1, size.n * size.k // size.e), size.d), np.float32)   # (M_e, D)
-    w = np.ones((size.d, size.h), np.float32)                          # (D, H)
+    x = np.ones((max(1, size.n * size.k // size.e), size.d), dtype=np.float32)   # (M_e, D) as the layer's
+    w = np.ones((size.d, size.h), dtype=np.float32)                    # (D, H)
     h = x @ w                                                          # (M_e, H)
     _ = h @ w.T, x.T @ h                                               # (M_e, D), (D, H)
 

@@ -46,7 +46,7 @@ def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     a = b & 0x7FFFFFFF                                  # |v| as bits
     if a > 0x7F800000:                                  # NaN
         return np.float32(v)
-    if ((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1:   # 0 < |v| < min_normal: a fixed step
+    if a != 0 and a < min_normal_bits:                  # 0 < |v| < min_normal: a fixed step
         return np.float32(math.copysign(np.rint(abs(np.float64(v)) * sub_scale) / sub_scale, v))
     r = (a + ((1 << (drop - 1)) - 1) + ((a >> drop) & 1)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
     if r > max_bits:
@@ -185,19 +185,19 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
 
 @njit(cache=True, error_model="numpy")
 def _scaled_row(xr, columns, row, limit, drop, max_bits, min_normal_bits, limit_bits):
-    """One row through round_value's normal-range path alone, with no branch, so the loop
-    vectorizes: row[j] = columns[j] round(clip(xr[j] / columns[j], +-limit)). -> nonzero when
-    an entry is a NaN or has 0 < |q| < min_normal, for which the caller redoes the row by
-    round_value itself. xr, columns, row: (D,)."""
-    keep, half = 0xFFFFFFFF ^ ((1 << drop) - 1), (1 << (drop - 1)) - 1
+    """One row through round_value's normal-range path alone (_normal_bits), with no branch,
+    so the loop vectorizes: row[j] = columns[j] round(clip(xr[j] / columns[j], +-limit)).
+    -> nonzero when an entry is a NaN or has 0 < |q| < min_normal, for which the caller
+    redoes the row by round_value itself. xr, columns, row: (D,)."""
+    u = np.uint32
+    keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
+    shift, top, cap, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits)
     special = 0
     for j in range(xr.size):
         s = columns[j]
         q = xr[j] / s
         q = limit if q > limit else (-limit if q < -limit else q)   # saturate; NaN passes
         b = np.float32(q).view(np.uint32)
-        a = b & 0x7FFFFFFF
-        r = (a + half + ((a >> drop) & 1)) & keep
-        special += (a > 0x7F800000) | (((a - 1) & 0xFFFFFFFF) < min_normal_bits - 1)
-        row[j] = s * np.uint32((b & 0x80000000) | (limit_bits if r > max_bits else r)).view(np.float32)
+        special += ((b & u(0x7FFFFFFF)) > u(0x7F800000)) | _is_small(b, low)
+        row[j] = s * u(_normal_bits(b, keep, half, shift, top, cap)).view(np.float32)
     return special
