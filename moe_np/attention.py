@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moe_np import functional, validate
+from moe_np import attention_kernels, functional, validate
 
 
 def check_ids(fn: str, ids, vocab_size: int, name: str = "ids") -> None:
@@ -61,7 +61,10 @@ def embedding_backward(dx, cache: EmbeddingCache):
     """dtable[v] = sum of dx over the positions holding token v (a scatter-add).   -> (V, D)."""
     d = dx.shape[-1]
     dtable = np.zeros((cache.num_rows, d), dtype=dx.dtype)         # (V, D)
-    np.add.at(dtable, cache.ids.reshape(-1), dx.reshape(-1, d))    # repeated ids add up
+    ids, rows = cache.ids.reshape(-1), dx.reshape(-1, d)            # (B T,), (B T, D)
+    if dx.dtype in attention_kernels.DTYPES:                       # the same sums, in the same order
+        return attention_kernels.scatter_add(rows, ids, dtable)
+    np.add.at(dtable, ids, rows)                                   # repeated ids add up
     return dtable
 
 
@@ -125,24 +128,37 @@ def rope_forward(x, cos, sin):
 
     x (..., T, F), cos/sin (T, F/2) -> y (..., T, F).   cache (cos, sin)."""
     _check_rope("rope_forward", x, cos, sin)
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half:]                          # (..., T, F/2) each
-    y = np.empty_like(x)                                           # (..., T, F)
-    y[..., :half] = x1 * cos - x2 * sin
-    y[..., half:] = x2 * cos + x1 * sin
-    return y, (cos, sin)
+    return _rotate(x, cos, sin, transpose=False), (cos, sin)
 
 
 def rope_backward(dy, cache):
     """The transpose rotation: dx = dy cos + rotate_half^T(dy sin),
     (g1, g2) -> (g1 c + g2 s, g2 c - g1 s).   -> dx (..., T, F)."""
     cos, sin = cache
+    return _rotate(dy, cos, sin, transpose=True)
+
+
+def _rotate(x, cos, sin, transpose: bool):
+    """RoPE's rotation of x (..., T, F) or its transpose: one compiled pass for a float32 /
+    float64 (B, H, T, F) with tables of its dtype (attention_kernels.rope), else rope_numpy."""
+    if x.ndim == 4 and x.dtype in attention_kernels.DTYPES and cos.dtype == sin.dtype == x.dtype:
+        return attention_kernels.rope(x, cos, sin, transpose)
+    return rope_numpy(x, cos, sin, transpose)
+
+
+def rope_numpy(x, cos, sin, transpose: bool = False):
+    """The rotation in NumPy, the twin of attention_kernels.rope (any leading axes, any
+    dtypes).   (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), transposed (x1 c + x2 s, x2 c - x1 s)."""
     half = cos.shape[-1]
-    g1, g2 = dy[..., :half], dy[..., half:]                        # (..., T, F/2) each
-    dx = np.empty_like(dy)                                         # (..., T, F)
-    dx[..., :half] = g1 * cos + g2 * sin
-    dx[..., half:] = g2 * cos - g1 * sin
-    return dx
+    x1, x2 = x[..., :half], x[..., half:]                          # (..., T, F/2) each
+    y = np.empty_like(x)                                           # (..., T, F)
+    if transpose:
+        y[..., :half] = x1 * cos + x2 * sin
+        y[..., half:] = x2 * cos - x1 * sin
+    else:
+        y[..., :half] = x1 * cos - x2 * sin
+        y[..., half:] = x2 * cos + x1 * sin
+    return y
 
 
 # -- causal grouped-query attention -----------------------------------------------------------
@@ -201,12 +217,35 @@ def attend_forward(q, k, v, block: int = QUERY_BLOCK):
     for lo, hi, end in query_blocks(t, length, block):
         qb = q5[:, :, :, lo:hi].reshape(b, g, r * (hi - lo), f)    # (B, P, A/P T_j, F)
         s = qb @ np.swapaxes(k[:, :, :end], -1, -2)                # (B, P, A/P T_j, L_j)
-        np.copyto(s.reshape(b, g, r, hi - lo, end), -np.inf,
-                  where=~causal_mask(hi - lo, end))                # (T_j, L_j) broadcast
-        p, softmax_cache = functional.softmax_forward(s, temperature=temperature)   # as s
+        p = _causal_softmax(s, temperature, hi - lo)               # as s
         o5[:, :, :, lo:hi] = (p @ v[:, :, :end]).reshape(b, g, r, hi - lo, f)
-        blocks.append(AttendBlock(lo, hi, end, p, softmax_cache))
+        blocks.append(AttendBlock(lo, hi, end, p, functional.SoftmaxCache(p, -1, temperature)))
     return o5.reshape(b, a, t, f), AttendCache(q5, k, v, blocks)
+
+
+def _causal_softmax(s, temperature: float, queries: int):
+    """The masked softmax of a block's scores s (..., A/P T_j, L_j), whose rows cycle through
+    its T_j = queries positions: compiled for float32 / float64 (attention_kernels, written
+    over s), else causal_softmax_numpy."""
+    if s.dtype in attention_kernels.DTYPES and s.flags.c_contiguous:
+        return attention_kernels.causal_softmax(s, temperature, queries)
+    return causal_softmax_numpy(s, temperature, queries)
+
+
+def causal_softmax_numpy(s, temperature: float, queries: int):
+    """The twin of attention_kernels.causal_softmax: -inf written where causal_mask hides a
+    key (in s), then functional.softmax_forward (a new array).   s (..., L) -> p."""
+    keys = s.shape[-1]
+    np.copyto(s.reshape(-1, queries, keys), -np.inf, where=~causal_mask(queries, keys))
+    return functional.softmax_forward(s, temperature=temperature)[0]
+
+
+def _softmax_grad(dp, cache):
+    """functional.softmax_backward, compiled and written over dp for float32 / float64."""
+    if dp.dtype in attention_kernels.DTYPES and dp.flags.c_contiguous \
+            and cache.p.flags.c_contiguous and cache.p.dtype == dp.dtype:
+        return attention_kernels.softmax_grad(dp, cache.p, cache.temperature)
+    return functional.softmax_backward(dp, cache)
 
 
 def attend_backward(do, cache: AttendCache):
@@ -222,7 +261,7 @@ def attend_backward(do, cache: AttendCache):
         qb = q5[:, :, :, lo:hi].reshape(dob.shape)                 # (B, P, A/P T_j, F)
         dv[:, :, :end] += np.swapaxes(p, -1, -2) @ dob             # (B, P, L_j, F)
         dp = dob @ np.swapaxes(v[:, :, :end], -1, -2)              # (B, P, A/P T_j, L_j)
-        ds = functional.softmax_backward(dp, softmax_cache)        # as dp, includes the 1/sqrt(F)
+        ds = _softmax_grad(dp, softmax_cache)                      # as dp, includes the 1/sqrt(F)
         dq5[:, :, :, lo:hi] = (ds @ k[:, :, :end]).reshape(b, g, r, hi - lo, f)
         dk[:, :, :end] += np.swapaxes(ds, -1, -2) @ qb             # (B, P, L_j, F)
     return dq5.reshape(do.shape), dk, dv

@@ -103,13 +103,18 @@ def step_gemms(config, lm) -> list[tuple]:
 
     A product (m, k) @ (k, n) in the forward has two in the backward: (m, n) @ (n, k) for
     the input and (k, m) @ (m, n) for the weight; an attention product has two of the same
-    kind. Routed experts see N K / E rows each (a balanced load)."""
+    kind. Attention's are the ones attend_forward makes: per block of query positions, a
+    key/value head's A/P query heads stacked, over the keys the block may see. Routed
+    experts see N K / E rows each (a balanced load)."""
+    from moe_np.attention import QUERY_BLOCK, query_blocks
     b, t, d, v = config.batch_size, config.context, lm.d_model, lm.vocab_size
     n, heads, kv, f = b * t, lm.num_heads, lm.num_kv_heads, lm.head_dim
     fwd = []
     for i in range(lm.num_layers):
         fwd += [(1, n, d, heads * f), (1, n, d, kv * f), (1, n, d, kv * f), (1, n, heads * f, d)]
-        fwd += [(b * heads, t, f, t), (b * heads, t, t, f)]          # scores, weighted values
+        for lo, hi, end in query_blocks(t, t, QUERY_BLOCK):         # scores, weighted values
+            rows = heads // kv * (hi - lo)
+            fwd += [(b * kv, rows, f, end), (b * kv, rows, end, f)]
         moe = lm.moe if (i + 1) % lm.moe_every == 0 else None
         if moe is None:
             fwd += [(1, n, d, lm.d_ffn)] * 2 + [(1, n, lm.d_ffn, d)]

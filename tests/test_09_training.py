@@ -157,3 +157,20 @@ def test_the_experiment_cache_is_reused_only_by_the_code_that_made_it(tmp_path, 
     lm_experiment.experiment([config], cache_path=cache, log=lambda line: None)
     assert trained == [0, 0]                            # other code: trained again
     assert len(json.loads(cache.read_text())) == 1      # the stale record is dropped
+
+
+def test_the_step_floor_counts_the_products_the_step_makes():
+    """bench's LM floor holds attention's products as attend_forward makes them: per block of
+    query positions, over the keys the block may see (5/8 of the square at T = 4 blocks),
+    the stacked query heads of a key/value head in one product."""
+    from moe_np.attention import QUERY_BLOCK
+    from moe_np.bench_lm import step_gemms
+    config = LMTrainConfig(**dict(TINY, context=4 * QUERY_BLOCK))
+    lm = build_lm_run(config).model.config
+    b, t, f = config.batch_size, config.context, lm.head_dim    # F = 8: no other product has it
+    first = step_gemms(config, lm)[:len(step_gemms(config, lm)) // 3]   # the forward products
+    attention = [g for g in first if g[0] == b * lm.num_kv_heads and f in (g[2], g[3])]
+    macs = sum(p * m * k * n for p, m, k, n in attention) // lm.num_layers
+    keys_seen = sum(QUERY_BLOCK * end for end in range(QUERY_BLOCK, t + 1, QUERY_BLOCK))
+    assert keys_seen * 8 == t * t * 5
+    assert macs == 2 * b * lm.num_heads * f * keys_seen           # q k^T and p v
