@@ -82,13 +82,34 @@ def rms_norm_forward(x, w, eps: float):
     if np.shape(x)[-1:] != w.shape:
         raise ValueError(f"rms_norm_forward: x has D={np.shape(x)[-1:]} but w has shape {w.shape}")
     validate.positive("rms_norm_forward", "eps", eps)
+    if _compiled(x, w) and np.isfinite(eps):
+        y, xhat, rinv = attention_kernels.rms_norm(x, w, eps)      # (..., D), (..., D), (..., 1)
+        return y, RMSNormCache(xhat, rinv, w)
+    return rms_norm_numpy(x, w, eps)
+
+
+def rms_norm_numpy(x, w, eps: float):
+    """rms_norm_forward in NumPy (the twin of attention_kernels.rms_norm): -> y, cache."""
     rinv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)   # (..., 1)
     xhat = x * rinv                                                # (..., D)
     return xhat * w, RMSNormCache(xhat, rinv, w)
 
 
+def _compiled(*arrays) -> bool:
+    """Arrays the compiled passes take as they are: C-contiguous, float32 or float64, one dtype."""
+    return all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == arrays[0].dtype
+               and a.dtype in attention_kernels.DTYPES and a.ndim for a in arrays)
+
+
 def rms_norm_backward(dy, cache: RMSNormCache):
     """g = dy w;  dx = (g - xhat mean(g xhat)) / rms;  dw = sum dy xhat.   -> dx (..., D), dw (D,)."""
+    if _compiled(dy, *cache) and dy.ndim >= 2 and dy.shape == cache.xhat.shape:
+        return attention_kernels.rms_norm_grad(dy, *cache)
+    return rms_norm_grad_numpy(dy, cache)
+
+
+def rms_norm_grad_numpy(dy, cache: RMSNormCache):
+    """rms_norm_backward in NumPy (the twin of attention_kernels.rms_norm_grad)."""
     xhat, rinv, w = cache
     d = w.shape[0]
     t = dy * xhat                                                  # (..., D) work buffer

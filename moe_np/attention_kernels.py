@@ -6,6 +6,7 @@
     rope(x, cos, sin, transpose)              x (B, H, T, F) -> a new array: the rotation, or
                                               its transpose (RoPE's backward)
     scatter_add(rows, ids, out)               out[ids[n]] += rows[n]: the embedding's backward
+    rms_norm(x, w, eps), rms_norm_grad(dy, xhat, rinv, w)   RMSNorm's pair, row by row
 
 At chapter 9's size attention's scores are small arrays (a few hundred KiB
 per query block): NumPy's softmax makes six passes over them, each a call
@@ -164,6 +165,55 @@ def softmax_grad_rows(dp, p, temperature, zero):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _row_mean(a, n, zero, rounded):
+    """np.mean of a[:n] (1-D contiguous): the sum in NumPy's order, divided by the count as
+    NumPy divides it (in float64, by an integer), then rounded to a's dtype through
+    `rounded` (a 1-entry array of that dtype)."""
+    rounded[0] = np.float64(pairwise_sum(a, 0, n, zero)) / np.float64(n)
+    return rounded[0]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rms_norm_rows(x, w, eps, one, y, xhat, rinv):
+    """rinv = 1 / sqrt(mean(x^2) + eps), xhat = x rinv, y = xhat w, row by row.
+    x, y, xhat (R, D), w (D,), rinv (R,) -> y."""
+    rows, d = x.shape
+    work, rounded = np.empty(d, x.dtype), np.empty(1, x.dtype)     # (D,) x^2; (1,)
+    zero = one - one
+    for i in range(rows):
+        for j in range(d):
+            work[j] = x[i, j] * x[i, j]
+        r = one / np.sqrt(_row_mean(work, d, zero, rounded) + eps)
+        rinv[i] = r
+        for j in range(d):
+            v = x[i, j] * r
+            xhat[i, j] = v
+            y[i, j] = v * w[j]
+    return y
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rms_norm_grad_rows(dy, xhat, rinv, w, one, dx, dw):
+    """g = dy w, dx = (g - xhat mean(g xhat)) rinv row by row; dw = the column sums of
+    dy xhat, rows added in order from +0.   dy, xhat, dx (R, D), rinv (R,), w, dw (D,) -> dx."""
+    rows, d = dy.shape
+    work, rounded = np.empty(d, dy.dtype), np.empty(1, dy.dtype)   # (D,) g xhat; (1,)
+    zero = one - one
+    for j in range(d):
+        dw[j] = zero
+    for i in range(rows):
+        for j in range(d):
+            dw[j] += dy[i, j] * xhat[i, j]
+            g = dy[i, j] * w[j]
+            dx[i, j] = g
+            work[j] = g * xhat[i, j]
+        mu = _row_mean(work, d, zero, rounded)
+        for j in range(d):
+            dx[i, j] = (dx[i, j] - xhat[i, j] * mu) * rinv[i]
+    return dx
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def scatter_add_rows(rows, ids, out):
     """out[ids[n]] += rows[n] for n = 0, 1, ... in order (np.add.at's order).   rows (N, D),
     ids (N,), out (V, D) -> out."""
@@ -239,6 +289,48 @@ def softmax_grad(dp, p, temperature: float):
     softmax_grad_rows(dp.reshape(-1, dp.shape[-1]), p.reshape(-1, p.shape[-1]),
                       dp.dtype.type(temperature), dp.dtype.type(0))
     return dp
+
+
+def _check_norm(fn: str, pairs, w) -> None:
+    """Every (name, array) a C-contiguous (..., D) float32/float64 of one shape and dtype; w (D,)."""
+    (first, a), *rest = pairs
+    _check_rows(fn, first, a)
+    for name, b in rest:
+        _check_rows(fn, name, b, a.dtype)
+        if b.shape != a.shape:
+            raise ValueError(f"{fn}: {name} {b.shape} must have {first}'s shape {a.shape}")
+    if not isinstance(w, np.ndarray) or w.dtype != a.dtype or w.shape != a.shape[-1:]:
+        raise ValueError(f"{fn}: w must be {a.dtype} (D={a.shape[-1]},), got "
+                         f"{getattr(w, 'dtype', '')} {getattr(w, 'shape', type(w).__name__)}")
+
+
+def rms_norm(x, w, eps: float):
+    """RMSNorm's forward with attention.rms_norm_forward's bits.   x (..., D) C-contiguous,
+    w (D,) -> y, xhat (x's shape), rinv (..., 1)."""
+    _check_norm("rms_norm", (("x", x),), w)
+    if not np.isfinite(eps) or eps <= 0:
+        raise ValueError(f"rms_norm: eps must be finite and > 0, got {eps!r}")
+    d = x.shape[-1]
+    y, xhat = np.empty_like(x), np.empty_like(x)                   # (..., D) each
+    rinv = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)            # (..., 1)
+    kind = x.dtype.type
+    rms_norm_rows(x.reshape(-1, d), w, kind(eps), kind(1), y.reshape(-1, d), xhat.reshape(-1, d),
+                  rinv.reshape(-1))
+    return y, xhat, rinv
+
+
+def rms_norm_grad(dy, xhat, rinv, w):
+    """RMSNorm's backward with attention.rms_norm_backward's bits.   dy, xhat (..., D),
+    rinv (..., 1), w (D,) -> dx (dy's shape), dw (D,)."""
+    _check_norm("rms_norm_grad", (("dy", dy), ("xhat", xhat)), w)
+    _check_rows("rms_norm_grad", "rinv", rinv, dy.dtype)
+    if rinv.shape != dy.shape[:-1] + (1,):
+        raise ValueError(f"rms_norm_grad: rinv must be {dy.shape[:-1] + (1,)}, got {rinv.shape}")
+    d = dy.shape[-1]
+    dx, dw = np.empty_like(dy), np.empty_like(w)                   # (..., D), (D,)
+    rms_norm_grad_rows(dy.reshape(-1, d), xhat.reshape(-1, d), rinv.reshape(-1), w,
+                       dy.dtype.type(1), dx.reshape(-1, d), dw)
+    return dx, dw
 
 
 def scatter_add(rows, ids, out):

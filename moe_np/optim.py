@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from moe_np import validate
+from moe_np import optim_kernels, validate
 from moe_np.module import check_state_dict
 
 
@@ -98,26 +98,36 @@ class Adam(Optimizer):
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
     def step(self, grads: dict) -> None:
+        """Every parameter updated in place: one compiled pass (optim_kernels) where it gives
+        NumPy's bits, else update_numpy, its twin."""
         self._check(grads)
-        b1, b2 = self.betas
         self.t += 1
+        hyper = optim_kernels.AdamHyper(*self.betas, self.lr, self.eps, self.weight_decay, self.t)
         for name, p in self.params.items():
             g, m, v = grads[name], self.state["m"][name], self.state["v"][name]
-            m *= b1                                        # m <- b1 m + (1 - b1) g, in place
-            m += (1 - b1) * g
-            v *= b2                                        # v <- b2 v + (1 - b2) g g
-            g2 = (1 - b2) * g                              # g's shape and dtype
-            g2 *= g
-            v += g2
-            step = m / (1 - b1**self.t)                    # m_hat, then lr m_hat / (...)
-            step *= self.lr
-            den = v / (1 - b2**self.t)                     # v_hat, then sqrt(v_hat) + eps
-            np.sqrt(den, out=den)
-            den += self.eps
-            step /= den
-            if self.weight_decay:
-                p -= self.lr * self.weight_decay * p
-            p -= step
+            if optim_kernels.takes(p, g, m, v, hyper):
+                optim_kernels.adam_update(p, g, m, v, hyper)
+            else:
+                self.update_numpy(p, g, m, v)
+
+    def update_numpy(self, p, g, m, v) -> None:
+        """One parameter's update in NumPy (t already advanced): the twin of the kernel."""
+        b1, b2 = self.betas
+        m *= b1                                        # m <- b1 m + (1 - b1) g, in place
+        m += (1 - b1) * g
+        v *= b2                                        # v <- b2 v + (1 - b2) g g
+        g2 = (1 - b2) * g                              # g's shape and dtype
+        g2 *= g
+        v += g2
+        step = m / (1 - b1**self.t)                    # m_hat, then lr m_hat / (...)
+        step *= self.lr
+        den = v / (1 - b2**self.t)                     # v_hat, then sqrt(v_hat) + eps
+        np.sqrt(den, out=den)
+        den += self.eps
+        step /= den
+        if self.weight_decay:
+            p -= self.lr * self.weight_decay * p
+        p -= step
 
 
 class AdamW(Adam):

@@ -1,6 +1,7 @@
 """Chapter 9's compiled passes (attention_kernels) against their NumPy twins, bit for bit:
 the masked softmax and its gradient, RoPE and its transpose, the embedding's scatter-add,
-NumPy's summation order; the attention pair wired through them; bad input refused."""
+RMSNorm's pair, NumPy's summation order; the attention pair wired through them; bad input
+refused."""
 import os
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_attention_calls_every_kernel(monkeypatch):
     """float32 attention runs the compiled passes, not the twins under another name."""
     calls = []
     for name in ("scaled_masked_rows", "normalized_rows", "softmax_grad_rows", "rope_rows",
-                 "scatter_add_rows"):
+                 "scatter_add_rows", "rms_norm_rows", "rms_norm_grad_rows"):
         kernel = getattr(ak, name)
         monkeypatch.setattr(ak, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
     rng = np.random.default_rng(6)
@@ -141,8 +142,10 @@ def test_attention_calls_every_kernel(monkeypatch):
     y, cache = attention.attention_forward(x, params, 2, 1, cos, sin)
     dx, _ = attention.attention_backward(y, cache, params)
     attention.embedding_backward(dx, attention.embedding_forward(np.zeros((2, 5), int), x[0])[1])
+    attention.rms_norm_backward(x, attention.rms_norm_forward(x, x[0, 0], 1e-5)[1])
     assert sorted(set(calls)) == sorted(["scaled_masked_rows", "normalized_rows", "softmax_grad_rows",
-                                         "rope_rows", "scatter_add_rows"])
+                                         "rope_rows", "scatter_add_rows", "rms_norm_rows",
+                                         "rms_norm_grad_rows"])
     assert calls.count("rope_rows") == 4                           # q, k forward; dq, dk backward
 
 
@@ -162,6 +165,11 @@ cos, sin = attention.rope_tables(9, 4, 1e4, np.float32)
 assert np.array_equal(ak.rope(x, cos, sin, True), attention.rope_numpy(x, cos, sin, True))
 a = rng.standard_normal(300).astype(np.float32)
 assert ak.pairwise_sum(a, 0, 300, np.float32(0)) == a.sum()
+w = rng.standard_normal(9).astype(np.float32)
+y, cache = attention.rms_norm_forward(s, w, 1e-5)
+assert np.array_equal(y, attention.rms_norm_numpy(s, w, 1e-5)[0])
+assert all(np.array_equal(a, b) for a, b in zip(attention.rms_norm_backward(s, cache),
+                                                attention.rms_norm_grad_numpy(s, cache)))
 print("plain python ok")
 """
 
@@ -212,3 +220,32 @@ def test_bad_rope_and_scatter_input_is_refused():
         with pytest.raises(ValueError, match=match):
             ak.scatter_add(*args)
     assert np.all(out == 0)                                        # nothing written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 3), (3, 130), (1, 1, 1, 6)])
+def test_rms_norm_pair_is_its_numpy_twin(dtype, shape):
+    """Widths that are not powers of two (NumPy's mean divides in float64 by an integer count,
+    then rounds), rows over 128 entries, values over six decades, two eps."""
+    rng = np.random.default_rng(7)
+    x, dy = wide_values(rng, shape, dtype), wide_values(rng, shape, dtype)
+    w = rng.standard_normal(shape[-1]).astype(dtype)              # (D,)
+    for eps in (1e-5, 0.3):
+        y, cache = attention.rms_norm_forward(x, w, eps)
+        y_twin, cache_twin = attention.rms_norm_numpy(x, w, eps)
+        assert same_bits(y, y_twin) and all(same_bits(a, b) for a, b in zip(cache, cache_twin))
+        for got, want in zip(attention.rms_norm_backward(dy, cache),
+                             attention.rms_norm_grad_numpy(dy, cache_twin)):
+            assert same_bits(got, want)
+
+
+def test_bad_rms_norm_input_is_refused():
+    x, w = np.ones((3, 4), np.float32), np.ones(4, np.float32)
+    rinv = np.ones((3, 1), np.float32)
+    for call, match in [(lambda: ak.rms_norm(x, w.astype(np.float64), 1e-5), r"rms_norm: w must be float32 \(D=4,\)"),
+                        (lambda: ak.rms_norm(x[:, ::2], w[:2], 1e-5), "rms_norm: x must"),
+                        (lambda: ak.rms_norm(x, w, 0.0), "rms_norm: eps"),
+                        (lambda: ak.rms_norm_grad(x, x[:2], rinv, w), "rms_norm_grad: xhat"),
+                        (lambda: ak.rms_norm_grad(x, x, rinv[:2], w), r"rms_norm_grad: rinv must be \(3, 1\)")]:
+        with pytest.raises(ValueError, match=match):
+            call()
