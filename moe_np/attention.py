@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moe_np import attention_kernels, functional, validate
+from moe_np import compiled, functional, validate
 
 
 def check_ids(fn: str, ids, vocab_size: int, name: str = "ids") -> None:
@@ -62,8 +62,9 @@ def embedding_backward(dx, cache: EmbeddingCache):
     d = dx.shape[-1]
     dtable = np.zeros((cache.num_rows, d), dtype=dx.dtype)         # (V, D)
     ids, rows = cache.ids.reshape(-1), dx.reshape(-1, d)            # (B T,), (B T, D)
-    if dx.dtype in attention_kernels.DTYPES:                       # the same sums, in the same order
-        return attention_kernels.scatter_add(rows, ids, dtable)
+    kernels = _kernels(dx, contiguous=False)
+    if kernels:                                                    # the same sums, in the same order
+        return kernels.scatter_add(rows, ids, dtable)
     np.add.at(dtable, ids, rows)                                   # repeated ids add up
     return dtable
 
@@ -82,8 +83,9 @@ def rms_norm_forward(x, w, eps: float):
     if np.shape(x)[-1:] != w.shape:
         raise ValueError(f"rms_norm_forward: x has D={np.shape(x)[-1:]} but w has shape {w.shape}")
     validate.positive("rms_norm_forward", "eps", eps)
-    if _compiled(x, w) and np.isfinite(eps):
-        y, xhat, rinv = attention_kernels.rms_norm(x, w, eps)      # (..., D), (..., D), (..., 1)
+    kernels = _kernels(x, w)
+    if kernels and x.ndim >= 2 and np.isfinite(eps):
+        y, xhat, rinv = kernels.rms_norm(x, w, eps)                # (..., D), (..., D), (..., 1)
         return y, RMSNormCache(xhat, rinv, w)
     return rms_norm_numpy(x, w, eps)
 
@@ -95,16 +97,21 @@ def rms_norm_numpy(x, w, eps: float):
     return xhat * w, RMSNormCache(xhat, rinv, w)
 
 
-def _compiled(*arrays) -> bool:
-    """Arrays the compiled passes take as they are: C-contiguous, float32 or float64, one dtype."""
-    return all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == arrays[0].dtype
-               and a.dtype in attention_kernels.DTYPES and a.ndim for a in arrays)
+def _kernels(*arrays, contiguous: bool = True):
+    """attention_kernels when they are loaded (compiled.load) and take these arrays as they
+    are: float32 or float64 of one dtype, C-contiguous if asked. Else None: the twin runs."""
+    kernels = compiled.load("attention_kernels")
+    if kernels is None or not all(isinstance(a, np.ndarray) and a.dtype == arrays[0].dtype
+                                  and a.dtype in kernels.DTYPES for a in arrays):
+        return None
+    return kernels if all(a.flags.c_contiguous for a in arrays) or not contiguous else None
 
 
 def rms_norm_backward(dy, cache: RMSNormCache):
     """g = dy w;  dx = (g - xhat mean(g xhat)) / rms;  dw = sum dy xhat.   -> dx (..., D), dw (D,)."""
-    if _compiled(dy, *cache) and dy.ndim >= 2 and dy.shape == cache.xhat.shape:
-        return attention_kernels.rms_norm_grad(dy, *cache)
+    kernels = _kernels(dy, *cache)
+    if kernels and dy.ndim >= 2 and dy.shape == cache.xhat.shape:
+        return kernels.rms_norm_grad(dy, *cache)
     return rms_norm_grad_numpy(dy, cache)
 
 
@@ -161,9 +168,11 @@ def rope_backward(dy, cache):
 
 def _rotate(x, cos, sin, transpose: bool):
     """RoPE's rotation of x (..., T, F) or its transpose: one compiled pass for a float32 /
-    float64 (B, H, T, F) with tables of its dtype (attention_kernels.rope), else rope_numpy."""
-    if x.ndim == 4 and x.dtype in attention_kernels.DTYPES and cos.dtype == sin.dtype == x.dtype:
-        return attention_kernels.rope(x, cos, sin, transpose)
+    float64 (B, H, T, F), any strides, with tables of its dtype (attention_kernels.rope),
+    else rope_numpy."""
+    kernels = _kernels(x, cos, sin, contiguous=False)
+    if kernels and x.ndim == 4:
+        return kernels.rope(x, cos, sin, transpose)
     return rope_numpy(x, cos, sin, transpose)
 
 
@@ -248,8 +257,9 @@ def _causal_softmax(s, temperature: float, queries: int):
     """The masked softmax of a block's scores s (..., A/P T_j, L_j), whose rows cycle through
     its T_j = queries positions: compiled for float32 / float64 (attention_kernels, written
     over s), else causal_softmax_numpy."""
-    if s.dtype in attention_kernels.DTYPES and s.flags.c_contiguous:
-        return attention_kernels.causal_softmax(s, temperature, queries)
+    kernels = _kernels(s)
+    if kernels:
+        return kernels.causal_softmax(s, temperature, queries)
     return causal_softmax_numpy(s, temperature, queries)
 
 
@@ -262,10 +272,11 @@ def causal_softmax_numpy(s, temperature: float, queries: int):
 
 
 def _softmax_grad(dp, cache):
-    """functional.softmax_backward, compiled and written over dp for float32 / float64."""
-    if dp.dtype in attention_kernels.DTYPES and dp.flags.c_contiguous \
-            and cache.p.flags.c_contiguous and cache.p.dtype == dp.dtype:
-        return attention_kernels.softmax_grad(dp, cache.p, cache.temperature)
+    """functional.softmax_backward, compiled and written over dp for float32 / float64 (the
+    twin otherwise)."""
+    kernels = _kernels(dp, cache.p)
+    if kernels:
+        return kernels.softmax_grad(dp, cache.p, cache.temperature)
     return functional.softmax_backward(dp, cache)
 
 

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from moe_np import optim_kernels, validate
+from moe_np import compiled, validate
 from moe_np.module import check_state_dict
 
 
@@ -102,11 +102,13 @@ class Adam(Optimizer):
         NumPy's bits, else update_numpy, its twin."""
         self._check(grads)
         self.t += 1
-        hyper = optim_kernels.AdamHyper(*self.betas, self.lr, self.eps, self.weight_decay, self.t)
+        kernels = compiled.load("optim_kernels")                   # None without numba
+        if kernels is not None:
+            hyper = kernels.AdamHyper(*self.betas, self.lr, self.eps, self.weight_decay, self.t)
         for name, p in self.params.items():
             g, m, v = grads[name], self.state["m"][name], self.state["v"][name]
-            if optim_kernels.takes(p, g, m, v, hyper):
-                optim_kernels.adam_update(p, g, m, v, hyper)
+            if kernels and kernels.takes(p, g, m, v, hyper):
+                kernels.adam_update(p, g, m, v, hyper)
             else:
                 self.update_numpy(p, g, m, v)
 

@@ -249,3 +249,30 @@ def test_bad_rms_norm_input_is_refused():
                         (lambda: ak.rms_norm_grad(x, x, rinv[:2], w), r"rms_norm_grad: rinv must be \(3, 1\)")]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+WITHOUT_NUMBA = """
+import sys
+sys.modules["numba"] = None                                        # numba cannot be imported
+import numpy as np
+from moe_np import attention, compiled
+from moe_np.optim import AdamW
+rng = np.random.default_rng(0)
+params = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+          (("wq", (8, 8)), ("wk", (8, 4)), ("wv", (8, 4)), ("wo", (8, 8)))}
+x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+cos, sin = attention.rope_tables(5, 4, 1e4, np.float32)
+y, cache = attention.attention_forward(attention.rms_norm_forward(x, x[0, 0], 1e-5)[0], params, 2, 1, cos, sin)
+dx, grads = attention.attention_backward(y, cache, params)
+AdamW(params, lr=1e-3).step(grads)
+print("twins without numba", compiled.load("attention_kernels"), compiled.load("optim_kernels"))
+"""
+
+
+def test_the_language_model_parts_run_their_twins_without_numba():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", WITHOUT_NUMBA], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "twins without numba None None" in done.stdout
