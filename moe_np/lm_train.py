@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moe_np import checkpoint as ckpt, text
+from moe_np import checkpoint as ckpt, heap, text
 from moe_np.config import PrecisionConfig
 from moe_np.training import Progress, format_progress
 
@@ -177,8 +177,11 @@ class LMRun(NamedTuple):
 
 
 def build_lm_run(config: LMTrainConfig, tokenizer=None) -> LMRun:
-    """Data, float32 model, AdamW (warm-up + cosine to lr/10), scaler and Trainer."""
+    """Data, float32 model, AdamW (warm-up + cosine to lr/10), scaler and Trainer. Also asks
+    the C heap to keep freed pages for the next step's arrays (heap.keep_pages: the process's
+    allocator, for speed; the numbers do not change)."""
     from moe_np.optim import AdamW, WarmupCosine
+    heap.keep_pages()
     from moe_np.training import Trainer, make_scaler
     from moe_np.transformer import MoETransformer, lm_loss_backward, lm_loss_forward
     data = build_data(config, tokenizer)

@@ -174,3 +174,46 @@ def test_the_step_floor_counts_the_products_the_step_makes():
     keys_seen = sum(QUERY_BLOCK * end for end in range(QUERY_BLOCK, t + 1, QUERY_BLOCK))
     assert keys_seen * 8 == t * t * 5
     assert macs == 2 * b * lm.num_heads * f * keys_seen           # q k^T and p v
+
+
+HEAP_CHURN = """
+import resource, sys
+import numpy as np
+from moe_np import heap
+kept = heap.keep_pages() if sys.argv[1] == "keep" else None
+
+def churn():                                     # a step's worth of arrays, made and freed
+    for _ in range(20):
+        arrays = [np.ones(n, np.float32) for n in (50_000, 260_000, 1_000_000, 120_000, 700_000)]
+        del arrays
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_kept_heap_pages_stop_the_page_faults_of_repeated_arrays():
+    """The same arrays made and freed again: without keep_pages each new array's pages fault
+    again; with it the heap reuses them (the allocator of a fresh process each time)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    faults = {}
+    for mode in ("default", "keep"):
+        done = subprocess.run([sys.executable, "-c", HEAP_CHURN, mode], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        kept, faults[mode] = done.stdout.split()
+    if kept == "False":
+        pytest.skip("the C library is not glibc: keep_pages changes nothing here")
+    assert int(faults["default"]) > 1000 and int(faults["keep"]) * 100 < int(faults["default"])
+
+
+def test_keep_pages_refuses_a_bad_size():
+    from moe_np import heap
+    for bad in (-1, 1.5, "64"):
+        with pytest.raises(ValueError, match="keep_pages: mib must be an integer >= 0"):
+            heap.keep_pages(bad)
