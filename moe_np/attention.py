@@ -83,8 +83,9 @@ def rms_norm_forward(x, w, eps: float):
     if np.shape(x)[-1:] != w.shape:
         raise ValueError(f"rms_norm_forward: x has D={np.shape(x)[-1:]} but w has shape {w.shape}")
     validate.positive("rms_norm_forward", "eps", eps)
+    eps = float(eps)                        # a Python float: x's dtype whatever eps came as
     kernels = _kernels(x, w)
-    if kernels and x.ndim >= 2 and np.isfinite(eps):
+    if kernels and x.ndim >= 2:
         y, xhat, rinv = kernels.rms_norm(x, w, eps)                # (..., D), (..., D), (..., 1)
         return y, RMSNormCache(xhat, rinv, w)
     return rms_norm_numpy(x, w, eps)
@@ -99,10 +100,11 @@ def rms_norm_numpy(x, w, eps: float):
 
 def _kernels(*arrays, contiguous: bool = True):
     """attention_kernels when they are loaded (compiled.load) and take these arrays as they
-    are: float32 or float64 of one dtype, C-contiguous if asked. Else None: the twin runs."""
+    are: non-empty, float32 or float64 of one dtype, C-contiguous if asked. Else None: the
+    twin runs."""
     kernels = compiled.load("attention_kernels")
     if kernels is None or not all(isinstance(a, np.ndarray) and a.dtype == arrays[0].dtype
-                                  and a.dtype in kernels.DTYPES for a in arrays):
+                                  and a.dtype in kernels.DTYPES and a.size for a in arrays):
         return None
     return kernels if all(a.flags.c_contiguous for a in arrays) or not contiguous else None
 
@@ -110,7 +112,7 @@ def _kernels(*arrays, contiguous: bool = True):
 def rms_norm_backward(dy, cache: RMSNormCache):
     """g = dy w;  dx = (g - xhat mean(g xhat)) / rms;  dw = sum dy xhat.   -> dx (..., D), dw (D,)."""
     kernels = _kernels(dy, *cache)
-    if kernels and dy.ndim >= 2 and dy.shape == cache.xhat.shape:
+    if kernels and dy.ndim >= 2 and dy.shape == cache.xhat.shape and dy.shape[-1] >= 2:
         return kernels.rms_norm_grad(dy, *cache)
     return rms_norm_grad_numpy(dy, cache)
 
@@ -267,6 +269,7 @@ def causal_softmax_numpy(s, temperature: float, queries: int):
     """The twin of attention_kernels.causal_softmax: -inf written where causal_mask hides a
     key (in s), then functional.softmax_forward (a new array).   s (..., L) -> p."""
     keys = s.shape[-1]
+    s = np.ascontiguousarray(s)                                    # so that the reshape is a view
     np.copyto(s.reshape(-1, queries, keys), -np.inf, where=~causal_mask(queries, keys))
     return functional.softmax_forward(s, temperature=temperature)[0]
 
@@ -275,7 +278,8 @@ def _softmax_grad(dp, cache):
     """functional.softmax_backward, compiled and written over dp for float32 / float64 (the
     twin otherwise)."""
     kernels = _kernels(dp, cache.p)
-    if kernels:
+    if kernels and cache.axis in (-1, dp.ndim - 1) and dp.shape == cache.p.shape \
+            and not np.may_share_memory(dp, cache.p):
         return kernels.softmax_grad(dp, cache.p, cache.temperature)
     return functional.softmax_backward(dp, cache)
 

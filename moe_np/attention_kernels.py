@@ -14,15 +14,16 @@ with its own temporary, and a reduction along rows of 32 to 128 entries
 is slower per entry than a pass. Here the mask, the temperature and the
 max go in one pass, NumPy's own `exp` in a second (so that its bits are
 NumPy's: Numba's `exp` is another implementation), and the sum and the
-division in a third; the backward is one pass per row.
+division in a third; the backward makes two loops over each row (the
+products dp p and their sum, then the gradient).
 
 Same bits as NumPy, which the tests check: every float operation is the
 one NumPy makes, in the same order, in the array's dtype, and a row's sum
 is `pairwise_sum`, NumPy's own summation order for a contiguous row
 (eight running sums, halves above 128 entries). The twins are the NumPy
-code in attention.py and functional.py that these replace. These functions
-trust their inputs (`check` validates them, at the Python boundary); with
-NUMBA_DISABLE_JIT=1 they run as plain Python. Shape letters as in
+code in attention.py and functional.py that these replace. The loops trust
+their inputs; the public functions at the end validate them, at the Python
+boundary; with NUMBA_DISABLE_JIT=1 the loops run as plain Python. Shape letters as in
 attention.py; R rows (every leading axis flattened), L keys.
 """
 from __future__ import annotations
@@ -91,10 +92,11 @@ def _halves_sum(a, lo, n, zero):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pairwise_sum(a, lo, n, zero):
+def _pairwise_sum(a, lo, n, zero):
     """np.add.reduce of the contiguous a[lo:lo+n] (1-D a), in NumPy's order: blocks of at most
     PAIRWISE_BLOCK entries, a longer run split in two and the halves' sums added, the whole
-    added to the reduction's start value +0 (zero: a +0 of a's dtype)."""
+    added to the reduction's start value +0 (zero: a +0 of a's dtype). Unchecked: see
+    pairwise_sum."""
     if n <= PAIRWISE_BLOCK:
         return zero + _block_sum(a, lo, n, zero)
     return zero + _halves_sum(a, lo, n, zero)
@@ -144,7 +146,7 @@ def normalized_rows(e, zero):
     """e / (the row's sum), in place.   e (R, L) -> e."""
     rows, keys = e.shape
     for i in range(rows):
-        total = pairwise_sum(e[i], 0, keys, zero)
+        total = _pairwise_sum(e[i], 0, keys, zero)
         for j in range(keys):
             e[i, j] = e[i, j] / total
     return e
@@ -158,7 +160,7 @@ def softmax_grad_rows(dp, p, temperature, zero):
     for i in range(rows):
         for j in range(keys):
             work[j] = dp[i, j] * p[i, j]
-        inner = pairwise_sum(work, 0, keys, zero)
+        inner = _pairwise_sum(work, 0, keys, zero)
         for j in range(keys):
             dp[i, j] = ((dp[i, j] - inner) * p[i, j]) / temperature
     return dp
@@ -169,7 +171,7 @@ def _row_mean(a, n, zero, rounded):
     """np.mean of a[:n] (1-D contiguous): the sum in NumPy's order, divided by the count as
     NumPy divides it (in float64, by an integer), then rounded to a's dtype through
     `rounded` (a 1-entry array of that dtype)."""
-    rounded[0] = np.float64(pairwise_sum(a, 0, n, zero)) / np.float64(n)
+    rounded[0] = np.float64(_pairwise_sum(a, 0, n, zero)) / np.float64(n)
     return rounded[0]
 
 
@@ -195,7 +197,8 @@ def rms_norm_rows(x, w, eps, one, y, xhat, rinv):
 @njit(cache=True, nogil=True, error_model="numpy")
 def rms_norm_grad_rows(dy, xhat, rinv, w, one, dx, dw):
     """g = dy w, dx = (g - xhat mean(g xhat)) rinv row by row; dw = the column sums of
-    dy xhat, rows added in order from +0.   dy, xhat, dx (R, D), rinv (R,), w, dw (D,) -> dx."""
+    dy xhat, rows added in order from +0 (NumPy's order for D >= 2; a single column it sums
+    pairwise).   dy, xhat, dx (R, D), rinv (R,), w, dw (D,) -> dx."""
     rows, d = dy.shape
     work, rounded = np.empty(d, dy.dtype), np.empty(1, dy.dtype)   # (D,) g xhat; (1,)
     zero = one - one
@@ -243,19 +246,32 @@ def rope_rows(x, cos, sin, sign, out):
 
 # -- the Python boundary: everything checked before a loop runs -------------------------------
 
-def _check_rows(fn: str, name: str, a, dtype=None) -> None:
-    if not isinstance(a, np.ndarray) or a.dtype not in DTYPES or a.ndim < 2 \
-            or not a.flags.c_contiguous or not a.flags.writeable:
-        raise ValueError(f"{fn}: {name} must be a writeable C-contiguous float32/float64 array of "
-                         f"at least 2 dimensions, got {type(a).__name__} "
-                         f"{getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
+def _check_rows(fn: str, name: str, a, dtype=None, written: bool = False) -> None:
+    """a: a C-contiguous float32/float64 array of at least 2 dimensions and a last axis of at
+    least one entry (of `dtype` when given; writeable when the loop writes it)."""
+    if not isinstance(a, np.ndarray) or a.dtype not in DTYPES or a.ndim < 2 or not a.shape[-1] \
+            or not a.flags.c_contiguous or (written and not a.flags.writeable):
+        raise ValueError(f"{fn}: {name} must be a{' writeable' if written else ''} C-contiguous "
+                         f"float32/float64 array of at least 2 dimensions, its last not empty, got "
+                         f"{type(a).__name__} {getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
     if dtype is not None and a.dtype != dtype:
         raise ValueError(f"{fn}: {name} must be {dtype} like the others, got {a.dtype}")
 
 
-def _check_temperature(fn: str, temperature) -> None:
-    if not np.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{fn}: temperature must be finite and > 0, got {temperature!r}")
+def _check_positive(fn: str, name: str, value) -> None:
+    if not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+
+
+def pairwise_sum(a) -> float:
+    """np.add.reduce of a 1-D C-contiguous float32/float64 array, in NumPy's order (the loops'
+    row sums use this).   a (n,) -> a number of a's dtype."""
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype not in DTYPES \
+            or not a.flags.c_contiguous:
+        raise ValueError(f"pairwise_sum: a must be a 1-D C-contiguous float32/float64 array, got "
+                         f"{type(a).__name__} {getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
+    return a.dtype.type(_pairwise_sum(a, 0, a.size, a.dtype.type(0)))
 
 
 def causal_softmax(s, temperature: float, queries: int):
@@ -263,8 +279,8 @@ def causal_softmax(s, temperature: float, queries: int):
     (s itself). Its rows cycle through `queries` positions, the last ones of the L keys: row i
     of the flattened (R, L) scores sees keys j <= L - queries + i % queries (causal_mask).
     The bits of attention's NumPy twin (np.copyto of -inf, then functional.softmax_forward)."""
-    _check_rows("causal_softmax", "s", s)
-    _check_temperature("causal_softmax", temperature)
+    _check_rows("causal_softmax", "s", s, written=True)
+    _check_positive("causal_softmax", "temperature", temperature)
     keys = s.shape[-1]
     if not isinstance(queries, (int, np.integer)) or not 1 <= queries <= keys \
             or s.shape[-2] % queries:
@@ -281,11 +297,12 @@ def causal_softmax(s, temperature: float, queries: int):
 def softmax_grad(dp, p, temperature: float):
     """dz = p (dp - sum(dp p)) / T along the last axis, written over dp (functional.
     softmax_backward's bits).   dp, p (..., L) -> dz (dp itself)."""
-    _check_rows("softmax_grad", "dp", dp)
+    _check_rows("softmax_grad", "dp", dp, written=True)
     _check_rows("softmax_grad", "p", p, dp.dtype)
-    if p.shape != dp.shape:
-        raise ValueError(f"softmax_grad: p {p.shape} must have dp's shape {dp.shape}")
-    _check_temperature("softmax_grad", temperature)
+    if p.shape != dp.shape or np.may_share_memory(dp, p):
+        raise ValueError(f"softmax_grad: p {p.shape} must have dp's shape {dp.shape} and its own "
+                         f"memory (dp is written row by row while p is read)")
+    _check_positive("softmax_grad", "temperature", temperature)
     softmax_grad_rows(dp.reshape(-1, dp.shape[-1]), p.reshape(-1, p.shape[-1]),
                       dp.dtype.type(temperature), dp.dtype.type(0))
     return dp
@@ -308,8 +325,7 @@ def rms_norm(x, w, eps: float):
     """RMSNorm's forward with attention.rms_norm_forward's bits.   x (..., D) C-contiguous,
     w (D,) -> y, xhat (x's shape), rinv (..., 1)."""
     _check_norm("rms_norm", (("x", x),), w)
-    if not np.isfinite(eps) or eps <= 0:
-        raise ValueError(f"rms_norm: eps must be finite and > 0, got {eps!r}")
+    _check_positive("rms_norm", "eps", eps)
     d = x.shape[-1]
     y, xhat = np.empty_like(x), np.empty_like(x)                   # (..., D) each
     rinv = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)            # (..., 1)
@@ -321,8 +337,11 @@ def rms_norm(x, w, eps: float):
 
 def rms_norm_grad(dy, xhat, rinv, w):
     """RMSNorm's backward with attention.rms_norm_backward's bits.   dy, xhat (..., D),
-    rinv (..., 1), w (D,) -> dx (dy's shape), dw (D,)."""
+    rinv (..., 1), w (D,) -> dx (dy's shape), dw (D,). D >= 2: NumPy sums a single column
+    pairwise, not row after row."""
     _check_norm("rms_norm_grad", (("dy", dy), ("xhat", xhat)), w)
+    if dy.shape[-1] < 2:
+        raise ValueError(f"rms_norm_grad: D must be >= 2, got dy {dy.shape}")
     _check_rows("rms_norm_grad", "rinv", rinv, dy.dtype)
     if rinv.shape != dy.shape[:-1] + (1,):
         raise ValueError(f"rms_norm_grad: rinv must be {dy.shape[:-1] + (1,)}, got {rinv.shape}")
@@ -336,28 +355,30 @@ def rms_norm_grad(dy, xhat, rinv, w):
 def scatter_add(rows, ids, out):
     """out[ids[n]] += rows[n], n in order: np.add.at(out, ids, rows), its bits.   rows (N, D),
     ids (N,) ints in [0, V), out (V, D) of rows' dtype -> out."""
-    _check_rows("scatter_add", "out", out)
+    _check_rows("scatter_add", "out", out, written=True)
     if not isinstance(rows, np.ndarray) or rows.dtype != out.dtype or rows.ndim != 2 \
-            or rows.shape[1] != out.shape[1]:
+            or out.ndim != 2 or rows.shape[1] != out.shape[1]:
         raise ValueError(f"scatter_add: rows must be {out.dtype} (N, D={out.shape[1]}), got "
                          f"{getattr(rows, 'dtype', '')} {getattr(rows, 'shape', type(rows).__name__)}")
     ids = np.asarray(ids)
-    if ids.shape != rows.shape[:1] or not np.issubdtype(ids.dtype, np.integer) \
-            or (ids.size and (ids.min() < 0 or ids.max() >= len(out))):
+    integers = np.issubdtype(ids.dtype, np.integer)
+    if ids.shape != rows.shape[:1] or not integers or (ids.size and (ids.min() < 0 or ids.max() >= len(out))):
+        seen = f" from {ids.min()} to {ids.max()}" if integers and ids.size else ""
         raise ValueError(f"scatter_add: ids must be {len(rows)} integers in [0, {len(out)}), got "
-                         f"{ids.dtype} {ids.shape}" + (f" from {ids.min()} to {ids.max()}" if ids.size else ""))
+                         f"{ids.dtype} {ids.shape}{seen}")
     return scatter_add_rows(rows, ids.astype(np.int64, copy=False), out)
 
 
 def rope(x, cos, sin, transpose: bool = False):
     """RoPE's rotation (or with transpose, its transpose: the backward) of x (B, H, T, F), any
-    strides, by cos, sin (T, F/2) of x's dtype -> a new C-contiguous (B, H, T, F)."""
-    if not isinstance(x, np.ndarray) or x.dtype not in DTYPES or x.ndim != 4:
-        raise ValueError(f"rope: x must be a float32/float64 (B, H, T, F) array, got "
+    strides, by cos, sin (T, F/2) of x's dtype -> a new C-contiguous (B, H, T, F) (the twin's
+    result has x's layout; the values are the same)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in DTYPES or x.ndim != 4 or x.shape[3] % 2:
+        raise ValueError(f"rope: x must be a float32/float64 (B, H, T, F) array, F even, got "
                          f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, np.ndarray) or table.dtype != x.dtype \
-                or table.shape != (x.shape[2], x.shape[3] // 2) or x.shape[3] % 2:
+                or table.shape != (x.shape[2], x.shape[3] // 2):
             raise ValueError(f"rope: {name} must be {x.dtype} (T, F/2) = ({x.shape[2]}, "
                              f"{x.shape[3] / 2:g}) for x {x.shape}, got {getattr(table, 'dtype', '')} "
                              f"{getattr(table, 'shape', type(table).__name__)}")

@@ -6,6 +6,7 @@
         lm_tokens_per_s   B T / lm_step_s
         lm_peak_mem_mib   the largest memory NumPy held during a step beyond what it held
                           before (tracemalloc: NumPy reports its buffers to it)
+        lm_page_faults    page faults per step (the heap keeps freed pages: a handful)
         lm_gemm_floor_s   the same step's matrix products alone, on preallocated buffers
         lm_stages         seconds per part: attention, moe (or ffn), head (+ loss), optimizer
                           (+ clipping), rest (embedding, norms, residuals)
@@ -84,6 +85,16 @@ def time_steps(run, repeats: int) -> tuple[float, dict]:
         stages.append(stage)
     med = {k: float(np.median([s[k] for s in stages])) for k in stages[0]}
     return float(np.median(steps)), med
+
+
+def faults_per_step(run, steps: int = 3) -> float:
+    """Page faults (minor: a page's first touch) per training step, over `steps` steps. With
+    the heap's pages kept (build_lm_run) a step reuses the last one's memory: a handful."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        run.trainer.train_step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
 def peak_step_mib(run) -> float:
@@ -191,7 +202,7 @@ def measure_lm(quick: bool = False, repeats: int = 5, use_torch: bool = True) ->
     step, stages = time_steps(run, repeats)
     tokens = config.batch_size * config.context
     r = {"lm_step_s": step, "lm_tokens_per_s": tokens / step,
-         "lm_peak_mem_mib": peak_step_mib(run),
+         "lm_peak_mem_mib": peak_step_mib(run), "lm_page_faults": faults_per_step(run),
          "lm_gemm_floor_s": gemm_floor(step_gemms(config, lm), repeats),
          "lm_stages": stages,
          "lm_size": {"batch": config.batch_size, "context": config.context, "d_model": lm.d_model,
@@ -212,7 +223,7 @@ def format_lm(r: dict) -> list[str]:
              f"  step {r['lm_step_s'] * 1e3:.0f} ms ({r['lm_tokens_per_s']:,.0f} tokens/s); "
              f"matrix products alone {r['lm_gemm_floor_s'] * 1e3:.0f} ms "
              f"(step / floor {r['lm_step_s'] / r['lm_gemm_floor_s']:.1f}); "
-             f"peak memory {r['lm_peak_mem_mib']:.0f} MiB",
+             f"peak memory {r['lm_peak_mem_mib']:.0f} MiB, {r['lm_page_faults']:.0f} page faults",
              "  " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["lm_stages"].items())]
     if "lm_torch_step_s" in r:
         lines.append(f"  HF MixtralForCausalLM step {r['lm_torch_step_s'] * 1e3:.0f} ms, experts "

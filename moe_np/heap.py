@@ -2,7 +2,7 @@
 
     keep_pages(mib=64)   glibc keeps up to `mib` MiB of freed memory at the top of its heap
                          and serves every allocation under MMAP_LIMIT from the heap -> True;
-                         False where the C library is not glibc (nothing changes)
+                         False where the C library has no mallopt (not glibc: nothing changes)
 
 NumPy takes each array from the C allocator. glibc gives an allocation above
 its mmap threshold a fresh mapping, and hands freed memory at the top of its
@@ -13,13 +13,17 @@ and each 4 KiB page faults on its first write. A training step of chapter
 (scores, their softmax, the experts' hidden layers) and faulted about 1,800
 pages a step, about a tenth of the step. With the pages kept, a step reuses
 the memory the last one freed and faults a handful. The cost: the process
-holds on to up to `mib` MiB it no longer uses (about 10 MiB more resident
-at chapter 9's size).
+holds on to up to `mib` MiB of free memory at the top of its heap, and
+since allocations under MMAP_LIMIT now come from the heap, a gap freed
+below a block still in use stays the process's until it is reused (about
+10 MiB more resident at chapter 9's size).
 
-This changes the whole process's allocator, so nothing calls it on import:
-lm_train.build_lm_run does, for the language-model runs (the chapter, the
-train-lm command, bench's lm_* section). The numbers a run computes do not
-change, only where their memory comes from.
+This changes the whole process's allocator for the rest of its life, so
+nothing calls it on import: lm_train.build_lm_run does, for the
+language-model runs (the chapter, the train-lm command, bench's lm_*
+section), and so do bench's timing processes and chapter 5's cells (never
+bench's memory measurement). The numbers a run computes do not change,
+only where their memory comes from.
 """
 from __future__ import annotations
 
@@ -28,14 +32,15 @@ import ctypes.util
 
 M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3    # glibc's mallopt parameters (malloc.h)
 MMAP_LIMIT = 32 << 20                   # allocations from this size up still get a mapping of
-                                        # their own (glibc's own ceiling for its moving threshold)
+                                        # their own (the largest threshold glibc takes on 64-bit)
+MAX_MIB = 2047                          # mallopt takes an int of bytes
 
 
 def keep_pages(mib: int = 64) -> bool:
     """Ask glibc to keep `mib` MiB of freed heap and to map only allocations of MMAP_LIMIT or
     more; -> whether it could (False where the C library has no mallopt)."""
-    if not isinstance(mib, int) or mib < 0:
-        raise ValueError(f"keep_pages: mib must be an integer >= 0, got {mib!r}")
+    if not isinstance(mib, int) or isinstance(mib, bool) or not 0 <= mib <= MAX_MIB:
+        raise ValueError(f"keep_pages: mib must be an integer in [0, {MAX_MIB}], got {mib!r}")
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt

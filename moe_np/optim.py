@@ -107,9 +107,7 @@ class Adam(Optimizer):
             hyper = kernels.AdamHyper(*self.betas, self.lr, self.eps, self.weight_decay, self.t)
         for name, p in self.params.items():
             g, m, v = grads[name], self.state["m"][name], self.state["v"][name]
-            if kernels and kernels.takes(p, g, m, v, hyper):
-                kernels.adam_update(p, g, m, v, hyper)
-            else:
+            if kernels is None or not kernels.adam_update(p, g, m, v, hyper, strict=False):
                 self.update_numpy(p, g, m, v)
 
     def update_numpy(self, p, g, m, v) -> None:

@@ -56,18 +56,25 @@ def adam_rows(p, g, m, v, b1, c1, b2, c2, bc1, lr, bc2, eps, decay, use_decay):
 
 def takes(p, g, m, v, hyper: AdamHyper) -> bool:
     """Whether adam_update reproduces NumPy here: C-contiguous float32 / float64 arrays of one
-    shape and dtype, p, m, v writeable, and Python floats (a NumPy scalar would make NumPy
-    compute in its own type)."""
+    shape and dtype, p, m, v writeable, none of g, m, v sharing memory with another or with p
+    (NumPy's passes would see each other's writes; g may be p), and Python floats (a NumPy
+    scalar would make NumPy compute in its own type)."""
     arrays = (p, g, m, v)
     return all(isinstance(a, np.ndarray) and a.dtype == p.dtype and a.shape == p.shape
                and a.flags.c_contiguous for a in arrays) and p.dtype in DTYPES \
         and all(a.flags.writeable for a in (p, m, v)) \
-        and all(type(x) in (float, int) for x in hyper)
+        and all(type(x) in (float, int) for x in hyper) \
+        and not any(np.may_share_memory(a, b) for a, b in
+                    ((g, m), (g, v), (m, v), (p, m), (p, v)))
 
 
-def adam_update(p, g, m, v, hyper: AdamHyper) -> None:
-    """One Adam(W) step of p (in place, with its moments m, v) from g: optim.Adam.step's bits."""
+def adam_update(p, g, m, v, hyper: AdamHyper, strict: bool = True) -> bool:
+    """One Adam(W) step of p (in place, with its moments m, v) from g: optim.Adam.step's bits.
+    -> True. Arrays it does not take (see `takes`) raise a ValueError, or with strict=False
+    return False with nothing written (the caller then runs the twin)."""
     if not takes(p, g, m, v, hyper):
+        if not strict:
+            return False
         got = ", ".join(f"{n} {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
                         for n, a in zip("pgmv", (p, g, m, v)))
         raise ValueError(f"adam_update: p, g, m, v must be C-contiguous float32/float64 arrays of "
@@ -77,3 +84,4 @@ def adam_update(p, g, m, v, hyper: AdamHyper) -> None:
     adam_rows(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), kind(h.b1), kind(1 - h.b1),
               kind(h.b2), kind(1 - h.b2), kind(1 - h.b1 ** h.t), kind(h.lr), kind(1 - h.b2 ** h.t),
               kind(h.eps), kind(h.lr * h.weight_decay), bool(h.weight_decay))
+    return True

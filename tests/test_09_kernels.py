@@ -34,10 +34,12 @@ def test_pairwise_sum_is_numpys_sum(dtype):
     rng = np.random.default_rng(0)
     for n in list(range(301)) + [1000, 4097]:
         a = wide_values(rng, n + 5, dtype)                         # (n + 5,)
-        got = ak.pairwise_sum(a, 3, n, dtype(0))
-        assert same_bits(np.array(got, dtype=dtype), np.array(a[3:3 + n].sum())), n
-    assert same_bits(np.array(ak.pairwise_sum(-np.zeros(9, dtype), 0, 9, dtype(0)), dtype=dtype),
-                     np.array(dtype(0)))
+        got = ak.pairwise_sum(a[3:3 + n])
+        assert type(got) is dtype and same_bits(np.array(got), np.array(a[3:3 + n].sum())), n
+    assert same_bits(np.array(ak.pairwise_sum(-np.zeros(9, dtype))), np.array(dtype(0)))
+    for bad in (np.ones((2, 3), dtype), np.ones(8, dtype)[::2], np.ones(4, np.float16), [1.0]):
+        with pytest.raises(ValueError, match="pairwise_sum: a must be a 1-D C-contiguous"):
+            ak.pairwise_sum(bad)
 
 
 def scores(rng, shape, dtype, specials=True):
@@ -100,7 +102,7 @@ def twin_paths(monkeypatch):
     monkeypatch.setattr(attention, "_causal_softmax", attention.causal_softmax_numpy)
     monkeypatch.setattr(attention, "_softmax_grad", functional.softmax_backward)
     monkeypatch.setattr(attention, "_rotate", attention.rope_numpy)
-    monkeypatch.setattr(ak, "DTYPES", ())                          # the embedding's np.add.at
+    monkeypatch.setattr(ak, "DTYPES", ())                          # every other pass: its twin
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -164,7 +166,7 @@ x = rng.standard_normal((1, 2, 9, 4)).astype(np.float32)
 cos, sin = attention.rope_tables(9, 4, 1e4, np.float32)
 assert np.array_equal(ak.rope(x, cos, sin, True), attention.rope_numpy(x, cos, sin, True))
 a = rng.standard_normal(300).astype(np.float32)
-assert ak.pairwise_sum(a, 0, 300, np.float32(0)) == a.sum()
+assert ak.pairwise_sum(a) == a.sum()
 w = rng.standard_normal(9).astype(np.float32)
 y, cache = attention.rms_norm_forward(s, w, 1e-5)
 assert np.array_equal(y, attention.rms_norm_numpy(s, w, 1e-5)[0])
@@ -196,7 +198,10 @@ def test_bad_scores_are_refused():
              (lambda: ak.causal_softmax(s, 1.0, 2.0), "causal_softmax: queries"),
              (lambda: ak.softmax_grad(s, s.astype(np.float64), 1.0), "softmax_grad: p must be float32"),
              (lambda: ak.softmax_grad(s, s[:1], 1.0), "softmax_grad: p"),
-             (lambda: ak.softmax_grad(s, s, -1.0), "softmax_grad: temperature")]
+             (lambda: ak.softmax_grad(s, s, 1.0), "softmax_grad: p .* its own memory"),
+             (lambda: ak.causal_softmax(np.zeros((2, 0), np.float32), 1.0, 1), "causal_softmax: s must"),
+             (lambda: ak.causal_softmax(s, "2", 2), "causal_softmax: temperature"),
+             (lambda: ak.softmax_grad(s, s.copy(), -1.0), "softmax_grad: temperature")]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
@@ -206,6 +211,7 @@ def test_bad_rope_and_scatter_input_is_refused():
     x = np.zeros((1, 2, 3, 4), dtype=np.float32)
     cos, sin = attention.rope_tables(3, 4, 1e4, np.float32)
     for args, match in [((x[0], cos, sin), "rope: x must"),
+                        ((x[..., :3], cos, sin), "rope: x must .* F even"),
                         ((x.astype(np.int32), cos, sin), "rope: x must"),
                         ((x, cos.astype(np.float64), sin), "rope: cos must be float32"),
                         ((x, cos, sin[:2]), r"rope: sin must be float32 \(T, F/2\) = \(3, 2\)")]:
@@ -216,19 +222,23 @@ def test_bad_rope_and_scatter_input_is_refused():
                         ((rows, np.array([0, -1, 2, 3, 0]), out), "scatter_add: ids must"),
                         ((rows, np.zeros(5), out), "scatter_add: ids must"),
                         ((rows, np.zeros(4, int), out), "scatter_add: ids must"),
-                        ((rows.astype(np.float64), np.zeros(5, int), out), "scatter_add: rows must be float32")]:
+                        ((rows.astype(np.float64), np.zeros(5, int), out), "scatter_add: rows must be float32"),
+                        ((rows, np.array(list("abcde")), out), "scatter_add: ids must"),
+                        ((rows, np.zeros(5, int), np.zeros((4, 3, 2), np.float32)), "scatter_add: rows must")]:
         with pytest.raises(ValueError, match=match):
             ak.scatter_add(*args)
     assert np.all(out == 0)                                        # nothing written
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 3), (3, 130), (1, 1, 1, 6)])
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 3), (3, 130), (1, 1, 1, 6), (16, 1)])
 def test_rms_norm_pair_is_its_numpy_twin(dtype, shape):
     """Widths that are not powers of two (NumPy's mean divides in float64 by an integer count,
-    then rounds), rows over 128 entries, values over six decades, two eps."""
+    then rounds), rows over 128 entries, a single column (whose dw NumPy sums pairwise: the
+    twin runs), values over six decades, two eps; x and dy read-only."""
     rng = np.random.default_rng(7)
     x, dy = wide_values(rng, shape, dtype), wide_values(rng, shape, dtype)
+    x.flags.writeable = dy.flags.writeable = False
     w = rng.standard_normal(shape[-1]).astype(dtype)              # (D,)
     for eps in (1e-5, 0.3):
         y, cache = attention.rms_norm_forward(x, w, eps)
@@ -246,7 +256,10 @@ def test_bad_rms_norm_input_is_refused():
                         (lambda: ak.rms_norm(x[:, ::2], w[:2], 1e-5), "rms_norm: x must"),
                         (lambda: ak.rms_norm(x, w, 0.0), "rms_norm: eps"),
                         (lambda: ak.rms_norm_grad(x, x[:2], rinv, w), "rms_norm_grad: xhat"),
-                        (lambda: ak.rms_norm_grad(x, x, rinv[:2], w), r"rms_norm_grad: rinv must be \(3, 1\)")]:
+                        (lambda: ak.rms_norm_grad(x, x, rinv[:2], w), r"rms_norm_grad: rinv must be \(3, 1\)"),
+                        (lambda: ak.rms_norm_grad(x[:, :1].copy(), x[:, :1].copy(), rinv, w[:1]),
+                         "rms_norm_grad: D must be >= 2"),
+                        (lambda: ak.rms_norm(np.ones((3, 0), np.float32), w[:0], 1e-5), "rms_norm: x must")]:
         with pytest.raises(ValueError, match=match):
             call()
 
@@ -276,3 +289,24 @@ def test_the_language_model_parts_run_their_twins_without_numba():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "twins without numba None None" in done.stdout
+
+
+def test_the_twin_keeps_the_mask_of_a_strided_block():
+    """causal_softmax_numpy on a non-contiguous s: the mask lands on the scores it normalizes."""
+    s = np.random.default_rng(8).standard_normal((3, 2, 4, 4)).transpose(1, 0, 2, 3)   # strided
+    p = attention.causal_softmax_numpy(s, 1.0, 4)
+    assert np.all(p[..., ~attention.causal_mask(4, 4)] == 0)
+    assert np.allclose(p.sum(axis=-1), 1)
+
+
+@pytest.mark.parametrize("path", ["compiled", "twin"])
+def test_rms_norm_keeps_float32_with_a_numpy_eps(path, monkeypatch):
+    """eps given as a NumPy float64: the output stays float32 (NumPy would promote), with the
+    bits of a Python-float eps, on either path."""
+    if path == "twin":
+        monkeypatch.setattr(ak, "DTYPES", ())
+    x = np.random.default_rng(9).standard_normal((4, 6)).astype(np.float32)
+    w = np.ones(6, np.float32)
+    y, cache = attention.rms_norm_forward(x, w, np.float64(1e-5))
+    assert y.dtype == cache.rinv.dtype == np.float32
+    assert same_bits(y, attention.rms_norm_numpy(x, w, 1e-5)[0])

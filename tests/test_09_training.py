@@ -214,6 +214,6 @@ def test_kept_heap_pages_stop_the_page_faults_of_repeated_arrays():
 
 def test_keep_pages_refuses_a_bad_size():
     from moe_np import heap
-    for bad in (-1, 1.5, "64"):
-        with pytest.raises(ValueError, match="keep_pages: mib must be an integer >= 0"):
+    for bad in (-1, 1.5, "64", True, 2048):
+        with pytest.raises(ValueError, match=r"keep_pages: mib must be an integer in \[0, 2047\]"):
             heap.keep_pages(bad)
