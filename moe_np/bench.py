@@ -25,9 +25,9 @@ repeat, so a slow moment of a shared machine hits them all alike.
     memory   peak resident growth and NumPy allocations of one forward+backward, and
              what is alive after each stage, in a fresh process
 
-The timing processes keep freed heap pages for the next step's arrays (heap.keep_pages,
-`heap_pages_kept`), as chapter 5's cells and chapter 9's runs do; the memory process does
-not, so its resident growth counts every page a step touches.
+The layer's timings run with the C heap as the process finds it (every array of the
+layer's step is a fresh allocation); the lm section, measured last, keeps freed heap pages
+as chapter 9's runs do (heap.keep_pages, from lm_train.build_lm_run).
 
 Progress goes to stderr; --json prints one object on stdout. Targets are
 judged at the full size only (--quick is a smoke test of every measurement)
@@ -76,9 +76,7 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     """Every timing at this process's thread settings. full_set adds the einsum strategy and
     the fp16/fp8 step ratios (measured once, at the default threads).   -> JSON-ready dict."""
     import numba
-    from moe_np import heap
     from moe_np.dispatch import jit
-    kept = heap.keep_pages()                 # the steps reuse freed pages (as chapter 5's cells do)
     size = Size(*size_list)
     jit.warm_up(np.float32)
     layers = {s: make_layer(size, s) for s in STRATEGIES}              # one seed: same weights
@@ -88,7 +86,7 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     runners["gemm_floor"] = gemm_floor_runner(size, layers["numba"].params)
     out = {"numba_threads": numba.get_num_threads(), "notes": [],
            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
-           "load_average_1min": os.getloadavg()[0], "heap_pages_kept": kept}
+           "load_average_1min": os.getloadavg()[0]}
     runners |= _torch_runners(layers["numba"], x, dy, size, use_torch, out)
     out["layer_times"] = time_interleaved(runners, repeats)
     out["stages"] = {s: stage_medians(logs[s]) for s in ("numpy", "numba")}

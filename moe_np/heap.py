@@ -21,9 +21,8 @@ below a block still in use stays the process's until it is reused (about
 This changes the whole process's allocator for the rest of its life, so
 nothing calls it on import: lm_train.build_lm_run does, for the
 language-model runs (the chapter, the train-lm command, bench's lm_*
-section), and so do bench's timing processes and chapter 5's cells (never
-bench's memory measurement). The numbers a run computes do not change,
-only where their memory comes from.
+section, which its process measures last). The numbers a run computes do
+not change, only where their memory comes from.
 """
 from __future__ import annotations
 
