@@ -9,13 +9,14 @@
     rms_norm(x, w, eps), rms_norm_grad(dy, xhat, rinv, w)   RMSNorm's pair, row by row
 
 At chapter 9's size attention's scores are small arrays (a few hundred KiB
-per query block): NumPy's softmax makes six passes over them, each a call
-with its own temporary, and a reduction along rows of 32 to 128 entries
-is slower per entry than a pass. Here the mask, the temperature and the
-max go in one pass, NumPy's own `exp` in a second (so that its bits are
-NumPy's: Numba's `exp` is another implementation), and the sum and the
-division in a third; the backward makes two loops over each row (the
-products dp p and their sum, then the gradient).
+per query block): NumPy's masked softmax makes seven passes over them (the
+mask, then divide, max, subtract, exp, sum, divide), each a separate call,
+and a reduction along rows of 32 to 128 entries is slower per entry than a
+pass. Here the mask, the temperature and the max go in one pass, NumPy's
+own `exp` in a second (so that its bits are NumPy's: Numba's `exp` is
+another implementation), and the sum and the division in a third; the
+backward makes two loops over each row (the products dp p and their sum,
+then the gradient).
 
 Same bits as NumPy, which the tests check: every float operation is the
 one NumPy makes, in the same order, in the array's dtype, and a row's sum
