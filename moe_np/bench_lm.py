@@ -8,6 +8,7 @@
                           before (tracemalloc: NumPy reports its buffers to it)
         lm_page_faults    page faults per step (the heap keeps freed pages: a handful)
         lm_gemm_floor_s   the same step's matrix products alone, on preallocated buffers
+        lm_stage_floors_s the same for the products of attention, moe and head alone
         lm_stages         seconds per part: attention, moe (or ffn), head (+ loss), optimizer
                           (+ clipping), rest (embedding, norms, residuals)
         lm_torch_step_s   with torch and transformers importable: HF's MixtralForCausalLM at
@@ -109,33 +110,43 @@ def peak_step_mib(run) -> float:
     return (peak - base) / 2**20
 
 
-def step_gemms(config, lm) -> list[tuple]:
-    """Every matrix product of one training step as (batch, m, k, n), forward and backward.
+PARTS = ("attention", "moe", "head")    # the stages of time_steps whose products the floor has
+
+
+def step_gemms(config, lm, part: str | None = None) -> list[tuple]:
+    """Every matrix product of one training step as (batch, m, k, n), forward and backward;
+    with `part` (one of PARTS; "moe" is every FFN block, sparse or dense) only that stage's.
 
     A product (m, k) @ (k, n) in the forward has two in the backward: (m, n) @ (n, k) for
     the input and (k, m) @ (m, n) for the weight; an attention product has two of the same
     kind. Attention's are the ones attend_forward makes: per block of query positions, a
     key/value head's A/P query heads stacked, over the keys the block may see. Routed
     experts see N K / E rows each (a balanced load)."""
+    fwd = [g for name, g in _forward_gemms(config, lm) if part in (None, name)]
+    bwd = [g for (p, m, k, nn) in fwd for g in ((p, m, nn, k), (p, k, m, nn))]
+    return fwd + bwd
+
+
+def _forward_gemms(config, lm) -> list[tuple[str, tuple]]:
+    """(part, (batch, m, k, n)) for every product of the forward, in order."""
     from moe_np.attention import QUERY_BLOCK, query_blocks
     b, t, d, v = config.batch_size, config.context, lm.d_model, lm.vocab_size
     n, heads, kv, f = b * t, lm.num_heads, lm.num_kv_heads, lm.head_dim
     fwd = []
     for i in range(lm.num_layers):
-        fwd += [(1, n, d, heads * f), (1, n, d, kv * f), (1, n, d, kv * f), (1, n, heads * f, d)]
+        attn = [(1, n, d, heads * f), (1, n, d, kv * f), (1, n, d, kv * f), (1, n, heads * f, d)]
         for lo, hi, end in query_blocks(t, t, QUERY_BLOCK):         # scores, weighted values
             rows = heads // kv * (hi - lo)
-            fwd += [(b * kv, rows, f, end), (b * kv, rows, end, f)]
+            attn += [(b * kv, rows, f, end), (b * kv, rows, end, f)]
         moe = lm.moe if (i + 1) % lm.moe_every == 0 else None
         if moe is None:
-            fwd += [(1, n, d, lm.d_ffn)] * 2 + [(1, n, lm.d_ffn, d)]
+            ffn = [(1, n, d, lm.d_ffn)] * 2 + [(1, n, lm.d_ffn, d)]
         else:
             rows = n * moe.k // moe.num_experts
-            fwd += [(1, n, d, moe.num_experts)]
-            fwd += [(moe.num_experts, rows, d, moe.d_hidden)] * 2 + [(moe.num_experts, rows, moe.d_hidden, d)]
-    fwd += [(1, n, d, v)]
-    bwd = [g for (p, m, k, nn) in fwd for g in ((p, m, nn, k), (p, k, m, nn))]
-    return fwd + bwd
+            ffn = [(1, n, d, moe.num_experts)]
+            ffn += [(moe.num_experts, rows, d, moe.d_hidden)] * 2 + [(moe.num_experts, rows, moe.d_hidden, d)]
+        fwd += [("attention", g) for g in attn] + [("moe", g) for g in ffn]
+    return fwd + [("head", (1, n, d, v))]
 
 
 def gemm_floor(gemms, repeats: int) -> float:
@@ -204,6 +215,8 @@ def measure_lm(quick: bool = False, repeats: int = 5, use_torch: bool = True) ->
     r = {"lm_step_s": step, "lm_tokens_per_s": tokens / step,
          "lm_peak_mem_mib": peak_step_mib(run), "lm_page_faults": faults_per_step(run),
          "lm_gemm_floor_s": gemm_floor(step_gemms(config, lm), repeats),
+         "lm_stage_floors_s": {part: gemm_floor(step_gemms(config, lm, part), repeats)
+                               for part in PARTS},
          "lm_stages": stages,
          "lm_size": {"batch": config.batch_size, "context": config.context, "d_model": lm.d_model,
                      "layers": lm.num_layers, "experts": lm.moe.num_experts, "k": lm.moe.k,
@@ -224,7 +237,9 @@ def format_lm(r: dict) -> list[str]:
              f"matrix products alone {r['lm_gemm_floor_s'] * 1e3:.0f} ms "
              f"(step / floor {r['lm_step_s'] / r['lm_gemm_floor_s']:.1f}); "
              f"peak memory {r['lm_peak_mem_mib']:.0f} MiB, {r['lm_page_faults']:.0f} page faults",
-             "  " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["lm_stages"].items())]
+             "  " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["lm_stages"].items()),
+             "  their products alone: " + ", ".join(f"{k} {v * 1e3:.0f} ms"
+                                                     for k, v in r["lm_stage_floors_s"].items())]
     if "lm_torch_step_s" in r:
         lines.append(f"  HF MixtralForCausalLM step {r['lm_torch_step_s'] * 1e3:.0f} ms, experts "
                      f"{r['lm_torch_experts']!r} (moe_np / HF {r['lm_step_s'] / r['lm_torch_step_s']:.2f})")

@@ -162,18 +162,22 @@ def test_the_experiment_cache_is_reused_only_by_the_code_that_made_it(tmp_path, 
 def test_the_step_floor_counts_the_products_the_step_makes():
     """bench's LM floor holds attention's products as attend_forward makes them: per block of
     query positions, over the keys the block may see (5/8 of the square at T = 4 blocks),
-    the stacked query heads of a key/value head in one product."""
+    the stacked query heads of a key/value head in one product; the per-stage floors split
+    exactly those products."""
     from moe_np.attention import QUERY_BLOCK
-    from moe_np.bench_lm import step_gemms
+    from moe_np.bench_lm import PARTS, step_gemms
     config = LMTrainConfig(**dict(TINY, context=4 * QUERY_BLOCK))
     lm = build_lm_run(config).model.config
-    b, t, f = config.batch_size, config.context, lm.head_dim    # F = 8: no other product has it
-    first = step_gemms(config, lm)[:len(step_gemms(config, lm)) // 3]   # the forward products
-    attention = [g for g in first if g[0] == b * lm.num_kv_heads and f in (g[2], g[3])]
+    b, t, f = config.batch_size, config.context, lm.head_dim
+    part = step_gemms(config, lm, "attention")
+    forward = part[:len(part) // 3]                                # then two per product backward
+    attention = [g for g in forward if g[0] == b * lm.num_kv_heads]   # not the projections (batch 1)
     macs = sum(p * m * k * n for p, m, k, n in attention) // lm.num_layers
     keys_seen = sum(QUERY_BLOCK * end for end in range(QUERY_BLOCK, t + 1, QUERY_BLOCK))
     assert keys_seen * 8 == t * t * 5
     assert macs == 2 * b * lm.num_heads * f * keys_seen           # q k^T and p v
+    parts = [g for name in PARTS for g in step_gemms(config, lm, name)]   # the stages' own floors
+    assert sorted(parts) == sorted(step_gemms(config, lm))         # split the step's products
 
 
 HEAP_CHURN = """
