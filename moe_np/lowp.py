@@ -23,9 +23,12 @@ Speed. The roundings give the same bits as precision.round_to and the
 scaled casts of precision.py, which stay the readable specification; the
 tests compare them bit for bit. The hot path is two small Numba loops in
 lowp_kernels.py: round_kernel, which rounds the float32 bit patterns with
-integer arithmetic in vectorized spans, and scaled_kernel, which takes a band of rows at a
-time, finds its tile maxima, then divides by each tile's scale, saturates,
-rounds and multiplies back while the band is still in the cache. Each has a
+integer arithmetic in vectorized spans, and scaled_kernel, which takes a band
+of rows at a time, finds its tile maxima, then divides by each tile's scale,
+saturates, rounds and multiplies back while the band is still in the cache.
+fp16 goes through the processor's own float32 -> float16 -> float32
+conversion instead (half_kernel, about three times faster), once a probe of
+every fp16 rounding boundary has shown that it gives round_kernel's bits. Each has a
 NumPy twin here (round_twin, scaled_twin), used when numba is absent or its
 JIT disabled (NUMBA_DISABLE_JIT=1) and in the tests; a twin makes several
 passes over memory, which is what the kernels exist to avoid. numba is
@@ -54,6 +57,7 @@ TILE = 128          # DeepSeek-V3's 1 x 128 activation tiles and 128 x 128 weigh
 MX_BLOCK = 32       # OCP MX: 32 elements share one power-of-two scale
 CHUNK = 1 << 15     # entries per pass of round_twin: its few work arrays stay in a 1 MiB L2
 USE_KERNELS = None  # True: compiled loops; False: their NumPy twins; None: decided on first use
+HALF = None         # fp16 by the processor's conversion (half_kernel): decided on loading them
 
 
 def kernels():
@@ -63,7 +67,7 @@ def kernels():
     float32 layer never load it. Without numba, or with NUMBA_DISABLE_JIT=1,
     USE_KERNELS becomes False and the twins give the same bits, more slowly.
     """
-    global USE_KERNELS
+    global USE_KERNELS, HALF
     if USE_KERNELS is None:
         try:
             from moe_np import lowp_kernels
@@ -74,6 +78,8 @@ def kernels():
     if not USE_KERNELS:
         return None
     from moe_np import lowp_kernels
+    if HALF is None:
+        HALF = lowp_kernels.half_agrees(ROUNDINGS["fp16"])
     return lowp_kernels
 
 
@@ -178,11 +184,15 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
     in_order = result.flags.f_contiguous if order == "F" else result.flags.c_contiguous
     target = result if in_order else np.empty(x.shape, np.float32, order=order)
     compiled = kernels()
-    run = round_twin if compiled is None else compiled.round_kernel
     source, dest = x.ravel(order=order), target.ravel(order=order)     # (S,) views in memory order
     if np.may_share_memory(source, dest) and source.ctypes.data != dest.ctypes.data:
         source = source.copy()                                         # shifted overlap: keep x apart
-    run(source, dest, *params)
+    if compiled is None:
+        round_twin(source, dest, *params)
+    elif fmt == "fp16" and HALF:
+        compiled.half_kernel(source, dest)                             # the conversion instructions
+    else:
+        compiled.round_kernel(source, dest, *params)
     if target is not result:
         result[...] = target
     return result

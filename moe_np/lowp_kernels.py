@@ -2,6 +2,7 @@
 
     round_value    one float32 rounded to a format on its bit pattern
     round_kernel   round_value over a flat array, in vectorized spans
+    half_kernel    fp16 by the processor's own float32 -> float16 -> float32 conversion
     tile_scale     one fp8 tile's scale from its amax
     band_maxima    the tile maxima of a band of rows
     scaled_kernel  scale, saturate, round and scale back, one band of rows at a time
@@ -22,7 +23,9 @@ import math
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 JIT = not numba.config.DISABLE_JIT   # False: the kernels would run as slow Python; use the twins
 
@@ -68,11 +71,18 @@ def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
     round_value itself. Writing in place, those are rounded first: the sweep
     leaves a value on the format's grid as it is. A span made mostly of such
     entries (fp16 gradients that underflow) goes entry by entry.
+
+    A format with float32's exponent range (bf16) needs no second look: its
+    smallest normal is float32's, and below it both are fixed-point on the
+    same bits, so the sweep's integer rounding is already round_value's.
     """
     u = np.uint32
     keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
     shift, top, limit, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits)
     in_place = x.ctypes.data == out.ctypes.data
+    if low <= FP32_MIN_NORMAL_BITS:                                # bf16: one sweep is exact
+        _sweep(x, out, in_place, keep, half, shift, top, limit)
+        return
     for lo in range(0, x.size, SPAN):
         xs, ys = x[lo:lo + SPAN], out[lo:lo + SPAN]                # (s,) float32 each
         xb, yb = xs.view(np.uint32), ys.view(np.uint32)            # (s,) their bit patterns
@@ -90,6 +100,50 @@ def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
         if in_place:                                               # one array: its own loop
             for k in range(yb.size):
                 yb[k] = _normal_bits(yb[k], keep, half, shift, top, limit)
+
+
+FP32_MIN_NORMAL_BITS = 0x00800000   # the float32 pattern of 2**-126
+
+
+@njit(cache=True, error_model="numpy")
+def _sweep(x, out, in_place, keep, half, shift, top, limit):
+    """out = _normal_bits of every entry of x, in one vectorized pass.   x, out: (S,) float32,
+    the same array (in_place: one array in the loop, so no overlap check keeps it scalar) or
+    not overlapping at all."""
+    yb = out.view(np.uint32)                                       # (S,) out's bit patterns
+    if in_place:
+        for k in range(yb.size):
+            yb[k] = _normal_bits(yb[k], keep, half, shift, top, limit)
+        return
+    xb = x.view(np.uint32)                                         # (S,) x's bit patterns
+    for k in range(xb.size):
+        yb[k] = _normal_bits(xb[k], keep, half, shift, top, limit)
+
+
+@intrinsic
+def _through_half(typingctx, v):
+    """float32 -> IEEE half -> float32 as LLVM's fptrunc / fpext: the processor's own
+    conversion (F16C's vcvtps2ph on x86-64), rounding to nearest even with fp16's
+    subnormals and overflow to inf."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.float32), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def half_kernel(x, out):
+    """out[k] = x[k] rounded to fp16, by the conversion instructions.   x, out: (S,) float32,
+    the same array or not overlapping at all. The same bits as round_kernel for fp16 (a NaN
+    stays a NaN, its payload may change); half_agrees checks that this machine's conversion does."""
+    if x.ctypes.data == out.ctypes.data:
+        for k in range(out.size):
+            out[k] = _through_half(out[k])
+        return
+    for k in range(x.size):
+        out[k] = _through_half(x[k])
 
 
 @njit(cache=True, error_model="numpy")
@@ -166,7 +220,7 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
     n, d = x.shape
     scale = np.empty(-(-d // sc.cols), dtype=np.float32)   # (T,) a band's maxima, then scales
     columns = np.empty(d, dtype=np.float32)                # (D,) each column's scale in the band
-    limit = np.float32(sc.qmax)
+    limit, sub, step = np.float32(sc.qmax), np.float32(sub_scale), np.float32(1 / sub_scale)
     for band in range(-(-n // sc.rows)):
         i0, i1 = band * sc.rows, min(band * sc.rows + sc.rows, n)
         scale[:] = 0.0
@@ -174,30 +228,60 @@ def scaled_kernel(x, sc, out, drop, max_bits, min_normal_bits, sub_scale, limit_
         for t in range(scale.size):
             columns[t * sc.cols:(t + 1) * sc.cols] = tile_scale(scale[t], sc)
         for i in range(i0, i1):
-            if _scaled_row(x[i], columns, out[i], limit, drop, max_bits, min_normal_bits,
-                           limit_bits):
-                for j in range(d):                         # rare: redone entry by entry
-                    q = x[i, j] / columns[j]
-                    q = limit if q > limit else (-limit if q < -limit else q)
-                    out[i, j] = columns[j] * round_value(q, drop, max_bits, min_normal_bits,
-                                                         sub_scale, limit_bits)
+            _scaled_row(x[i], columns, out[i], limit, drop, max_bits, min_normal_bits, sub,
+                        step, limit_bits)
 
 
 @njit(cache=True, error_model="numpy")
-def _scaled_row(xr, columns, row, limit, drop, max_bits, min_normal_bits, limit_bits):
-    """One row through round_value's normal-range path alone (_normal_bits), with no branch,
-    so the loop vectorizes: row[j] = columns[j] round(clip(xr[j] / columns[j], +-limit)).
-    -> nonzero when an entry is a NaN or has 0 < |q| < min_normal, for which the caller
-    redoes the row by round_value itself. xr, columns, row: (D,)."""
+def _scaled_row(xr, columns, row, limit, drop, max_bits, min_normal_bits, sub, step, limit_bits):
+    """row[j] = columns[j] round(clip(xr[j] / columns[j], +-limit)), with no branch, so the
+    loop vectorizes: every q takes round_value's normal-range path (_normal_bits) and its
+    fixed-step path in float32, rint(q sub) step (sub = 1 / step = 2**9 for E4M3, 2**16 for
+    E5M2: both products are exact), and keeps the one its size calls for. A NaN
+    stays a NaN either way. xr, columns, row: (D,)."""
     u = np.uint32
     keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
     shift, top, cap, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits)
-    special = 0
     for j in range(xr.size):
         s = columns[j]
         q = xr[j] / s
         q = limit if q > limit else (-limit if q < -limit else q)   # saturate; NaN passes
         b = np.float32(q).view(np.uint32)
-        special += ((b & u(0x7FFFFFFF)) > u(0x7F800000)) | _is_small(b, low)
-        row[j] = s * u(_normal_bits(b, keep, half, shift, top, cap)).view(np.float32)
-    return special
+        fixed = np.float32(np.rint(q * sub) * step)                # 0 < |q| < min_normal
+        normal = u(_normal_bits(b, keep, half, shift, top, cap)).view(np.float32)
+        row[j] = s * (fixed if _is_small(b, low) else normal)
+
+
+def half_probe() -> np.ndarray:
+    """float32 values at every place fp16 rounding can go wrong.   -> (P,) float32.
+
+    For each float32 exponent from 2**-25 to 2**16 (fp16's range and one binade either side)
+    and each of the 2**10 leading fraction patterns fp16 keeps there: the value, its
+    neighbours and both sides of the tie above it. The ties and near-ties of fp16's
+    subnormal steps, where the grid is coarser. Four patterns of every other exponent
+    (zero, float32 subnormals, far overflow, inf and NaN). Both signs."""
+    u = np.uint32
+    exps = np.arange(102, 144, dtype=u)[:, None] << u(23)             # (42, 1) exponent fields
+    top = (exps | (np.arange(1 << 10, dtype=u) << u(13))).ravel()      # (42 * 2**10,) on the grid
+    low = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF], dtype=u)     # offsets from a grid value
+    grid = (top[:, None] | low[None, :]).ravel()                       # (42 * 2**10 * 6,)
+    every = ((np.arange(256, dtype=u)[:, None] << u(23))
+             | np.array([0, 1, 0x400000, 0x7FFFFF], dtype=u)).ravel()  # (1024,) every exponent
+    steps = np.arange(1025, dtype=np.float64) * 2.0**-24               # fp16's subnormal steps
+    near = np.concatenate([steps, steps + 2.0**-25]).astype(np.float32)   # (2050,) and ties
+    near = np.concatenate([near, np.nextafter(near, np.float32(1)), np.nextafter(near, np.float32(0))])
+    values = np.concatenate([grid.view(np.float32), every.view(np.float32), near,
+                             np.float32([65520.0, 65519.996])])       # (P / 2,) the overflow tie
+    return np.concatenate([values, -values])                           # (P,) both signs
+
+
+def half_agrees(fp16) -> bool:
+    """Whether half_kernel gives round_kernel's bits on half_probe (NaN for NaN).
+    fp16: lowp.Rounding of fp16. lowp asks once, on loading these kernels."""
+    x = half_probe()                                                  # (P,)
+    want, got = np.empty_like(x), np.empty_like(x)                    # (P,) each
+    round_kernel(x, want, *fp16)
+    half_kernel(x, got)
+    nan = np.isnan(want)                                              # (P,)
+    return bool(np.array_equal(nan, np.isnan(got))
+                and np.array_equal(want.view(np.uint32)[~nan], got.view(np.uint32)[~nan]))

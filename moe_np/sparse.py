@@ -151,7 +151,7 @@ def sparse_moe_forward(x, params: dict, config: SparseConfig, *, bias=None, nois
     y_shared, shared_cache = shared_experts_forward(x, params, config)
     if y_shared is not None:
         y += y_shared                                                  # (N, D)
-    y = lowp.round_output(y, config.precision)                         # named step: the output
+    y = lowp.round_output(y, config.precision, out=y)                  # named step: the output, in place
     aux, aux_cache = _aux_forward(route, config, mask)
     return (y, aux), SparseCache(config, params, route, router_cache, plan, gather_cache, experts_cache,
                                  combine_cache, shared_cache, aux_cache, jitter)
@@ -170,7 +170,7 @@ def sparse_moe_backward(dout, cache: SparseCache):
     dy, daux = dout
     strategy = dispatch.get_strategy(cache.config.dispatch)
     dy_disp, dweights = strategy.combine_backward(dy, cache.combine_cache)   # as y_disp, as weights
-    dy_disp = lowp.round_output(dy_disp, cache.config.precision)       # named step: expert gradients
+    dy_disp = lowp.round_output(dy_disp, cache.config.precision, out=dy_disp)   # named step, in place
     dx_disp, grads = strategy.experts_backward(dy_disp, cache.experts_cache, overwrite=True)
     del dy_disp                       # ragged: dx_disp was written over it
     dx = strategy.gather_backward(dx_disp, cache.gather_cache)         # (N, D)
@@ -183,7 +183,7 @@ def sparse_moe_backward(dout, cache: SparseCache):
     aux_grads = balance.aux_backward(daux, cache.aux_cache)
     dx_router, router_grads = routers.router_backward(dweights, cache.router_cache, aux_grads)
     dx += dx_router if cache.jitter is None else dx_router * cache.jitter   # (N, D)
-    return lowp.round_output(dx, cache.config.precision), grads | router_grads
+    return lowp.round_output(dx, cache.config.precision, out=dx), grads | router_grads
 
 
 def _experts_forward(strategy, x_disp, params: dict, config: SparseConfig, plan, x):

@@ -9,6 +9,7 @@ saturates to 448 (compared only within |x| <= 464, saturation tested alone);
 ml_dtypes' E5M2 overflows to inf like IEEE, as round_to does (compared everywhere).
 """
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import replace
@@ -583,11 +584,43 @@ def test_bad_arguments_raise_value_error(call, message):
 
 # ---------------------------------------------------------------- the layer's rounding (lowp)
 
-@pytest.fixture(params=[True, False], ids=["kernels", "twins"])
+@pytest.fixture(params=["half", "integer", "twins"])
 def kernels(request, monkeypatch):
-    """Run a test through lowp's compiled loops and again through their NumPy twins."""
-    monkeypatch.setattr(lowp, "USE_KERNELS", request.param)
+    """Run a test through lowp's compiled loops (fp16 by the conversion instructions, then by
+    round_kernel's integer rounding) and again through their NumPy twins."""
+    monkeypatch.setattr(lowp, "USE_KERNELS", request.param != "twins")
+    if request.param == "integer":
+        monkeypatch.setattr(lowp, "HALF", False)
+    elif request.param == "half":
+        lowp.kernels()
+        if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+            assert lowp.HALF, "this processor's float16 conversion should agree with round_kernel"
     return request.param
+
+
+def test_fp16_goes_through_the_conversion_and_a_wrong_one_is_refused(monkeypatch):
+    """round_fast takes half_kernel for fp16 (and only for fp16) once half_agrees has passed,
+    and half_agrees fails a conversion that differs from round_kernel on one value of its
+    probe; the probe holds fp16's ties (normal and subnormal) and its overflow tie."""
+    from moe_np import lowp_kernels
+    lowp.kernels()
+    calls = []
+    monkeypatch.setattr(lowp_kernels, "half_kernel",
+                        lambda x, out: calls.append(x.size) or lowp_kernels.round_kernel(
+                            x, out, *lowp.rounding("fp16")))
+    x = np.random.default_rng(3).standard_normal(100).astype(F32)                    # (100,)
+    lowp.round_fast(x, "bf16")
+    assert calls == []
+    monkeypatch.setattr(lowp, "HALF", True)
+    lowp.round_fast(x, "fp16")
+    assert calls == [100]
+    probe = lowp_kernels.half_probe()                                               # (P,)
+    assert {2.0**-25, 3 * 2.0**-25, 65520.0, -65520.0} <= set(probe.tolist())       # ties
+    for wrong in (lambda x, out: np.copyto(out, x),                                # no rounding
+                  lambda x, out: (lowp_kernels.round_kernel(x, out, *lowp.rounding("fp16")),
+                                  out.__setitem__(slice(-1, None), 0.0))):          # one entry off
+        monkeypatch.setattr(lowp_kernels, "half_kernel", wrong)
+        assert not lowp_kernels.half_agrees(lowp.rounding("fp16"))
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -665,9 +698,9 @@ def test_scaled_round_loses_only_the_tile_that_holds_inf_or_nan(kernels):
 
 
 def test_scaled_round_of_its_own_scratch_buffer(kernels):
-    """x may be the very buffer the result is written to (the same scratch name): the kernel
-    reads a row again after writing it when the row holds a NaN or a value that rounds to an
-    fp8 subnormal, so it must read an untouched copy, and give the bits of a fresh call.
+    """x may be the very buffer the result is written to (the same scratch name): the result
+    must have the bits of a fresh call (a kernel that read a row again after writing it, as
+    an earlier one redid rows holding a NaN or an fp8 subnormal, would need an untouched copy).
     Row 3's tile has amax 448, so its scale is 1 and q = x: 2^-7 + 2^-10 + 2^-14 rounds to
     5 subnormal steps of 2^-9, but read again after the normal-range pass had written
     2^-7 + 2^-10 (4.5 steps, a tie) it would round to 4."""

@@ -157,7 +157,7 @@ def exchange_backward(dy, route: RoutePlan, cache: ExchangeCache, config, wire: 
     and dy_buf (I, D) (the rows of dy its experts saw, for a data-parallel reduction)."""
     strategy = dispatch.get_strategy(config.dispatch)
     dy_home, dweights = strategy.combine_backward(dy, cache.combine_cache)   # (M, D), (N, K)
-    dy_home = lowp.round_output(dy_home, config.precision)             # named step, as one process
+    dy_home = lowp.round_output(dy_home, config.precision, out=dy_home)   # named step, in place
     dy_in = exchange_rows(wire, dy_home, route.send_rows, route.recv_rows)   # (I, D)
     dy_buf = dy_in[route.arrival.perm]                                 # (I, D)
     dx_buf, grads = local_experts_backward(dy_buf, cache.experts_cache, cache.padded)

@@ -270,7 +270,7 @@ class ExpertParallelMoE(Layer):
         y_shared, shared_cache = shared_experts_forward(x, self.params, c)
         if y_shared is not None:
             y += y_shared                                              # (N, D)
-        y = lowp.round_output(y, c.precision)                          # named step, as one process
+        y = lowp.round_output(y, c.precision, out=y)                   # named step, in place
         self._cache = EPCache(x, span, draws, route, router_cache, plan, exchange_cache,
                               shared_cache, aux_cache)
         self._after_forward(route, plan, dropped, seen)
@@ -390,7 +390,7 @@ class ExpertParallelMoE(Layer):
             dx += dx_shared                                            # (N, D)
         dx += dx_router                                                # (N, D)
         self.set_grads(expert_grads | grads)
-        return lowp.round_output(dx, c.precision)                      # (N, D)
+        return lowp.round_output(dx, c.precision, out=dx)              # (N, D) in place
 
     def _replicated_backward_gathered(self, dy, dweights, aux_scale, cache: EPCache):
         """Gather x, dy and dweights of all Z tokens and run the router's and the shared
