@@ -103,7 +103,7 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
         out["scaling"] += side_by_side_scaling(size, repeats)
     if full_set:
         progress("fp16 and fp8 training steps against fp32")
-        out["lowp"] = lowp_ratios(size, min(repeats, 2))
+        out["lowp"] = lowp_ratios(size, repeats)
         progress("chapter 9's language-model step" + (", and HF's Mixtral" if use_torch else ""))
         from moe_np.bench_lm import measure_lm
         out["lm"] = measure_lm(quick=size == QUICK, repeats=max(repeats, 5), use_torch=use_torch)

@@ -314,9 +314,10 @@ def step_time_ratios(make_layer, x: np.ndarray, dy: np.ndarray, repeats: int = 5
 
     x, dy: (N, D) float32 input and upstream gradient (a mean loss's scale,
     e.g. standard normal / N). fp16 runs with a loss scale of 2**16, fp8
-    with 1 (static: the step is timed, not trained). Medians of `repeats`
-    steps after one warm-up, the precisions taking turns within each repeat
-    so that a busy moment of a shared machine hits them alike.
+    with 1 (static: the step is timed, not trained). The precisions take turns
+    within each of `repeats` rounds (after a warm-up round), so that a busy
+    moment of a shared machine hits them alike; each ratio is the median over
+    the rounds of that round's own ratio, each *_step_s the median step.
     -> {"fp16_step_ratio", "fp8_step_ratio", "fp32_step_s", "fp16_step_s", "fp8_step_s"}.
     """
     if not isinstance(repeats, int) or repeats < 1:
@@ -332,6 +333,7 @@ def step_time_ratios(make_layer, x: np.ndarray, dy: np.ndarray, repeats: int = 5
             seconds = _timed_step(layer, x, dy, scaler)
             if r:                                                      # repeat 0 warms up
                 times[name].append(seconds)
-    med = {name: float(np.median(t)) for name, t in times.items()}
-    return {"fp16_step_ratio": med["fp16"] / med["fp32"], "fp8_step_ratio": med["fp8"] / med["fp32"],
-            **{f"{name}_step_s": t for name, t in med.items()}}
+    fp32 = np.array(times["fp32"])                                     # (repeats,)
+    ratio = {name: float(np.median(np.array(times[name]) / fp32)) for name in ("fp16", "fp8")}
+    return {"fp16_step_ratio": ratio["fp16"], "fp8_step_ratio": ratio["fp8"],
+            **{f"{name}_step_s": float(np.median(t)) for name, t in times.items()}}

@@ -1005,6 +1005,21 @@ def test_step_time_ratios_runs_on_a_tiny_layer():
     assert all(v > 0 for v in r.values())
 
 
+def test_step_time_ratios_take_the_median_of_each_rounds_ratio(monkeypatch):
+    """The precisions take turns in each round; a slow moment (round 2) slows the three
+    alike, so each round's own ratio is kept and the median taken over rounds: 1.2 here,
+    where the ratio of the medians (1.4 / 1.0) would report the slow round's fp16 step."""
+    from moe_np import bench_runs
+    steps = iter([9.0, 9.0, 9.0,                      # round 0, the warm-up: left out
+                  1.0, 1.2, 1.5, 2.0, 2.2, 3.0, 1.0, 1.4, 1.4])   # fp32, fp16, fp8 per round
+    monkeypatch.setattr(bench_runs, "_timed_step", lambda *args: next(steps))
+    base = SparseConfig(d_model=8, num_experts=4, d_hidden=16, k=2)
+    make = lambda c: SparseMoE(replace(base, precision=PrecisionConfig(compute=c)), seed=0, dtype=F32)
+    r = bench.step_time_ratios(make, None, None, repeats=3)
+    assert r["fp16_step_ratio"] == pytest.approx(1.2) and r["fp8_step_ratio"] == pytest.approx(1.5)
+    assert (r["fp32_step_s"], r["fp16_step_s"], r["fp8_step_s"]) == (1.0, 1.4, 1.5)
+
+
 # ---------------------------------------------------------------- without numba
 
 WITHOUT_NUMBA = """
