@@ -21,14 +21,15 @@ never round: a layer rounds only when its SparseConfig.precision says so.
 
 Speed. The roundings give the same bits as precision.round_to and the
 scaled casts of precision.py, which stay the readable specification; the
-tests compare them bit for bit. The hot path is two small Numba loops in
+tests compare them bit for bit. The hot path is small Numba loops in
 lowp_kernels.py: round_kernel, which rounds the float32 bit patterns with
 integer arithmetic in vectorized spans, and scaled_kernel, which takes a band
 of rows at a time, finds its tile maxima, then divides by each tile's scale,
 saturates, rounds and multiplies back while the band is still in the cache.
 fp16 goes through the processor's own float32 -> float16 -> float32
-conversion instead (half_kernel, about three times faster), once a probe of
-every fp16 rounding boundary has shown that it gives round_kernel's bits. Each has a
+conversion instead (half_kernel, two to three times faster), where numba's
+target converts in instructions and a probe of fp16's rounding boundaries
+has shown that it gives round_kernel's bits (lowp.HALF). Each has a
 NumPy twin here (round_twin, scaled_twin), used when numba is absent or its
 JIT disabled (NUMBA_DISABLE_JIT=1) and in the tests; a twin makes several
 passes over memory, which is what the kernels exist to avoid. numba is
@@ -66,6 +67,8 @@ def kernels():
     Numba is imported here, on the first rounding, so `import moe_np` and a
     float32 layer never load it. Without numba, or with NUMBA_DISABLE_JIT=1,
     USE_KERNELS becomes False and the twins give the same bits, more slowly.
+    The first call also settles HALF (fp16 by the conversion instructions):
+    loading half_kernel and running its probe costs a few tenths of a second.
     """
     global USE_KERNELS, HALF
     if USE_KERNELS is None:
@@ -79,7 +82,8 @@ def kernels():
         return None
     from moe_np import lowp_kernels
     if HALF is None:
-        HALF = lowp_kernels.half_agrees(ROUNDINGS["fp16"])
+        HALF = lowp_kernels.JIT and lowp_kernels.native_half() \
+            and lowp_kernels.half_agrees(ROUNDINGS["fp16"])
     return lowp_kernels
 
 
@@ -173,11 +177,16 @@ def round_fast(x: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.nda
 
     out: where to write (x itself is allowed; an out overlapping x otherwise
     gets a copy of x first). The pass follows memory order whether x is C- or
-    F-contiguous (anything else is copied first). A NaN stays a NaN; the
-    kernel keeps its payload bits, which round_to and the twin may quiet.
+    F-contiguous (anything else is copied first). A NaN stays a NaN (its
+    payload may change: the integer kernel keeps it, the conversion and
+    round_to may quiet it).
     """
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise ValueError(f"round_fast: x must be a float32 array, got {getattr(x, 'dtype', type(x))}")
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.float32
+                            or out.shape != x.shape):
+        raise ValueError(f"round_fast: out must be a float32 array of x's shape {x.shape}, got "
+                         f"{getattr(out, 'dtype', type(out))} {np.shape(out)}")
     params = rounding(fmt, "round_fast")
     order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
     result = np.empty(x.shape, np.float32, order=order) if out is None else out
@@ -259,8 +268,8 @@ def scaled_round(x: np.ndarray, fmt: str, rows: int, cols: int, power_of_two: bo
         scaled_twin(x, sc, out, fmt)
     else:
         source = np.ascontiguousarray(x)                               # (N, D)
-        if np.may_share_memory(source, out):                           # the kernel reads x after
-            source = source.copy()                                     # writing out: keep them apart
+        if np.may_share_memory(source, out):                           # a shifted out would be read
+            source = source.copy()                                     # after written: keep them apart
         compiled.scaled_kernel(source, sc, out, *rounding(fmt))
     return out
 

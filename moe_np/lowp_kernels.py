@@ -1,8 +1,9 @@
 """The compiled loops of the low-precision compute mode (lowp.py): Numba kernels.
 
     round_value    one float32 rounded to a format on its bit pattern
-    round_kernel   round_value over a flat array, in vectorized spans
-    half_kernel    fp16 by the processor's own float32 -> float16 -> float32 conversion
+    round_kernel   round_value over a flat array, in vectorized spans (bf16: one sweep)
+    half_kernel    fp16 by the processor's own float32 -> float16 -> float32 conversion,
+                   where native_half and half_agrees say it may be used (lowp.HALF)
     tile_scale     one fp8 tile's scale from its amax
     band_maxima    the tile maxima of a band of rows
     scaled_kernel  scale, saturate, round and scale back, one band of rows at a time
@@ -70,7 +71,7 @@ def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
     no branch, so the loop vectorizes), and send the counted entries through
     round_value itself. Writing in place, those are rounded first: the sweep
     leaves a value on the format's grid as it is. A span made mostly of such
-    entries (fp16 gradients that underflow) goes entry by entry.
+    entries (fp16 or fp8 values that underflow) goes entry by entry.
 
     A format with float32's exponent range (bf16) needs no second look: its
     smallest normal is float32's, and below it both are fixed-point on the
@@ -123,14 +124,35 @@ def _sweep(x, out, in_place, keep, half, shift, top, limit):
 @intrinsic
 def _through_half(typingctx, v):
     """float32 -> IEEE half -> float32 as LLVM's fptrunc / fpext: the processor's own
-    conversion (F16C's vcvtps2ph on x86-64), rounding to nearest even with fp16's
-    subnormals and overflow to inf."""
+    conversion (F16C's vcvtps2ph or its AVX-512 form on x86-64, fcvt on arm64), rounding
+    to nearest even with fp16's subnormals and overflow to inf. It rounds in the thread's
+    current rounding mode, which Python and NumPy leave at nearest-even. Where the target
+    lacks the instructions LLVM calls a runtime function instead, which this process may
+    not have (a crash, not an error): native_half guards every use."""
     if v != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
     return types.float32(types.float32), codegen
+
+
+def native_half() -> bool:
+    """Whether numba's compile target converts float32 <-> half in instructions: arm64
+    always; x86-64 with F16C, on the host (the default) or in NUMBA_CPU_FEATURES; else
+    False (NUMBA_CPU_NAME=generic, another machine), and the integer kernel rounds fp16."""
+    import platform
+    from llvmlite import binding
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    if numba.config.CPU_FEATURES:
+        return "+f16c" in numba.config.CPU_FEATURES.split(",")
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(binding.get_host_cpu_features().get("f16c", False))
 
 
 @njit(cache=True, error_model="numpy")
@@ -253,25 +275,30 @@ def _scaled_row(xr, columns, row, limit, drop, max_bits, min_normal_bits, sub, s
 
 
 def half_probe() -> np.ndarray:
-    """float32 values at every place fp16 rounding can go wrong.   -> (P,) float32.
+    """float32 values at fp16's rounding boundaries.   -> (P,) float32.
 
     For each float32 exponent from 2**-25 to 2**16 (fp16's range and one binade either side)
     and each of the 2**10 leading fraction patterns fp16 keeps there: the value, its
-    neighbours and both sides of the tie above it. The ties and near-ties of fp16's
-    subnormal steps, where the grid is coarser. Four patterns of every other exponent
-    (zero, float32 subnormals, far overflow, inf and NaN). Both signs."""
+    neighbours, both sides of the tie above it, and the tie with each one of the dropped
+    bits below it set (a conversion that ignored one of them would round such a value
+    down). The ties and near-ties of fp16's subnormal steps, where the grid is coarser.
+    Four patterns of every exponent (zero, float32 subnormals, far overflow, inf and
+    NaN). Both signs. It shows the conversion right where rounding decides; it is not
+    every float32 (all 2**32 were compared once, off line, on the machine the chapters
+    ran on)."""
     u = np.uint32
     exps = np.arange(102, 144, dtype=u)[:, None] << u(23)             # (42, 1) exponent fields
     top = (exps | (np.arange(1 << 10, dtype=u) << u(13))).ravel()      # (42 * 2**10,) on the grid
-    low = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF], dtype=u)     # offsets from a grid value
-    grid = (top[:, None] | low[None, :]).ravel()                       # (42 * 2**10 * 6,)
+    low = np.array([0, 1, 0xFFF, 0x1000, 0x1FFF] + [0x1000 | 1 << i for i in range(12)],
+                   dtype=u)                                            # offsets from a grid value
+    grid = (top[:, None] | low[None, :]).ravel()                       # (42 * 2**10 * 17,)
     every = ((np.arange(256, dtype=u)[:, None] << u(23))
              | np.array([0, 1, 0x400000, 0x7FFFFF], dtype=u)).ravel()  # (1024,) every exponent
     steps = np.arange(1025, dtype=np.float64) * 2.0**-24               # fp16's subnormal steps
     near = np.concatenate([steps, steps + 2.0**-25]).astype(np.float32)   # (2050,) and ties
     near = np.concatenate([near, np.nextafter(near, np.float32(1)), np.nextafter(near, np.float32(0))])
-    values = np.concatenate([grid.view(np.float32), every.view(np.float32), near,
-                             np.float32([65520.0, 65519.996])])       # (P / 2,) the overflow tie
+    tie = np.float32([65520.0, 65519.996])                             # (2,) fp16's overflow tie
+    values = np.concatenate([grid.view(np.float32), every.view(np.float32), near, tie])   # (P / 2,)
     return np.concatenate([values, -values])                           # (P,) both signs
 
 

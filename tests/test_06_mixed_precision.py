@@ -558,6 +558,10 @@ BAD = [
     (lambda: LossScaler(init_scale=float("nan")), r"LossScaler: init_scale .* got nan"),
     (lambda: LossScaler(init_scale=1e39), r"LossScaler: init_scale"),
     (lambda: LossScaler(growth_factor=1.0), r"LossScaler: growth_factor .* got 1.0"),
+    (lambda: lowp.round_fast(X, "fp16", out=np.empty((2, 4))),
+     r"round_fast: out must be a float32 array of x's shape \(2, 4\), got float64 \(2, 4\)"),
+    (lambda: lowp.round_fast(X, "bf16", out=np.empty((4, 2), F32)),
+     r"round_fast: out must be a float32 array of x's shape \(2, 4\), got float32 \(4, 2\)"),
     (lambda: LossScaler(backoff_factor=1.0), r"LossScaler: backoff_factor .* got 1.0"),
     (lambda: LossScaler(backoff_factor=0.0), r"LossScaler: backoff_factor .* got 0.0"),
     (lambda: LossScaler(growth_interval=0), r"LossScaler: growth_interval .* got 0"),
@@ -584,18 +588,28 @@ def test_bad_arguments_raise_value_error(call, message):
 
 # ---------------------------------------------------------------- the layer's rounding (lowp)
 
-@pytest.fixture(params=["half", "integer", "twins"])
+@pytest.fixture(params=[True, False], ids=["kernels", "twins"])
 def kernels(request, monkeypatch):
-    """Run a test through lowp's compiled loops (fp16 by the conversion instructions, then by
-    round_kernel's integer rounding) and again through their NumPy twins."""
-    monkeypatch.setattr(lowp, "USE_KERNELS", request.param != "twins")
-    if request.param == "integer":
-        monkeypatch.setattr(lowp, "HALF", False)
-    elif request.param == "half":
-        lowp.kernels()
-        if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
-            assert lowp.HALF, "this processor's float16 conversion should agree with round_kernel"
+    """Run a test through lowp's compiled loops and again through their NumPy twins."""
+    monkeypatch.setattr(lowp, "USE_KERNELS", request.param)
     return request.param
+
+
+def use_path(path: str, monkeypatch) -> None:
+    """Route round_fast: "half" (fp16 by the conversion instructions, where lowp accepts
+    them), "integer" (fp16 by round_kernel), "kernels" (the compiled loops of a format with
+    no conversion path) or "twins" (NumPy)."""
+    from moe_np import lowp_kernels
+    monkeypatch.setattr(lowp, "USE_KERNELS", path != "twins")
+    if path == "integer":
+        monkeypatch.setattr(lowp, "HALF", False)
+    elif path == "half" and lowp_kernels.JIT:
+        lowp.kernels()
+        assert lowp.HALF == lowp_kernels.native_half()   # accepted wherever it is native
+
+
+ROUND_PATHS = [(fmt, path) for fmt in FMTS
+               for path in (("half", "integer", "twins") if fmt == "fp16" else ("kernels", "twins"))]
 
 
 def test_fp16_goes_through_the_conversion_and_a_wrong_one_is_refused(monkeypatch):
@@ -603,6 +617,7 @@ def test_fp16_goes_through_the_conversion_and_a_wrong_one_is_refused(monkeypatch
     and half_agrees fails a conversion that differs from round_kernel on one value of its
     probe; the probe holds fp16's ties (normal and subnormal) and its overflow tie."""
     from moe_np import lowp_kernels
+    monkeypatch.setattr(lowp, "USE_KERNELS", True)
     lowp.kernels()
     calls = []
     monkeypatch.setattr(lowp_kernels, "half_kernel",
@@ -616,6 +631,9 @@ def test_fp16_goes_through_the_conversion_and_a_wrong_one_is_refused(monkeypatch
     assert calls == [100]
     probe = lowp_kernels.half_probe()                                               # (P,)
     assert {2.0**-25, 3 * 2.0**-25, 65520.0, -65520.0} <= set(probe.tolist())       # ties
+    one_and_tie = np.uint32(0x3F800000 | 0x1000)                                     # 1 + 2^-11
+    past = [(one_and_tie | np.uint32(1 << i)).view(F32) for i in range(12)]          # tie + one bit
+    assert set(np.float32(past).tolist()) <= set(probe.tolist())
     for wrong in (lambda x, out: np.copyto(out, x),                                # no rounding
                   lambda x, out: (lowp_kernels.round_kernel(x, out, *lowp.rounding("fp16")),
                                   out.__setitem__(slice(-1, None), 0.0))):          # one entry off
@@ -623,8 +641,9 @@ def test_fp16_goes_through_the_conversion_and_a_wrong_one_is_refused(monkeypatch
         assert not lowp_kernels.half_agrees(lowp.rounding("fp16"))
 
 
-@pytest.mark.parametrize("fmt", FMTS)
-def test_round_fast_is_round_to_bit_for_bit(fmt, kernels):
+@pytest.mark.parametrize("fmt, path", ROUND_PATHS)
+def test_round_fast_is_round_to_bit_for_bit(fmt, path, monkeypatch):
+    use_path(path, monkeypatch)
     rng = np.random.default_rng(20)
     x = np.concatenate([edge_values(fmt), random_values(rng, fmt, n=2**17)])
     if fmt == "fp16":
@@ -639,13 +658,15 @@ def test_round_fast_is_round_to_bit_for_bit(fmt, kernels):
     assert_bits_equal(m.ravel(), m.ravel(), want.ravel())
 
 
-@pytest.mark.parametrize("fmt", FMTS)
-def test_round_fast_takes_every_span_path_in_place_and_not(fmt, kernels):
-    """round_kernel's spans: none below min_normal (the vectorized sweep alone), a few (the
-    sweep, and round_value for those: written in place they are rounded before the sweep, which
-    must leave them as they are; rounded twice, a value just past a tie would land on the tie
-    and then on the even side), mostly such values (entry by entry), with NaN, inf, overflow
-    and ties among them, and a partial last span. The twins must agree as well."""
+@pytest.mark.parametrize("fmt, path", ROUND_PATHS)
+def test_round_fast_on_every_kind_of_entry_in_place_and_not(fmt, path, monkeypatch):
+    """Spans of round_kernel's integer path (fp16 "integer", fp8): none below min_normal
+    (the vectorized sweep alone), a few (the sweep, and round_value for those: written in
+    place they are rounded before the sweep, which must leave them as they are; rounded
+    twice, a value just past a tie would land on the tie and then on the even side), mostly
+    such values (entry by entry), with NaN, inf, overflow and ties among them, and a partial
+    last span. The same entries test bf16's single sweep, fp16's conversion and the twins."""
+    use_path(path, monkeypatch)
     from moe_np.lowp_kernels import SPAN
     info, rng = FORMATS[fmt], np.random.default_rng(21)
     normal = (rng.standard_normal(SPAN) * 4 * info.min_normal).astype(F32)        # (SPAN,)
@@ -732,9 +753,11 @@ def test_gemm_rounds_operands_and_output(compute, scaling):
     assert lowp.gemm_for(PrecisionConfig()) is np.matmul
 
 
-def test_round_fast_into_an_overlapping_shifted_view(kernels):
+@pytest.mark.parametrize("path", ["half", "integer", "twins"])
+def test_round_fast_into_an_overlapping_shifted_view(path, monkeypatch):
     """out one entry behind x in the same buffer: each entry must be x's, rounded (the kernel
     would read entries the pass already wrote)."""
+    use_path(path, monkeypatch)
     buf = (np.random.default_rng(26).standard_normal(3000) * 1e-3).astype(F32)      # (S+1,)
     buf[::7] *= F32(1e-3)                                                           # some below min_normal
     want = round_to(buf[1:].copy(), "fp16")
@@ -1061,6 +1084,34 @@ def test_a_numpy_dispatch_layer_trains_without_numba():
     assert "numpy layer trained without numba; False" in done.stdout
     assert "refused: dispatch: strategy 'numba' needs the numba package" in done.stdout
     assert "dispatch='numpy' computes the same numbers" in done.stdout
+
+
+CONVERSION_REFUSED = """
+import numpy as np
+from moe_np import lowp, precision
+x = np.concatenate([np.random.default_rng(0).standard_normal(4000) * s for s in (1e-6, 1, 7e4)])
+x = x.astype(np.float32)
+same = all(np.array_equal(lowp.round_fast(x, f).view(np.uint32), precision.round_to(x, f).view(np.uint32))
+           for f in ("fp16", "bf16"))
+print("HALF", lowp.HALF, "same bits", same)
+"""
+
+
+@pytest.mark.parametrize("setting, half", [({"NUMBA_CPU_NAME": "generic"}, "False"),
+                                           ({"NUMBA_DISABLE_JIT": "1"}, "None")])
+def test_fp16_without_the_conversion_instructions(setting, half, tmp_path):
+    """Compiled for a generic x86-64 (no F16C) LLVM would call a runtime function this
+    process lacks, so lowp must not compile the conversion there: fp16 rounds by the
+    integer kernel, with round_to's bits. With the JIT disabled the twins run and the
+    conversion is never reached (it cannot run as Python)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env |= {"NUMBA_CACHE_DIR": str(tmp_path)} | setting
+    done = subprocess.run([sys.executable, "-c", CONVERSION_REFUSED], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = half if platform.machine().lower() in ("x86_64", "amd64") or half == "None" else "True"
+    assert done.stdout.strip() == f"HALF {expected} same bits True"
 
 
 def test_import_moe_np_does_not_load_numba():
