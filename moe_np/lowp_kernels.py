@@ -21,10 +21,11 @@ division, as in NumPy): Python's model tests every divisor for zero.
 from __future__ import annotations
 
 import math
+import platform
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -61,6 +62,16 @@ def round_value(v, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
 SPAN = 1024   # entries round_kernel takes at a time: a span's second and third reads hit L1
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _bit_constants(drop, max_bits, limit_bits, min_normal_bits):
+    """The uint32 constants _normal_bits and _is_small take, from lowp.Rounding's integers:
+    (keep: the kept bits' mask, half: 2**(drop-1) - 1, shift: drop, top: max_bits,
+    limit: limit_bits, low: min_normal_bits)."""
+    u = np.uint32
+    return (u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1), u(drop), u(max_bits),
+            u(limit_bits), u(min_normal_bits))
+
+
 @njit(cache=True, error_model="numpy")
 def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits):
     """out[k] = round_value(x[k], ...) for every k.   x, out: (S,) float32, the same array
@@ -77,9 +88,7 @@ def round_kernel(x, out, drop, max_bits, min_normal_bits, sub_scale, limit_bits)
     smallest normal is float32's, and below it both are fixed-point on the
     same bits, so the sweep's integer rounding is already round_value's.
     """
-    u = np.uint32
-    keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
-    shift, top, limit, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits)
+    keep, half, shift, top, limit, low = _bit_constants(drop, max_bits, limit_bits, min_normal_bits)
     in_place = x.ctypes.data == out.ctypes.data
     if low <= FP32_MIN_NORMAL_BITS:                                # bf16: one sweep is exact
         _sweep(x, out, in_place, keep, half, shift, top, limit)
@@ -141,8 +150,6 @@ def native_half() -> bool:
     """Whether numba's compile target converts float32 <-> half in instructions: arm64
     always; x86-64 with F16C, on the host (the default) or in NUMBA_CPU_FEATURES; else
     False (NUMBA_CPU_NAME=generic, another machine), and the integer kernel rounds fp16."""
-    import platform
-    from llvmlite import binding
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return True
@@ -261,16 +268,14 @@ def _scaled_row(xr, columns, row, limit, drop, max_bits, min_normal_bits, sub, s
     fixed-step path in float32, rint(q sub) step (sub = 1 / step = 2**9 for E4M3, 2**16 for
     E5M2: both products are exact), and keeps the one its size calls for. A NaN
     stays a NaN either way. xr, columns, row: (D,)."""
-    u = np.uint32
-    keep, half = u(0xFFFFFFFF ^ ((1 << drop) - 1)), u((1 << (drop - 1)) - 1)
-    shift, top, cap, low = u(drop), u(max_bits), u(limit_bits), u(min_normal_bits)
+    keep, half, shift, top, cap, low = _bit_constants(drop, max_bits, limit_bits, min_normal_bits)
     for j in range(xr.size):
         s = columns[j]
         q = xr[j] / s
         q = limit if q > limit else (-limit if q < -limit else q)   # saturate; NaN passes
         b = np.float32(q).view(np.uint32)
         fixed = np.float32(np.rint(q * sub) * step)                # 0 < |q| < min_normal
-        normal = u(_normal_bits(b, keep, half, shift, top, cap)).view(np.float32)
+        normal = np.uint32(_normal_bits(b, keep, half, shift, top, cap)).view(np.float32)
         row[j] = s * (fixed if _is_small(b, low) else normal)
 
 
