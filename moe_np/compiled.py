@@ -1,7 +1,8 @@
 """Modules of compiled loops, imported on first use, so that `import moe_np` never loads numba.
 
-    load(name)   moe_np.<name> (attention_kernels, optim_kernels), or None: numba is not
-                 installed, or NUMBA_DISABLE_JIT=1 (the loops would run as slow Python)
+    load(name)   moe_np.<name> (attention_kernels, optim_kernels, lowp_kernels), or None:
+                 numba is not installed, or NUMBA_DISABLE_JIT=1 (the loops would run as
+                 slow Python)
 
 Where load gives None the caller runs the loops' NumPy twins, which give the same bits,
 more slowly. The tests call the loops themselves under NUMBA_DISABLE_JIT=1.

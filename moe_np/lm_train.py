@@ -181,9 +181,9 @@ def build_lm_run(config: LMTrainConfig, tokenizer=None) -> LMRun:
     the C heap to keep freed pages for the next step's arrays (heap.keep_pages: the process's
     allocator, for speed; the numbers do not change)."""
     from moe_np.optim import AdamW, WarmupCosine
-    heap.keep_pages()
     from moe_np.training import Trainer, make_scaler
     from moe_np.transformer import MoETransformer, lm_loss_backward, lm_loss_forward
+    heap.keep_pages()
     data = build_data(config, tokenizer)
     model = MoETransformer(config.lm_config(data.tokenizer.vocab_size), seed=config.seed,
                            dtype=np.float32)

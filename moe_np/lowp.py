@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moe_np import precision
+from moe_np import compiled, precision
 
 FP8 = ("fp8_e4m3", "fp8_e5m2")
 TILE = 128          # DeepSeek-V3's 1 x 128 activation tiles and 128 x 128 weight blocks
@@ -71,13 +71,8 @@ def kernels():
     loading half_kernel and running its probe costs a few tenths of a second.
     """
     global USE_KERNELS, HALF
-    if USE_KERNELS is None:
-        try:
-            from moe_np import lowp_kernels
-        except ImportError:                  # numba is not installed
-            USE_KERNELS = False
-        else:
-            USE_KERNELS = lowp_kernels.JIT
+    if USE_KERNELS is None:                  # None without numba or with its JIT disabled
+        USE_KERNELS = compiled.load("lowp_kernels") is not None
     if not USE_KERNELS:
         return None
     from moe_np import lowp_kernels
