@@ -111,7 +111,7 @@ def cmd_tutorial(args) -> int:
                          "in the environment would run small sizes; unset MOE_NP_QUICK")
     if args.quick:
         os.environ["MOE_NP_QUICK"] = "1"
-    if args.quick or args.check:
+    if os.environ.get("MOE_NP_QUICK") == "1" or args.check:
         # small sizes, or a check, must not overwrite the committed full-size figures
         os.environ.setdefault("MOE_NP_FIGURES", tempfile.mkdtemp(prefix="moe_np_figures_"))
     from moe_np.tutorial import check_outputs, chapter_path, figure_path, run_chapter, FIGURES

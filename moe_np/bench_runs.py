@@ -243,14 +243,49 @@ def stage_medians(log: list, warm_up: bool = True) -> dict:
     return {name: float(np.median([t[name] for t in kept])) for name in STAGES}
 
 
-def copy_seconds(size: Size, repeats: int) -> dict:
-    """The gathered buffer's bytes (M*D floats) copied into fresh memory, as a gather writes:
-    by NumPy (memcpy) and by a compiled row loop (kernels.copy_rows, numba's threads).
-    -> {"memcpy_s", "copy_loop_s"}."""
-    from moe_np.dispatch import kernels
-    src = np.random.default_rng(3).standard_normal((size.n * size.k, size.d), dtype=np.float32)  # (M, D)
-    loop = lambda: kernels.copy_rows(src, np.empty_like(src))         # noqa: E731
-    return {"memcpy_s": median_time(src.copy, repeats), "copy_loop_s": median_time(loop, repeats)}
+def copy_rounds(size: Size, repeats: int) -> dict:
+    """The dispatch kernels and their yardsticks, taking turns in every round (a slow moment of
+    the machine hits them all): the gather (M rows of x by a plan), the combine (N weighted
+    sums of K rows), a compiled copy loop of the gathered bytes (kernels.copy_rows) and
+    memcpy. Each runs twice a round: into a new array, as the layer's step writes ("new"),
+    and into an array already written ("touched"), where only its own reads and writes are
+    left.   -> {"new": {name: s}, "touched": {name: s}}, medians after one warm-up round."""
+    from moe_np.dispatch import jit, kernels
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((size.n * size.k, size.d), dtype=np.float32)      # (M, D)
+    x = rng.standard_normal((size.n, size.d), dtype=np.float32)                 # (N, D)
+    ids = np.argsort(rng.random((size.n, size.e)), axis=1)[:, :size.k]          # (N, K) distinct
+    weights = rng.random((size.n, size.k), dtype=np.float32)                    # (N, K)
+    plan = jit.plan_token_choice(ids, size.e, None)
+    rows_out, tokens_out = np.zeros_like(src), np.zeros_like(x)                 # (M, D), (N, D)
+    w_flat = weights.ravel()                                                    # (N K,)
+    runners = {"new": {"memcpy": src.copy,
+                       "copy_loop": lambda: kernels.copy_rows(src, np.empty_like(src)),
+                       "gather": lambda: jit.gather_forward(x, plan),
+                       "combine": lambda: jit.combine_forward(src, weights, plan)},
+               "touched": {"memcpy": lambda: np.copyto(rows_out, src),
+                           "copy_loop": lambda: kernels.copy_rows(src, rows_out),
+                           "gather": lambda: kernels.gather_rows(x, plan.rows_token, rows_out),
+                           "combine": lambda: kernels.combine_rows(src, w_flat, plan.rows_weight,
+                                                                   plan.token_rows, tokens_out)}}
+    times = {(into, name): [] for into, group in runners.items() for name in group}
+    for _ in range(repeats + 1):                                       # round 0 is the warm-up
+        for (into, name) in times:
+            times[into, name].append(timed(runners[into][name]))
+    return {into: {name: float(np.median(times[into, name][1:])) for name in group}
+            for into, group in runners.items()}
+
+
+def copy_ratios(size: Size, copies: dict) -> dict:
+    """From copy_rounds' times, for "new" and "touched" memory: the gather's bandwidth over the
+    copy loop's (both move M*D floats) and the combine's time over a copy loop moving its
+    bytes (it reads (M, D) and writes (N, D)).   -> {into: {"gather_over_copy_loop",
+    "combine_over_copy"}}."""
+    gathered = size.n * size.k * size.d                                # floats the gather moves
+    moved = (size.n * size.k + size.n) * size.d / 2                    # the combine's, in copies of one
+    return {into: {"gather_over_copy_loop": c["copy_loop"] / c["gather"],
+                   "combine_over_copy": c["combine"] / (c["copy_loop"] * moved / gathered)}
+            for into, c in copies.items()}
 
 
 # -- scaling with the number of experts -------------------------------------------------------

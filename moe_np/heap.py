@@ -1,8 +1,12 @@
 """The C heap's handling of freed memory, which decides whether a step's arrays fault afresh.
 
-    keep_pages(mib=64)   glibc keeps up to `mib` MiB of freed memory at the top of its heap
+    keep_pages(mib=64, every_size=False)
+                         glibc keeps up to `mib` MiB of freed memory at the top of its heap
                          and serves every allocation under MMAP_LIMIT from the heap -> True;
-                         False where the C library has no mallopt (not glibc: nothing changes)
+                         False where the C library has no mallopt (not glibc: nothing changes).
+                         every_size: allocations of every size come from the heap, none
+                         from a mapping of its own, and freed memory goes back to the
+                         system only beyond `mib` MiB (bench and chapter 5, at the layer's size)
 
 NumPy takes each array from the C allocator. glibc gives an allocation above
 its mmap threshold a fresh mapping, and hands freed memory at the top of its
@@ -18,32 +22,49 @@ since allocations under MMAP_LIMIT now come from the heap, a gap freed
 below a block still in use stays the process's until it is reused (about
 10 MiB more resident at chapter 9's size).
 
+An allocation of MMAP_LIMIT or more still gets a mapping of its own when the
+heap's free top cannot hold it: at chapter 5's layer size h (64 MiB) and
+the (M, D) buffers (32 MiB) do, now and then, and a fresh mapping there can
+stall for hundreds of milliseconds on this kind of virtual machine, whose
+host may have taken back the pages the kernel hands out. every_size sends
+those to the heap too (mallopt M_MMAP_MAX = 0), which then keeps up to `mib`
+MiB free (M_TRIM_THRESHOLD) for the next step.
+
 This changes the whole process's allocator for the rest of its life, so
 nothing calls it on import: lm_train.build_lm_run does, for the
 language-model runs (the chapter, the train-lm command, bench's lm_*
-section, which its process measures last). The numbers a run computes do
-not change, only where their memory comes from.
+section, which its process measures last), and bench's timing processes
+and chapter 5 call keep_pages(bench.KEEP_MIB, every_size=True). A later
+call without every_size leaves its two settings as they are. The numbers a
+run computes do not change, only where their memory comes from.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 
-M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3    # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4   # glibc's mallopt
+                                                                            # parameters (malloc.h)
 MMAP_LIMIT = 32 << 20                   # allocations from this size up still get a mapping of
                                         # their own (the largest threshold glibc takes on 64-bit)
 MAX_MIB = 2047                          # mallopt takes an int of bytes
 
 
-def keep_pages(mib: int = 64) -> bool:
+def keep_pages(mib: int = 64, every_size: bool = False) -> bool:
     """Ask glibc to keep `mib` MiB of freed heap and to map only allocations of MMAP_LIMIT or
-    more; -> whether it could (False where the C library has no mallopt)."""
+    more; with every_size, to map none (every allocation from the heap) and to hand freed
+    memory back only beyond `mib` MiB. -> whether it could (False without glibc's mallopt)."""
     if not isinstance(mib, int) or isinstance(mib, bool) or not 0 <= mib <= MAX_MIB:
         raise ValueError(f"keep_pages: mib must be an integer in [0, {MAX_MIB}], got {mib!r}")
+    if not isinstance(every_size, bool):
+        raise ValueError(f"keep_pages: every_size must be True or False, got {every_size!r}")
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):           # no C library found, or not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_LIMIT)) and bool(mallopt(M_TOP_PAD, mib << 20))
+    settings = [(M_MMAP_THRESHOLD, MMAP_LIMIT), (M_TOP_PAD, mib << 20)]
+    if every_size:
+        settings += [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, mib << 20)]
+    return all([bool(mallopt(param, value)) for param, value in settings])

@@ -72,6 +72,23 @@ def test_batched_experts_equal_one_expert_at_a_time(kind, rng):
         assert np.allclose(y[e], y_e[0], rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind, dtype", [("mlp", np.float64), ("mlp", np.float32), ("swiglu", np.float32)])
+def test_init_experts_draws_what_one_draw_of_each_matrix_would(kind, dtype):
+    """Drawn one expert at a time, the matrices hold the values (and leave the generator in
+    the state) of drawing each whole (E, ...) matrix at once, He-scaled, then cast."""
+    e, d, h = 3, 4, 6
+    params = experts.init_experts(kind, e, d, h, np.random.default_rng(7), dtype=dtype)
+    rng = np.random.default_rng(7)
+    shapes = {"w1": ((e, d, h), 2.0 / d), "w2": ((e, h, d), 1.0 / h)} if kind == "mlp" else \
+        {"w_gate": ((e, d, h), 1.0 / d), "w_up": ((e, d, h), 1.0 / d), "w_down": ((e, h, d), 1.0 / h)}
+    for name, (shape, variance) in shapes.items():                  # the order init_experts draws in
+        want = (rng.standard_normal(shape) * np.sqrt(variance)).astype(dtype)
+        assert params[name].dtype == dtype and np.array_equal(params[name], want), name
+    after = np.random.default_rng(7)
+    experts.init_experts(kind, e, d, h, after, dtype=dtype)
+    assert after.random() == rng.random()
+
+
 def test_mixture_nll_with_one_expert_is_half_squared_error(rng):
     y, t = rng.standard_normal((1, 6, 3)), rng.standard_normal((6, 3))
     loss, (r, _, _) = losses.mixture_nll_forward(np.ones((6, 1)), y, t)

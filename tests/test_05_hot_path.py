@@ -652,7 +652,10 @@ def synthetic_core(seconds):
     stage = {name: seconds for name in bench.STAGES}
     layer = {"forward_s": seconds, "fwd_bwd_s": 2 * seconds}
     return {"layer_times": {"numpy": layer, "numba": layer, "gemm_floor": layer},
-            "stages": {"numpy": stage, "numba": stage}, "memcpy_s": seconds, "copy_loop_s": seconds,
+            "stages": {"numpy": stage, "numba": stage},
+            "copies": {"new": {name: seconds for name in ("memcpy", "copy_loop", "gather", "combine")},
+                       "touched": {"memcpy": seconds / 2, "copy_loop": seconds / 2,
+                                   "gather": seconds / 4, "combine": seconds / 4}},
             "scaling": [{"E": 8, "strategy": "numba", "us_per_token": 2.0, "floor_us_per_token": 1.0},
                         {"E": 64, "strategy": "numba", "us_per_token": 3.0, "floor_us_per_token": 1.25}]}
 
@@ -670,8 +673,15 @@ def test_bench_bandwidths_have_known_values():
     assert values["scaling_ratio_64_8"] == pytest.approx(1.5)
     assert values["scaling_over_floor_64_8"] == pytest.approx(1.5 / 1.25)   # the GEMMs rose 1.25x
     assert values["combine_over_copy"] == pytest.approx(0.01 / (3_000_000 / 0.4e9))   # (M + N) D 4 bytes
+    assert r["touched_gbps"] == pytest.approx({"memcpy": 0.8, "copy_loop": 0.8, "gather": 1.6})
+    assert values["gather_over_copy_loop_touched"] == pytest.approx(2.0)   # touched against touched
+    assert values["combine_over_copy"] == pytest.approx(4 / 3)        # 10 ms against 7.5 ms
+    assert values["combine_over_copy_touched"] == pytest.approx(2.5 / 3.75)
+    assert r["copy_ratios"]["new"] == pytest.approx({"gather_over_copy_loop": 1.0,
+                                                     "combine_over_copy": values["combine_over_copy"]})
     rows = {t["key"]: t for t in bench.targets(values, judged=True)}
-    assert rows["gather_over_copy_loop"]["met"] and rows["scaling_over_floor_64_8"]["met"]
+    assert rows["gather_over_copy_loop_touched"]["met"] and rows["scaling_over_floor_64_8"]["met"]
+    assert rows["combine_over_copy_touched"]["met"]                   # judged on the touched pair
     values["scaling_over_floor_64_8"] = 1.21
     assert not {t["key"]: t for t in bench.targets(values, judged=True)}["scaling_over_floor_64_8"]["met"]
 
@@ -708,7 +718,25 @@ def test_ffn_size_counts_an_experts_parameters(kind):
         assert abs(size(width) - target) <= min(abs(size(width + 1) - target), abs(size(width - 1) - target))
 
 
+def test_spin_comparison_runs_each_value_in_its_own_process():
+    """Each fresh process ran with the OPENBLAS_THREAD_TIMEOUT it is filed under, even when
+    this process has one set."""
+    name = bench.BLAS_SPIN[0]
+    before = os.environ.get(name)
+    os.environ[name] = "24"
+    try:
+        runs = bench.spin_comparison(bench.QUICK, 1, spins=(None, "16"))
+    finally:
+        os.environ.pop(name) if before is None else os.environ.__setitem__(name, before)
+    assert {k: r["blas_spin"] for k, r in runs.items()} == {"build default": "build default", "16": "16"}
+    assert all(r["fwd_bwd_s"] > 0 and r["gemm_floor_s"] > 0 and set(r["stages"]) == set(bench.STAGES)
+               and r["lm_step_s"] > r["lm_gemm_floor_s"] > 0 for r in runs.values())
+
+
 def test_thread_settings_are_the_defaults_and_one_thread():
     default, one = bench.thread_env("default"), bench.thread_env("one")
     assert not any(k in default for k in bench.THREAD_VARIABLES)
     assert all(one[k] == "1" for k in bench.THREAD_VARIABLES)
+    name, value = bench.BLAS_SPIN
+    if name not in os.environ:                          # a variable the user set is kept
+        assert default[name] == one[name] == value

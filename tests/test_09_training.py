@@ -184,11 +184,13 @@ HEAP_CHURN = """
 import resource, sys
 import numpy as np
 from moe_np import heap
-kept = heap.keep_pages() if sys.argv[1] == "keep" else None
+mode, sizes = sys.argv[1], [int(n) for n in sys.argv[2].split(",")]
+kept = {"keep": heap.keep_pages, "keep128": lambda: heap.keep_pages(128),
+        "every128": lambda: heap.keep_pages(128, every_size=True)}.get(mode, lambda: None)()
 
 def churn():                                     # a step's worth of arrays, made and freed
     for _ in range(20):
-        arrays = [np.ones(n, np.float32) for n in (50_000, 260_000, 1_000_000, 120_000, 700_000)]
+        arrays = [np.ones(n, np.float32) for n in sizes]
         del arrays
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -197,23 +199,39 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def test_kept_heap_pages_stop_the_page_faults_of_repeated_arrays():
-    """The same arrays made and freed again: without keep_pages each new array's pages fault
-    again; with it the heap reuses them (the allocator of a fresh process each time)."""
+def churn_faults(modes, sizes) -> dict:
+    """{mode: page faults of the second of two churns of `sizes` float32 arrays}, each mode in
+    a fresh process (HEAP_CHURN); skips where keep_pages cannot act (not glibc)."""
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
     faults = {}
-    for mode in ("default", "keep"):
-        done = subprocess.run([sys.executable, "-c", HEAP_CHURN, mode], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=120)
+    for mode in modes:
+        done = subprocess.run([sys.executable, "-c", HEAP_CHURN, mode, ",".join(map(str, sizes))],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         kept, faults[mode] = done.stdout.split()
-    if kept == "False":
-        pytest.skip("the C library is not glibc: keep_pages changes nothing here")
-    assert int(faults["default"]) > 1000 and int(faults["keep"]) * 100 < int(faults["default"])
+        if kept == "False":
+            pytest.skip("the C library is not glibc: keep_pages changes nothing here")
+    return {mode: int(n) for mode, n in faults.items()}
+
+
+def test_kept_heap_pages_stop_the_page_faults_of_repeated_arrays():
+    """The same arrays made and freed again: without keep_pages each new array's pages fault
+    again; with it the heap reuses them (the allocator of a fresh process each time)."""
+    faults = churn_faults(("default", "keep"), (50_000, 260_000, 1_000_000, 120_000, 700_000))
+    assert faults["default"] > 1000 and faults["keep"] * 100 < faults["default"]
+
+
+def test_every_size_keeps_the_pages_of_arrays_over_the_mmap_limit_too():
+    """Arrays over heap.MMAP_LIMIT made when the heap has no free top to hold them get
+    mappings of their own under keep_pages, so they fault again each time; with every_size
+    they come from the heap, which keeps them (128 MiB here) for the next time."""
+    big = 10_500_000                                                  # floats: 40 MiB each
+    faults = churn_faults(("keep128", "every128"), (big, big))
+    assert faults["keep128"] > 200 and faults["every128"] * 20 < faults["keep128"]
 
 
 def test_keep_pages_refuses_a_bad_size():
@@ -221,3 +239,5 @@ def test_keep_pages_refuses_a_bad_size():
     for bad in (-1, 1.5, "64", True, 2048):
         with pytest.raises(ValueError, match=r"keep_pages: mib must be an integer in \[0, 2047\]"):
             heap.keep_pages(bad)
+    with pytest.raises(ValueError, match="keep_pages: every_size must be True or False, got 1"):
+        heap.keep_pages(64, every_size=1)

@@ -144,3 +144,15 @@ def test_print_timing_is_one_marked_line(capsys):
 def test_stream_depends_on_its_name_only():
     from moe_np.tutorial import stream
     assert stream("a").random() == stream("a").random() != stream("b").random()
+
+
+def test_quick_sizes_from_the_environment_leave_the_tracked_figures_alone(synthetic, monkeypatch, capsys):
+    """MOE_NP_QUICK=1 in the environment runs small sizes as --quick does, so its figures go
+    to a temporary folder too, not over the committed full-size ones."""
+    from moe_np.__main__ import main
+    from moe_np.tutorial import FIGURES, figure_path
+    monkeypatch.delenv("MOE_NP_FIGURES")
+    monkeypatch.setenv("MOE_NP_QUICK", "1")
+    assert main(["tutorial", "1"]) == 0
+    assert figure_path("").resolve() != FIGURES.resolve()
+    assert "figures/ is left as it is" in capsys.readouterr().out
