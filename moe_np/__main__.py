@@ -111,7 +111,8 @@ def cmd_tutorial(args) -> int:
                          "in the environment would run small sizes; unset MOE_NP_QUICK")
     if args.quick:
         os.environ["MOE_NP_QUICK"] = "1"
-    if os.environ.get("MOE_NP_QUICK") == "1" or args.check:
+    quick_sizes = os.environ.get("MOE_NP_QUICK") == "1"
+    if quick_sizes or args.check:
         # small sizes, or a check, must not overwrite the committed full-size figures
         os.environ.setdefault("MOE_NP_FIGURES", tempfile.mkdtemp(prefix="moe_np_figures_"))
     from moe_np.tutorial import check_outputs, chapter_path, figure_path, run_chapter, FIGURES
@@ -121,7 +122,7 @@ def cmd_tutorial(args) -> int:
         note = "figures go to figures/, rewriting the tracked figures"
     else:
         note = f"figures go to {where} (a temporary folder: figures/ is left as it is)"
-    mode = " (quick sizes)" if args.quick else " (full size, checking its output)" if args.check else ""
+    mode = " (quick sizes)" if quick_sizes else " (full size, checking its output)" if args.check else ""
     print(f"# running {path.name}{mode}; {note}\n", flush=True)
     committed = path.read_text()                 # what the run is compared with, read before it
     outputs = run_chapter(path, update=args.update, echo=not args.check)

@@ -32,8 +32,9 @@ repeat, so a slow moment of a shared machine hits them all alike.
 Each timing process keeps freed heap pages (heap.keep_pages(KEEP_MIB, every_size=True)):
 a step's arrays, whatever their size, reuse the memory the last step freed instead of
 faulting fresh pages (of which this kind of virtual machine is sometimes slow to provide
-the large ones). The memory process does not (it measures one step's growth from a fresh
-start).
+the large ones). The lm section's build_lm_run calls keep_pages() after that, which sets
+the free heap kept back to 64 MiB and leaves every_size's two settings in place. The
+memory process keeps none (it measures one step's growth from a fresh start).
 
 Progress goes to stderr; --json prints one object on stdout. Targets are
 judged at the full size only (--quick is a smoke test of every measurement)

@@ -247,9 +247,11 @@ def copy_rounds(size: Size, repeats: int) -> dict:
     """The dispatch kernels and their yardsticks, taking turns in every round (a slow moment of
     the machine hits them all): the gather (M rows of x by a plan), the combine (N weighted
     sums of K rows), a compiled copy loop of the gathered bytes (kernels.copy_rows) and
-    memcpy. Each runs twice a round: into a new array, as the layer's step writes ("new"),
-    and into an array already written ("touched"), where only its own reads and writes are
-    left.   -> {"new": {name: s}, "touched": {name: s}}, medians after one warm-up round."""
+    memcpy. Each runs twice a round: into a new array, as the layer's step writes ("new":
+    the gather and combine by the layer's own calls, jit.*_forward, their checks included),
+    and into an array already written ("touched": the kernels alone), where only their own
+    reads and writes are left.   -> {"new": {name: s}, "touched": {name: s}}, medians after
+    one warm-up round."""
     from moe_np.dispatch import jit, kernels
     rng = np.random.default_rng(3)
     src = rng.standard_normal((size.n * size.k, size.d), dtype=np.float32)      # (M, D)

@@ -4,9 +4,10 @@
                          glibc keeps up to `mib` MiB of freed memory at the top of its heap
                          and serves every allocation under MMAP_LIMIT from the heap -> True;
                          False where the C library has no mallopt (not glibc: nothing changes).
-                         every_size: allocations of every size come from the heap, none
-                         from a mapping of its own, and freed memory goes back to the
-                         system only beyond `mib` MiB (bench and chapter 5, at the layer's size)
+                         every_size: allocations of every size come from the heap (the main
+                         thread's; other threads' arenas still map blocks over 64 MiB), none
+                         from a mapping of its own, and freed memory goes back to the system
+                         only beyond `mib` MiB (bench and chapter 5, at the layer's size)
 
 NumPy takes each array from the C allocator. glibc gives an allocation above
 its mmap threshold a fresh mapping, and hands freed memory at the top of its
@@ -24,11 +25,13 @@ below a block still in use stays the process's until it is reused (about
 
 An allocation of MMAP_LIMIT or more still gets a mapping of its own when the
 heap's free top cannot hold it: at chapter 5's layer size h (64 MiB) and
-the (M, D) buffers (32 MiB) do, now and then, and a fresh mapping there can
-stall for hundreds of milliseconds on this kind of virtual machine, whose
-host may have taken back the pages the kernel hands out. every_size sends
-those to the heap too (mallopt M_MMAP_MAX = 0), which then keeps up to `mib`
-MiB free (M_TRIM_THRESHOLD) for the next step.
+the (M, D) buffers (32 MiB) do, now and then, and a fresh mapping there was
+seen to stall a step by hundreds of milliseconds on chapter 5's machine (a
+virtual one, whose host may have to back the pages anew; NumPy also asks for
+2 MiB pages on large arrays, which the kernel may have to assemble).
+every_size sends those to the heap too (mallopt M_MMAP_MAX = 0), which then
+keeps up to `mib` MiB free (M_TOP_PAD, and M_TRIM_THRESHOLD so that it does
+not trim below that at every free) for the next step.
 
 This changes the whole process's allocator for the rest of its life, so
 nothing calls it on import: lm_train.build_lm_run does, for the

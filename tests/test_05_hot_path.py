@@ -733,10 +733,14 @@ def test_spin_comparison_runs_each_value_in_its_own_process():
                and r["lm_step_s"] > r["lm_gemm_floor_s"] > 0 for r in runs.values())
 
 
-def test_thread_settings_are_the_defaults_and_one_thread():
+def test_thread_settings_are_the_defaults_and_one_thread(monkeypatch):
+    """No thread variable at the defaults, all of them 1 for one thread; either way the short
+    OpenBLAS spin, unless the variable is set already, and then the value set is kept."""
+    name, value = bench.BLAS_SPIN
+    monkeypatch.delenv(name, raising=False)
     default, one = bench.thread_env("default"), bench.thread_env("one")
     assert not any(k in default for k in bench.THREAD_VARIABLES)
     assert all(one[k] == "1" for k in bench.THREAD_VARIABLES)
-    name, value = bench.BLAS_SPIN
-    if name not in os.environ:                          # a variable the user set is kept
-        assert default[name] == one[name] == value
+    assert default[name] == one[name] == value
+    monkeypatch.setenv(name, "24")
+    assert bench.thread_env("default")[name] == bench.thread_env("one")[name] == "24"

@@ -155,4 +155,5 @@ def test_quick_sizes_from_the_environment_leave_the_tracked_figures_alone(synthe
     monkeypatch.setenv("MOE_NP_QUICK", "1")
     assert main(["tutorial", "1"]) == 0
     assert figure_path("").resolve() != FIGURES.resolve()
-    assert "figures/ is left as it is" in capsys.readouterr().out
+    header = capsys.readouterr().out
+    assert "(quick sizes); figures go to" in header and "figures/ is left as it is" in header
