@@ -55,8 +55,8 @@ import numpy as np
 from moe_np.bench_memory import (MEMORY_CALLS, array_mib, max_resident_mib, memory_model,  # noqa: F401
                                  memory_parts, memory_run, resident_mib)
 from moe_np.bench_runs import (FULL, QUICK, SCALING_E, SCALING_TOKENS, STAGES, STRATEGY_CALLS,  # noqa: F401
-                               Size, _START, bandwidth_gbps, copy_rounds, gemm_floor_runner,
-                               instrument, layer_step, make_inputs, make_layer, median_time,
+                               Size, _START, bandwidth_gbps, copy_ratios, copy_rounds,
+                               gemm_floor_runner, instrument, layer_step, make_inputs, make_layer, median_time,
                                progress, scaling, stage_medians, staged_runner, step_time_ratios,
                                time_interleaved, torch_gemm_floor_runner, torch_runner)
 from moe_np.bench_targets import (ONCE_TARGETS, TIMING_TARGETS, derive, target_values,  # noqa: F401
