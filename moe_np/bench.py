@@ -8,7 +8,9 @@ variable set: OpenBLAS and numba use every core) and with one thread each
 reported under `threads`, and the headline keys are the default setting's.
 Both processes set OPENBLAS_THREAD_TIMEOUT=20 unless it is set already
 (BLAS_SPIN: OpenBLAS's idle threads sleep after 2^20 clock ticks, not after its
-build's 2^28), and say which value they ran with.
+build's 2^28) and NUMPY_MADVISE_HUGEPAGE=0 likewise (BIG_PAGES: NumPy does not ask
+the kernel for 2 MiB pages under its large arrays, whose first touch took 12-20 ms
+a page on chapter 5's machine), and say which values they ran with.
 Every time is the median of --repeats runs (default 3) after one warm-up,
 the strategies (and PyTorch, when it is importable) taking turns within each
 repeat, so a slow moment of a shared machine hits them all alike.
@@ -31,8 +33,8 @@ repeat, so a slow moment of a shared machine hits them all alike.
 
 Each timing process keeps freed heap pages (heap.keep_pages(KEEP_MIB, every_size=True)):
 a step's arrays, whatever their size, reuse the memory the last step freed instead of
-faulting fresh pages (of which this kind of virtual machine is sometimes slow to provide
-the large ones). The lm section's build_lm_run calls keep_pages() after that, which sets
+faulting fresh pages (which a virtual machine can be slow to provide, 2 MiB ones most of
+all: BIG_PAGES above). The lm section's build_lm_run calls keep_pages() after that, which sets
 the free heap kept back to 64 MiB and leaves every_size's two settings in place. The
 memory process keeps none (it measures one step's growth from a fresh start).
 
@@ -69,18 +71,22 @@ THREAD_SETTINGS = ("default", "one")   # libraries' defaults; one thread per lib
 KEEP_MIB = 512                         # freed heap each timing process keeps (heap.keep_pages)
 BLAS_SPIN = ("OPENBLAS_THREAD_TIMEOUT", "20")   # OpenBLAS's idle threads sleep after 2^20 clock
                                                # ticks (under a ms) instead of its build's 2^28
+BIG_PAGES = ("NUMPY_MADVISE_HUGEPAGE", "0")    # NumPy asks for no 2 MiB pages (read at its import)
 REPEATS = 3
 SCALING_BUDGET_S = 30.0                # the scaling sweep skips what would overrun this
 
 
 def thread_env(setting: str) -> dict:
     """This process's environment without any thread variable ("default": each library picks
-    its own, every core) or with all of them set to 1 ("one"). Either way OpenBLAS's idle
-    threads stop spinning after BLAS_SPIN's 2^20 ticks unless the variable is already set:
-    at its build's 2^28 (about 0.1 s) a thread spinning after one GEMM takes a core from the
-    compiled dispatch loops that run before the next (chapter 5, "OpenBLAS's spinning threads")."""
+    its own, every core) or with all of them set to 1 ("one"). Either way, unless the
+    variable is already set, OpenBLAS's idle threads stop spinning after BLAS_SPIN's 2^20
+    ticks: at its build's 2^28 (about 0.1 s) a thread spinning after one GEMM takes a core
+    from the compiled dispatch loops that run before the next (chapter 5, "OpenBLAS's
+    spinning threads"); and NumPy asks for no 2 MiB pages (BIG_PAGES), whose first touch is
+    slow on some virtual machines (chapter 5, "Kept pages")."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     env.setdefault(*BLAS_SPIN)
+    env.setdefault(*BIG_PAGES)
     if setting == "one":
         env |= {k: "1" for k in THREAD_VARIABLES}
     return env
@@ -103,6 +109,7 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     out = {"numba_threads": numba.get_num_threads(), "notes": [],
            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
            "blas_spin": os.environ.get(BLAS_SPIN[0], "build default"),
+           "big_pages": os.environ.get(BIG_PAGES[0], "NumPy's default"),
            "load_average_1min": os.getloadavg()[0]}
     runners |= _torch_runners(layers["numba"], x, dy, size, use_torch, out)
     out["layer_times"] = time_interleaved(runners, repeats)
@@ -228,7 +235,7 @@ def peak_memory(size: Size, strategy: str = "numba") -> dict:
 def layer_and_floor(size_list, repeats: int) -> dict:
     """The numba layer's forward+backward and its GEMM floor, taking turns, with its stages:
     the first lines of timing_core alone.   -> {"fwd_bwd_s", "gemm_floor_s", "stages",
-    "blas_spin": this process's OPENBLAS_THREAD_TIMEOUT}."""
+    "blas_spin", "big_pages": this process's OPENBLAS_THREAD_TIMEOUT, NUMPY_MADVISE_HUGEPAGE}."""
     from moe_np.dispatch import jit
     size = Size(*size_list)
     jit.warm_up(np.float32)
@@ -236,7 +243,8 @@ def layer_and_floor(size_list, repeats: int) -> dict:
     t = time_interleaved({"numba": staged_runner(layer, x, dy, log),
                           "gemm_floor": gemm_floor_runner(size, layer.params)}, repeats)
     return {"fwd_bwd_s": t["numba"]["fwd_bwd_s"], "gemm_floor_s": t["gemm_floor"]["fwd_bwd_s"],
-            "stages": stage_medians(log), "blas_spin": os.environ.get(BLAS_SPIN[0], "build default")}
+            "stages": stage_medians(log), "blas_spin": os.environ.get(BLAS_SPIN[0], "build default"),
+            "big_pages": os.environ.get(BIG_PAGES[0], "NumPy's default")}
 
 
 SPIN_SCRIPT = """
@@ -311,10 +319,10 @@ def assemble(size: Size, repeats: int, cores: dict, jit: dict, memory: dict) -> 
         r["threads"][s] = {"variables": "none set" if s == "default" else
                            " ".join(f"{k}=1" for k in THREAD_VARIABLES),
                            "numba": c["numba_threads"], "openblas": c["blas_threads"],
-                           BLAS_SPIN[0]: c.get("blas_spin"),
+                           BLAS_SPIN[0]: c.get("blas_spin"), BIG_PAGES[0]: c.get("big_pages"),
                            "torch": c.get("torch_threads"), "load_average_1min": c["load_average_1min"],
                            **{k: per[s][k] for k in keep if k in per[s]},
-                           "targets": targets(target_values(per[s]), full, TIMING_TARGETS)}
+                           "targets": targets(target_values(per[s]), full, TIMING_TARGETS, s)}
     r["size"] = size._asdict() | {"scaling_tokens": SCALING_TOKENS.get(size, size.n)}
     r["repeats"] = repeats
     r["notes"] = [n for c in cores.values() for n in c["notes"]] + \
@@ -361,6 +369,7 @@ def _settings_table(r: dict) -> list[str]:
              {s: f"{t['numba']} / {t['openblas']} / {t['torch'] or '-'}" for s, t in th.items()}),
             ("load average (1 min)", {s: f"{t['load_average_1min']:.1f}" for s, t in th.items()}),
             (BLAS_SPIN[0], {s: str(t.get(BLAS_SPIN[0])) for s, t in th.items()}),
+            (BIG_PAGES[0], {s: str(t.get(BIG_PAGES[0])) for s, t in th.items()}),
             ("numba fwd+bwd", {s: seconds(t["moe_fwd_bwd_s"]) for s, t in th.items()}),
             ("GEMM floor", {s: seconds(t["gemm_floor_s"]) for s, t in th.items()}),
             ("gather / memcpy / copy loop, GB/s", {s: f"{t['gather_gbps']:.1f} / {t['memcpy_gbps']:.1f}"
@@ -412,13 +421,16 @@ def _target_lines(r: dict) -> list[str]:
     per = {s: {t["key"]: t for t in r["threads"][s]["targets"]} for s in THREAD_SETTINGS}
     lines = ["targets" + ("" if r["judged"] else " (quick size: values only, not judged)")]
     for t in r["targets"]:
+        bound = t["bound"]
         if t["key"] in per["default"]:
             values = ", ".join(f"{label} {per[s][t['key']]['value']:.3f}{verdict[per[s][t['key']]['met']]}"
                                for s, label in (("default", "default threads"), ("one", "one thread"))
                                if t["key"] in per[s])
+            if t["key"] in per["one"] and per["one"][t["key"]]["bound"] != bound:
+                bound = f"{bound} at the default threads, {per['one'][t['key']]['bound']} at one"
         else:
             values = f"{t['value']:.3f}{verdict[t['met']]}"
-        lines.append(f"  {t['name']} (target {t['bound']}): {values}")
+        lines.append(f"  {t['name']} (target {bound}): {values}")
     return lines
 
 

@@ -295,12 +295,16 @@ def copy_ratios(size: Size, copies: dict) -> dict:
 def scaling(size: Size, strategies, repeats: int, deadline: float) -> tuple[list, list]:
     """Time per token of forward+backward for E in SCALING_E, K, D, H fixed; for numba also
     its GEMM floor at the same E (floor_us_per_token: gemm_floor_runner, N K / E rows each).
+    -> (rows in SCALING_E's order, notes).
 
+    The points run from the largest E down, each layer and floor freed before the next
+    is made: the later, smaller ones reuse the memory the first one faulted in, where
+    growing E would fault more at every point (a fresh page costs much on some machines).
     Every numba point and each strategy's first point always run; another
     point whose projected time (from the strategy's previous point) would
     pass `deadline` (a perf_counter value) is skipped and named in the notes."""
     n, rows, notes, last = SCALING_TOKENS.get(size, size.n), [], [], {}
-    for e in SCALING_E:
+    for e in sorted(SCALING_E, reverse=True):
         sub = size._replace(n=n, e=e)
         x, dy = make_inputs(sub)
         for s in strategies:
@@ -309,6 +313,7 @@ def scaling(size: Size, strategies, repeats: int, deadline: float) -> tuple[list
                 notes.append(f"scaling: skipped {s} at E={e} (projected {projected:.0f}s "
                              f"would pass the time budget)")
                 continue
+            layer = floor = None                                      # the last point's, freed
             layer = make_layer(sub, s)
             steps = [sum(layer_step(layer, x, dy)) for _ in range(repeats + 1)]
             last[s] = float(np.median(steps[1:]))
@@ -318,7 +323,7 @@ def scaling(size: Size, strategies, repeats: int, deadline: float) -> tuple[list
                 rows[-1]["floor_us_per_token"] = float(np.median(
                     [sum(floor()) for _ in range(repeats + 1)][1:])) / n * 1e6
             progress(f"scaling E={e:2d} {s:6s}: {rows[-1]['us_per_token']:.2f} us/token")
-    return rows, notes
+    return sorted(rows, key=lambda row: row["E"]), notes      # stable: strategies keep their order
 
 
 # -- the low-precision compute mode: what a training step costs ---------------------------

@@ -41,9 +41,12 @@ def derive(size: Size, core: dict) -> dict:
     return r
 
 
-# (key in the results, name, bound kind, bound): kind "<=", ">=" or "in" (a [low, high] range)
+# (key in the results, name, bound kind, bound): kind "<=", ">=" or "in" (a [low, high] range);
+# a bound that differs between thread settings is a dict {setting: bound}
 TIMING_TARGETS = (
-    ("fwd_bwd_over_floor", "fwd+bwd / GEMM floor", "<=", 1.15),
+    ("fwd_bwd_over_floor", "fwd+bwd / GEMM floor", "<=", {"default": 1.20, "one": 1.15}),
+    # the ~50 ms outside the GEMMs (memory-bound passes) take as long at either setting, over a
+    # floor half as long at the default threads (chapter 5, "The targets")
     ("gather_over_copy_loop_touched", "gather / compiled copy loop bandwidth, into touched memory",
      ">=", 0.70),
     ("add_at_over_combine", "np.add.at combine / numba combine", ">=", 10.0),
@@ -83,12 +86,15 @@ def target_values(r: dict) -> dict:
     return v
 
 
-def targets(values: dict, judged: bool, rows=TIMING_TARGETS + ONCE_TARGETS) -> list[dict]:
-    """Each measured target: value, bound and met (None when not judged: quick sizes)."""
+def targets(values: dict, judged: bool, rows=TIMING_TARGETS + ONCE_TARGETS,
+            setting: str = "default") -> list[dict]:
+    """Each measured target: value, bound (the thread setting's, where they differ) and met
+    (None when not judged: quick sizes)."""
     out = []
     for key, name, kind, bound in rows:
         if key not in values:
             continue
+        bound = bound[setting] if isinstance(bound, dict) else bound
         v = float(values[key])
         met = {"<=": v <= bound, ">=": v >= bound}.get(kind) if kind != "in" else bound[0] <= v <= bound[1]
         text = f"in [{bound[0]}, {bound[1]}]" if kind == "in" else f"{kind} {bound}"

@@ -26,9 +26,12 @@ below a block still in use stays the process's until it is reused (about
 An allocation of MMAP_LIMIT or more still gets a mapping of its own when the
 heap's free top cannot hold it: at chapter 5's layer size h (64 MiB) and
 the (M, D) buffers (32 MiB) do, now and then, and a fresh mapping there was
-seen to stall a step by hundreds of milliseconds on chapter 5's machine (a
-virtual one, whose host may have to back the pages anew; NumPy also asks for
-2 MiB pages on large arrays, which the kernel may have to assemble).
+seen to stall a step by hundreds of milliseconds on chapter 5's machine, a
+virtual one: NumPy asks the kernel for 2 MiB pages under its large arrays,
+and the first touch of each such page took 12-20 ms there (138 of them,
+under the GEMM floor's buffers, 1.7-2.8 s; the same bytes in 4 KiB pages
+about 0.06 s). NUMPY_MADVISE_HUGEPAGE=0, set before NumPy loads, turns the
+request off, as bench's timing processes do (chapter 5).
 every_size sends those to the heap too (mallopt M_MMAP_MAX = 0), which then
 keeps up to `mib` MiB free (M_TOP_PAD, and M_TRIM_THRESHOLD so that it does
 not trim below that at every free) for the next step.

@@ -622,14 +622,43 @@ def test_einsum_selection_ignores_padding_rows():
 
 # -- the benchmark, at quick sizes --------------------------------------------------------
 
+def test_scaling_frees_each_point_before_the_next(monkeypatch):
+    """The sweep runs from the largest E down and frees the last layer and floor before it
+    makes the next (their memory is reused, not faulted anew); its rows still come in
+    SCALING_E's order, strategies in the order given at each E."""
+    import gc
+    import weakref
+    from moe_np import bench_runs
+    made, alive, order = [], [], []
+
+    def tracked(make):
+        def wrapper(size, *args):
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in made))       # earlier points still held
+            order.append(size.e)
+            out = make(size, *args)
+            made.append(weakref.ref(out))
+            return out
+        return wrapper
+    for name in ("make_layer", "gemm_floor_runner"):
+        monkeypatch.setattr(bench_runs, name, tracked(getattr(bench_runs, name)))
+    monkeypatch.setattr(bench_runs, "progress", lambda text: None)
+    rows, notes = bench_runs.scaling(bench.QUICK, ("numba", "numpy"), 1, float("inf"))
+    assert [(r["E"], r["strategy"]) for r in rows] == [(e, s) for e in bench.SCALING_E
+                                                       for s in ("numba", "numpy")]
+    assert notes == [] and all(r["us_per_token"] > 0 for r in rows)
+    assert order == [e for e in sorted(bench.SCALING_E, reverse=True) for _ in range(3)]
+    assert alive == [0, 1, 0] * len(bench.SCALING_E)    # the floor is made beside its own layer
+
+
 def test_bench_timings_memory_and_report_at_quick_size():
     """Every measurement of one thread setting, in this process, at the quick size; the
     assembled report judges nothing at this size and prints one line per target."""
     core = bench.timing_core(list(bench.QUICK), 1, False, True)
     assert set(core["stages"]) == set(dispatch.STRATEGIES)
     assert all(v > 0 for st in core["stages"].values() for v in st.values())
-    assert {(r["E"], r["strategy"]) for r in core["scaling"]} == {
-        (e, s) for e in bench.SCALING_E for s in ("numba", "numba, experts side by side")}
+    assert [(r["E"], r["strategy"]) for r in core["scaling"]] == [   # in SCALING_E's order
+        (e, s) for s in ("numba", "numba, experts side by side") for e in bench.SCALING_E]
     assert 0 < core["lowp"]["fp16_step_ratio"] and 0 < core["lowp"]["fp8_step_ratio"]
     memory = bench.memory_run(list(bench.QUICK)) | bench.memory_model(bench.QUICK)
     stages = [name for name, *_ in memory["stages"]]
@@ -641,6 +670,8 @@ def test_bench_timings_memory_and_report_at_quick_size():
     assert results["judged"] is False and all(t["met"] is None for t in results["targets"])
     assert {"fp16_step_ratio", "fp8_step_ratio", "threads"} <= set(results)
     assert set(results["threads"]) >= {"default", "one"}
+    assert [{t["key"]: t["bound"] for t in results["threads"][s]["targets"]}["fwd_bwd_over_floor"]
+            for s in ("default", "one")] == ["<= 1.2", "<= 1.15"]           # each setting's own
     report = bench.format_report(results)
     assert "smoke test" in report and "MISS" not in report and " met" not in report
     names = [t["name"] for t in results["targets"]]
@@ -686,6 +717,21 @@ def test_bench_bandwidths_have_known_values():
     assert not {t["key"]: t for t in bench.targets(values, judged=True)}["scaling_over_floor_64_8"]["met"]
 
 
+def test_fwd_bwd_target_is_judged_on_each_settings_own_bound():
+    """The layer-over-floor bound is 1.2 at the default threads and 1.15 at one thread:
+    1.18 meets the first and misses the second, and the report line names both bounds."""
+    values = {"fwd_bwd_over_floor": 1.18}
+    met = {s: bench.targets(values, True, bench.TIMING_TARGETS, s)[0] for s in bench.THREAD_SETTINGS}
+    assert met["default"]["met"] and not met["one"]["met"]
+    assert (met["default"]["bound"], met["one"]["bound"]) == ("<= 1.2", "<= 1.15")
+    assert bench.targets(values, True)[0]["met"]                      # the headline: default's
+    r = {"judged": True, "targets": [met["default"]],
+         "threads": {s: {"targets": [met[s]]} for s in bench.THREAD_SETTINGS}}
+    assert bench._target_lines(r)[1] == ("  fwd+bwd / GEMM floor (target <= 1.2 at the default "
+                                         "threads, <= 1.15 at one): default threads 1.180 met, "
+                                         "one thread 1.180 MISS")
+
+
 def test_memory_model_counts_the_arrays_backward_keeps():
     """Each part of the memory model is the size of the array a real forward keeps."""
     size = bench.Size(48, 8, 12, 6, 2)
@@ -729,13 +775,15 @@ def test_spin_comparison_runs_each_value_in_its_own_process():
     finally:
         os.environ.pop(name) if before is None else os.environ.__setitem__(name, before)
     assert {k: r["blas_spin"] for k, r in runs.items()} == {"build default": "build default", "16": "16"}
+    assert all(r["big_pages"] == bench.thread_env("default")[bench.BIG_PAGES[0]] for r in runs.values())
     assert all(r["fwd_bwd_s"] > 0 and r["gemm_floor_s"] > 0 and set(r["stages"]) == set(bench.STAGES)
                and r["lm_step_s"] > r["lm_gemm_floor_s"] > 0 for r in runs.values())
 
 
 def test_thread_settings_are_the_defaults_and_one_thread(monkeypatch):
     """No thread variable at the defaults, all of them 1 for one thread; either way the short
-    OpenBLAS spin, unless the variable is set already, and then the value set is kept."""
+    OpenBLAS spin and no 2 MiB pages from NumPy, unless a variable is set already, and then
+    the value set is kept."""
     name, value = bench.BLAS_SPIN
     monkeypatch.delenv(name, raising=False)
     default, one = bench.thread_env("default"), bench.thread_env("one")
@@ -744,3 +792,8 @@ def test_thread_settings_are_the_defaults_and_one_thread(monkeypatch):
     assert default[name] == one[name] == value
     monkeypatch.setenv(name, "24")
     assert bench.thread_env("default")[name] == bench.thread_env("one")[name] == "24"
+    pages, off = bench.BIG_PAGES                                      # NumPy's 2 MiB pages: the same
+    monkeypatch.delenv(pages, raising=False)
+    assert bench.thread_env("default")[pages] == bench.thread_env("one")[pages] == off == "0"
+    monkeypatch.setenv(pages, "1")
+    assert bench.thread_env("default")[pages] == bench.thread_env("one")[pages] == "1"
