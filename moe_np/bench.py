@@ -9,7 +9,7 @@ reported under `threads`, and the headline keys are the default setting's.
 Both processes set OPENBLAS_THREAD_TIMEOUT=20 unless it is set already
 (BLAS_SPIN: OpenBLAS's idle threads sleep after 2^20 clock ticks, not after its
 build's 2^28) and NUMPY_MADVISE_HUGEPAGE=0 likewise (BIG_PAGES: NumPy does not ask
-the kernel for 2 MiB pages under its large arrays, whose first touch took 12-20 ms
+the kernel for 2 MiB pages under its large arrays, whose first touch took about 10-25 ms
 a page on chapter 5's machine), and say which values they ran with.
 Every time is the median of --repeats runs (default 3) after one warm-up,
 the strategies (and PyTorch, when it is importable) taking turns within each
@@ -83,7 +83,7 @@ def thread_env(setting: str) -> dict:
     ticks: at its build's 2^28 (about 0.1 s) a thread spinning after one GEMM takes a core
     from the compiled dispatch loops that run before the next (chapter 5, "OpenBLAS's
     spinning threads"); and NumPy asks for no 2 MiB pages (BIG_PAGES), whose first touch is
-    slow on some virtual machines (chapter 5, "Kept pages")."""
+    slow on some virtual machines (chapter 5, "Where the time goes")."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     env.setdefault(*BLAS_SPIN)
     env.setdefault(*BIG_PAGES)

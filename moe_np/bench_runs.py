@@ -300,8 +300,8 @@ def scaling(size: Size, strategies, repeats: int, deadline: float) -> tuple[list
     The points run from the largest E down, each layer and floor freed before the next
     is made: the later, smaller ones reuse the memory the first one faulted in, where
     growing E would fault more at every point (a fresh page costs much on some machines).
-    Every numba point and each strategy's first point always run; another
-    point whose projected time (from the strategy's previous point) would
+    Every numba point and each strategy's first (largest) point always run; another
+    point whose projected time (from the strategy's previous, larger point) would
     pass `deadline` (a perf_counter value) is skipped and named in the notes."""
     n, rows, notes, last = SCALING_TOKENS.get(size, size.n), [], [], {}
     for e in sorted(SCALING_E, reverse=True):

@@ -45,8 +45,8 @@ def derive(size: Size, core: dict) -> dict:
 # a bound that differs between thread settings is a dict {setting: bound}
 TIMING_TARGETS = (
     ("fwd_bwd_over_floor", "fwd+bwd / GEMM floor", "<=", {"default": 1.20, "one": 1.15}),
-    # the ~50 ms outside the GEMMs (memory-bound passes) take as long at either setting, over a
-    # floor half as long at the default threads (chapter 5, "The targets")
+    # the 50-90 ms outside the GEMMs take as long at either setting, over a floor half as
+    # long at the default threads (chapter 5, "The targets")
     ("gather_over_copy_loop_touched", "gather / compiled copy loop bandwidth, into touched memory",
      ">=", 0.70),
     ("add_at_over_combine", "np.add.at combine / numba combine", ">=", 10.0),

@@ -28,9 +28,9 @@ heap's free top cannot hold it: at chapter 5's layer size h (64 MiB) and
 the (M, D) buffers (32 MiB) do, now and then, and a fresh mapping there was
 seen to stall a step by hundreds of milliseconds on chapter 5's machine, a
 virtual one: NumPy asks the kernel for 2 MiB pages under its large arrays,
-and the first touch of each such page took 12-20 ms there (138 of them,
-under the GEMM floor's buffers, 1.7-2.8 s; the same bytes in 4 KiB pages
-about 0.06 s). NUMPY_MADVISE_HUGEPAGE=0, set before NumPy loads, turns the
+and the first touch of each such page took about 10-25 ms there (138 of
+them, under the GEMM floor's buffers, 1.3-2.4 s in three runs; the same
+bytes in 4 KiB pages about 0.06 s). NUMPY_MADVISE_HUGEPAGE=0, set before NumPy loads, turns the
 request off, as bench's timing processes do (chapter 5).
 every_size sends those to the heap too (mallopt M_MMAP_MAX = 0), which then
 keeps up to `mib` MiB free (M_TOP_PAD, and M_TRIM_THRESHOLD so that it does
