@@ -92,6 +92,13 @@ def thread_env(setting: str) -> dict:
     return env
 
 
+def process_settings() -> dict:
+    """What this process ran with, of the two variables thread_env sets: {"blas_spin",
+    "big_pages"}, each its value or the library's default."""
+    return {"blas_spin": os.environ.get(BLAS_SPIN[0], "build default"),
+            "big_pages": os.environ.get(BIG_PAGES[0], "NumPy's default")}
+
+
 # -- one thread setting's timings, in this process -------------------------------------------
 
 def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dict:
@@ -108,9 +115,7 @@ def timing_core(size_list, repeats: int, use_torch: bool, full_set: bool) -> dic
     runners["gemm_floor"] = gemm_floor_runner(size, layers["numba"].params)
     out = {"numba_threads": numba.get_num_threads(), "notes": [],
            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
-           "blas_spin": os.environ.get(BLAS_SPIN[0], "build default"),
-           "big_pages": os.environ.get(BIG_PAGES[0], "NumPy's default"),
-           "load_average_1min": os.getloadavg()[0]}
+           "load_average_1min": os.getloadavg()[0]} | process_settings()
     runners |= _torch_runners(layers["numba"], x, dy, size, use_torch, out)
     out["layer_times"] = time_interleaved(runners, repeats)
     out["stages"] = {s: stage_medians(logs[s]) for s in ("numpy", "numba")}
@@ -243,8 +248,7 @@ def layer_and_floor(size_list, repeats: int) -> dict:
     t = time_interleaved({"numba": staged_runner(layer, x, dy, log),
                           "gemm_floor": gemm_floor_runner(size, layer.params)}, repeats)
     return {"fwd_bwd_s": t["numba"]["fwd_bwd_s"], "gemm_floor_s": t["gemm_floor"]["fwd_bwd_s"],
-            "stages": stage_medians(log), "blas_spin": os.environ.get(BLAS_SPIN[0], "build default"),
-            "big_pages": os.environ.get(BIG_PAGES[0], "NumPy's default")}
+            "stages": stage_medians(log)} | process_settings()
 
 
 SPIN_SCRIPT = """

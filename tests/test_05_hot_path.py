@@ -672,6 +672,9 @@ def test_bench_timings_memory_and_report_at_quick_size():
     assert set(results["threads"]) >= {"default", "one"}
     assert [{t["key"]: t["bound"] for t in results["threads"][s]["targets"]}["fwd_bwd_over_floor"]
             for s in ("default", "one")] == ["<= 1.2", "<= 1.15"]           # each setting's own
+    settings = bench.process_settings()                               # what this process ran with
+    assert all(results["threads"][s][bench.BIG_PAGES[0]] == settings["big_pages"] and
+               results["threads"][s][bench.BLAS_SPIN[0]] == settings["blas_spin"] for s in ("default", "one"))
     report = bench.format_report(results)
     assert "smoke test" in report and "MISS" not in report and " met" not in report
     names = [t["name"] for t in results["targets"]]
